@@ -116,3 +116,25 @@ def test_missing_package_is_a_specific_error(monkeypatch):
     with pytest.raises(ImportError, match="surely_not_a_module"):
         select(random_problem(0, 4, 1), 2, solver="needs_missing")
     assert "needs_missing" not in orprune.available_solvers()
+
+
+@pytest.mark.parametrize("solver", ["greedy", "magnitude"])
+def test_error_curve_matches_refits_and_is_feasible(solver):
+    from orprune.curves import error_curve
+
+    prob = random_problem(3, 8, 2, ridge=0.01, correlated=True)
+    curve = error_curve(prob, solver=solver)
+    assert curve.keep_counts.tolist() == list(range(9))
+    for k, mask, err, bound in zip(curve.keep_counts, curve.masks, curve.errors, curve.bounds):
+        assert mask.sum() == k
+        assert err == pytest.approx(prob.objective(mask), rel=1e-8, abs=1e-9 * prob.yy)
+        assert bound <= err + 1e-9 * prob.yy
+    assert curve.errors[0] == pytest.approx(prob.yy) and curve.relative_errors[0] == pytest.approx(1.0)
+    partial = error_curve(prob, [6, 2, 2], solver=solver)
+    assert partial.keep_counts.tolist() == [2, 6]
+    if solver == "greedy":  # nested sets: a partial curve is a slice of the full one
+        np.testing.assert_array_equal(partial.mask_for(6), curve.mask_for(6))
+    with pytest.raises(ValueError, match="keep_counts"):
+        error_curve(prob, [9], solver=solver)
+    with pytest.raises(ValueError, match="not on this curve"):
+        partial.mask_for(3)
