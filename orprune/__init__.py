@@ -2,6 +2,7 @@
 
 from orprune._status import FEASIBLE, INFEASIBLE, OPTIMAL, TIME_LIMIT
 from orprune.problem import LayerProblem, StatisticsAccumulator
+from orprune.regularizers import PerspectiveRegularizer, spr_optimal_y, spr_penalty
 from orprune.result import Selection
 from orprune.selection import select
 from orprune.solvers import available_solvers, register_solver
@@ -13,6 +14,7 @@ __all__ = [
     "FEASIBLE",
     "INFEASIBLE",
     "OPTIMAL",
+    "PerspectiveRegularizer",
     "TIME_LIMIT",
     "LayerProblem",
     "Selection",
@@ -21,4 +23,6 @@ __all__ = [
     "greedy_path",
     "register_solver",
     "select",
+    "spr_optimal_y",
+    "spr_penalty",
 ]

@@ -1,0 +1,216 @@
+"""Structured Perspective Regularization over a model's channel groups, as a torch module."""
+
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+from collections.abc import Iterable, Mapping
+from typing import Any, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+from orprune.regularizers.groups import ChannelGroup, trace_channel_groups
+from orprune.regularizers.spr import _check_scalar, spr_from_stats
+
+__all__ = ["PerspectiveRegularizer"]
+
+
+class PerspectiveRegularizer(nn.Module):
+    r"""Summed SPR penalty of a model's channel groups; add ``forward()`` to the training loss.
+
+    Each prunable channel :math:`j` (found with torch-pruning's dependency graph) owns a weight vector
+    :math:`w_j`: its output filter (conv rows or Linear rows, with bias) and the per-channel entries of
+    every normalisation layer and coupled producer (residual adds tie several convs to one channel),
+    each entry once. The regulariser is
+
+    .. math::
+
+        R(\theta) = \sum_j \min_{y_j} \Big\{ \lambda y_j + \alpha \frac{\|w_j\|_2^2}{y_j} :
+            \max_i \frac{|w_{j,i}|}{M_{j,i}} \le y_j \le 1 \Big\},
+
+    evaluated in closed form by :func:`~orprune.regularizers.spr_penalty`; the derivation is in
+    ``formulations/perspective_regularizer.md``. The paper's parametrisation ``lam = 1 - alpha`` with an
+    outer multiplier ``s`` is ``alpha=s*alpha, lam=s*(1-alpha)`` here.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The network. It is not registered as a submodule: the regulariser holds no parameters.
+    alpha, lam : float
+        Quadratic weight and indicator cost, ``>= 0``. Read at every ``forward()``, so a schedule may
+        change them during training.
+    M : "auto", float or mapping of module name to float
+        Big-M bounds. ``"auto"``: per layer, ``m_scale`` times the largest absolute value among that
+        layer's penalised parameters at construction (a conv and its BatchNorm are separate layers, so a
+        group mixing them has per-entry bounds). A float applies to every entry; ``inf`` means no bound.
+    m_scale : float
+        Multiplier of the ``"auto"`` bounds, ``> 0``. Above 1 leaves room for weights to grow before
+        the bound saturates the penalty at :math:`\alpha\|w\|^2 + \lambda`.
+    example_inputs : Any
+        Inputs for one forward pass, used to trace the dependency graph.
+    ignored_layers : iterable of modules or module names
+        Layers whose output channels are never grouped. Output channels nothing consumes (e.g. the
+        classifier's logits) are skipped automatically.
+    include_consumers : bool
+        Also penalise the input slices of consuming layers. Default ``False``, as the authors do
+        (filter + BatchNorm affine); consumer slices are listed in :attr:`groups_` either way.
+    root_module_types : tuple of types
+        Layer types whose output channels root a dependency group.
+
+    Attributes
+    ----------
+    groups_ : tuple of ChannelGroup
+        Group ``j`` -> root module name and channel, every member module with its channel indices.
+        Aligned with :meth:`penalties` and :meth:`group_norms`.
+    bounds_ : dict of str to float
+        The bound ``M`` used for each penalised layer.
+
+    Notes
+    -----
+    Index tensors are built once; ``forward()`` is one gather per parameter tensor, two segment
+    reductions and the closed form. Rebuild the regulariser after the model changes shape.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        alpha: float,
+        lam: float,
+        M: Union[str, float, Mapping[str, float]] = "auto",
+        m_scale: float = 1.0,
+        example_inputs: Any,
+        ignored_layers: Iterable[Union[nn.Module, str]] = (),
+        include_consumers: bool = False,
+        root_module_types: tuple[type, ...] = (nn.Conv2d, nn.Linear),
+    ) -> None:
+        super().__init__()
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"`model` must be a torch.nn.Module; got {type(model).__name__}.")
+        self.alpha = _check_scalar(alpha, "alpha")
+        self.lam = _check_scalar(lam, "lam")
+        if (isinstance(m_scale, bool) or not isinstance(m_scale, numbers.Real)
+                or not math.isfinite(m_scale) or m_scale <= 0):
+            raise ValueError(f"`m_scale` must be a finite number > 0; got {m_scale!r}.")
+        self.m_scale = float(m_scale)
+        if example_inputs is None:
+            raise ValueError("`example_inputs` is required to trace the model's channel dependencies.")
+        self.M = M
+        self.include_consumers = bool(include_consumers)
+        modules = dict(model.named_modules())
+        ignored = []
+        for layer in ignored_layers:
+            if isinstance(layer, str):
+                if layer not in modules:
+                    raise ValueError(f"`ignored_layers` names a module not in the model: {layer!r}.")
+                layer = modules[layer]
+            ignored.append(layer)
+
+        groups, entries = trace_channel_groups(
+            model, example_inputs, ignored_layers=ignored,
+            include_consumers=self.include_consumers, root_module_types=tuple(root_module_types),
+        )
+        if not groups:
+            raise ValueError("`model` has no prunable channel groups (every layer is ignored or an output).")
+        self.groups_: tuple[ChannelGroup, ...] = groups
+        penalised: dict[str, set[str]] = {}
+        for name, pname in entries:
+            penalised.setdefault(name, set()).add(pname)
+        self.bounds_ = self._resolve_bounds(M, modules, penalised)
+
+        # Plain list (not registered): the model stays the owner of its parameters.
+        self._sources: list[tuple[nn.Module, str, int]] = []
+        gids, inv_m = [], []
+        for k, ((mod_name, pname), parts) in enumerate(entries.items()):
+            param = getattr(modules[mod_name], pname)
+            self._sources.append((modules[mod_name], pname, param.numel()))
+            flat = np.concatenate([f for _, f in parts])
+            self.register_buffer(f"_index{k}", torch.as_tensor(flat, dtype=torch.long), persistent=False)
+            gids.append(np.concatenate([np.full(f.size, g) for g, f in parts]))
+            inv_m.append(np.full(flat.size, 1.0 / self.bounds_[mod_name]))
+        dtype = next(iter(model.parameters())).dtype
+        self.register_buffer("_group_id", torch.as_tensor(np.concatenate(gids), dtype=torch.long),
+                             persistent=False)
+        self.register_buffer("_inv_m", torch.as_tensor(np.concatenate(inv_m), dtype=dtype), persistent=False)
+
+    @property
+    def n_groups(self) -> int:
+        """Number of channel groups."""
+        return len(self.groups_)
+
+    def forward(self) -> torch.Tensor:
+        """Summed SPR over all channel groups (a scalar, differentiable w.r.t. the model's weights)."""
+        return self.penalties().sum()
+
+    def penalties(self) -> torch.Tensor:
+        """SPR of each channel group, shape ``(n_groups,)``, aligned with :attr:`groups_`."""
+        sq, r = self._stats()
+        return spr_from_stats(sq, r, self.alpha, self.lam)
+
+    @torch.no_grad()
+    def group_norms(self) -> torch.Tensor:
+        """L2 norm of each group's penalised weight vector, shape ``(n_groups,)``, detached."""
+        return torch.sqrt(self._stats()[0])
+
+    @torch.no_grad()
+    def optimal_y(self) -> torch.Tensor:
+        """Relaxed indicator :math:`y^*_j \\in [0, 1]` of each group at the current weights, detached."""
+        sq, r = self._stats()
+        if self.lam == 0.0:
+            return torch.ones_like(sq)
+        return torch.clamp(torch.maximum(r, math.sqrt(self.alpha / self.lam) * torch.sqrt(sq)), max=1.0)
+
+    def _stats(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-group ``||w||_2^2`` and ``max_i |w_i| / M_i`` by segment reductions over gathered entries."""
+        parts = []
+        for k, (module, pname, numel) in enumerate(self._sources):
+            param = getattr(module, pname)
+            if param.numel() != numel:
+                raise RuntimeError(
+                    f"parameter `{pname}` of a grouped module changed size ({numel} -> {param.numel()}); "
+                    "build a new PerspectiveRegularizer after pruning."
+                )
+            index = getattr(self, f"_index{k}")
+            parts.append(param.reshape(-1)[index.to(param.device)])
+        vals = torch.cat(parts)
+        gid = self._group_id.to(vals.device)
+        inv_m = self._inv_m.to(device=vals.device, dtype=vals.dtype)
+        sq = vals.new_zeros(self.n_groups).index_add(0, gid, vals * vals)
+        r = vals.new_zeros(self.n_groups).scatter_reduce(0, gid, vals.abs() * inv_m, "amax", include_self=True)
+        return sq, r
+
+    def _resolve_bounds(self, M: Any, modules: dict[str, nn.Module],
+                        penalised: dict[str, set[str]]) -> dict[str, float]:
+        names = sorted(penalised)
+        if isinstance(M, str):
+            if M != "auto":
+                raise ValueError(f"`M` must be 'auto', a positive number or a mapping; got {M!r}.")
+            bounds = {}
+            zero = []
+            for name in names:
+                peak = max(float(getattr(modules[name], pn).detach().abs().max()) for pn in penalised[name])
+                if peak == 0.0:
+                    zero.append(name)
+                bounds[name] = self.m_scale * peak if peak > 0 else math.inf
+            if zero:
+                warnings.warn(f"`M='auto'`: layers {zero} have all-zero weights; no bound (M = inf) for them.",
+                              stacklevel=3)
+            return bounds
+        if isinstance(M, Mapping):
+            unknown = sorted(set(M) - set(modules))
+            if unknown:
+                raise ValueError(f"`M` names modules not in the model: {unknown}.")
+            missing = [n for n in names if n not in M]
+            if missing:
+                raise ValueError(f"`M` must give a bound for every penalised layer; missing {missing}.")
+            return {n: _check_bound(M[n], f"M[{n!r}]") for n in names}
+        return {n: _check_bound(M, "M") for n in names}
+
+
+def _check_bound(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(value) or value <= 0:
+        raise ValueError(f"`{name}` must be a number > 0 (inf allowed, meaning no bound); got {value!r}.")
+    return float(value)

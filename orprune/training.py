@@ -1,0 +1,94 @@
+"""Small training and evaluation loops on in-memory tensors (demo, notebooks, benchmarks).
+
+Deliberately minimal: orprune is not a training framework, but pruning is judged by accuracy,
+and the demo and benchmarks must train and fine-tune the same way.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+__all__ = ["train", "evaluate", "batches"]
+
+Regularizer = Callable[[], torch.Tensor]
+
+
+def batches(images: torch.Tensor, batch_size: int = 128, limit: int | None = None) -> Iterator[torch.Tensor]:
+    """Consecutive input batches of ``images`` (at most ``limit`` images): a calibration set."""
+    images = images[:limit] if limit is not None else images
+    yield from images.split(batch_size)
+
+
+def train(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    epochs: float = 2,
+    batch_size: int = 128,
+    lr: float = 0.05,
+    weight_decay: float = 5e-4,
+    seed: int = 0,
+    flip: bool = True,
+    regularizer: Regularizer | None = None,
+    regularizer_strength: float = 0.0,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> nn.Module:
+    """SGD with Nesterov momentum and a one-cycle schedule; optional random horizontal flips.
+
+    ``epochs`` may be fractional (a short fine-tune). ``regularizer()`` is added to the loss
+    times ``regularizer_strength`` (the perspective regularizer is used this way). Returns the
+    model in eval mode.
+    """
+    if epochs <= 0:
+        raise ValueError(f"`epochs` must be > 0, got {epochs}.")
+    if len(images) != len(labels) or len(labels) == 0:
+        raise ValueError("`images` and `labels` must be non-empty and of the same length.")
+    generator = torch.Generator().manual_seed(seed)
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
+    per_epoch = (len(labels) + batch_size - 1) // batch_size
+    total_steps = max(1, round(epochs * per_epoch))
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=total_steps)
+    step, start = 0, time.perf_counter()
+    bar = tqdm(total=total_steps, desc="train", disable=not progress, leave=False)
+    while step < total_steps:
+        order = torch.randperm(len(labels), generator=generator)
+        for index in order.split(batch_size):
+            if step == total_steps:
+                break
+            x, y = images[index], labels[index]
+            if flip:
+                flipped = torch.rand(len(index), generator=generator) < 0.5
+                x = torch.where(flipped[:, None, None, None], x.flip(-1), x)
+            loss = F.cross_entropy(model(x), y)
+            if regularizer is not None and regularizer_strength:
+                loss = loss + regularizer_strength * regularizer()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            bar.update()
+            bar.set_postfix(loss=f"{float(loss):.3f}", refresh=False)
+    bar.close()
+    if log:
+        log(f"trained {total_steps} steps in {time.perf_counter() - start:.1f} s")
+    return model.eval()
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 1000) -> float:
+    """Top-1 accuracy of ``model`` (put in eval mode)."""
+    model.eval()
+    correct = 0
+    for x, y in zip(images.split(batch_size), labels.split(batch_size)):
+        correct += int((model(x).argmax(1) == y).sum())
+    return correct / len(labels)
