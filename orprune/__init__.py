@@ -1,6 +1,13 @@
 """orprune: operations-research-first structured pruning for PyTorch."""
 
 from orprune._status import FEASIBLE, INFEASIBLE, OPTIMAL, TIME_LIMIT
+from orprune.allocation import Allocation, AllocationProblem, CostModel, allocate, min_cost
+from orprune.calibration import collect_statistics
+from orprune.costs import NetworkCosts, network_costs
+from orprune.curves import ErrorCurve, error_curve
+from orprune.graph import Consumer, ExcludedGroup, PrunableUnit, PruningGraph, find_groups
+from orprune.surgery import ConsumerUpdate, PruningPlan, apply_pruning, masked_copy
+from orprune.pipeline import Pruner, PruneResult, prune
 from orprune.problem import LayerProblem, StatisticsAccumulator
 from orprune.regularizers import PerspectiveRegularizer, spr_optimal_y, spr_penalty
 from orprune.result import Selection
@@ -11,16 +18,38 @@ from orprune.solvers.greedy import greedy_path
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "Allocation",
+    "AllocationProblem",
+    "Consumer",
+    "ConsumerUpdate",
+    "CostModel",
+    "ErrorCurve",
+    "ExcludedGroup",
     "FEASIBLE",
     "INFEASIBLE",
+    "LayerProblem",
+    "NetworkCosts",
     "OPTIMAL",
     "PerspectiveRegularizer",
-    "TIME_LIMIT",
-    "LayerProblem",
+    "PrunableUnit",
+    "PruneResult",
+    "Pruner",
+    "PruningGraph",
+    "PruningPlan",
     "Selection",
     "StatisticsAccumulator",
+    "TIME_LIMIT",
+    "allocate",
+    "apply_pruning",
     "available_solvers",
+    "collect_statistics",
+    "error_curve",
+    "find_groups",
     "greedy_path",
+    "masked_copy",
+    "min_cost",
+    "network_costs",
+    "prune",
     "register_solver",
     "select",
     "spr_optimal_y",

@@ -1,0 +1,741 @@
+r"""Global budget allocation: one keep count per prunable unit under MACs / params budgets.
+
+Step 4 of the whole-network pipeline (the global allocation): every unit ``j`` has
+candidate keep counts ``K_j`` and an error curve ``E_j``; choose one option per unit so that
+
+.. math::
+
+    \min_{x}\ \sum_j w_j \sum_o E_j[o]\, x_{j,o}
+    \quad \text{s.t.}\quad \sum_o x_{j,o} = 1,\ x \in \{0,1\},\qquad
+    c_m + \sum_j a^m_j k_j + \sum_{(i,j)} b^m_{ij} k_i k_j \le \beta_m \ \ \forall m,
+
+with :math:`k_j = \sum_o K_j[o] x_{j,o}`. Each product :math:`k_i k_j` is linearised exactly
+(transport or McCormick form, see ``formulations/global_allocation.md``) and HiGHS solves the MILP.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from collections.abc import Hashable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+import numpy as np
+
+from orprune._status import INFEASIBLE, OPTIMAL, SOLUTION_PRESENT, TIME_LIMIT
+from orprune.result import relative_gap
+
+__all__ = ["Allocation", "AllocationProblem", "CostModel", "allocate", "min_cost", "FORMULATIONS"]
+
+#: Linearisations of the products k_i k_j; the first is the default (fastest, see the benchmark).
+FORMULATIONS = ("transport", "mccormick")
+#: Relative tolerance with which an allocation must meet a budget when re-evaluated exactly.
+FEASIBILITY_RTOL = 1e-9
+
+
+def _tolerance(budget: float) -> float:
+    """Absolute slack with which an exactly re-evaluated cost may exceed ``budget``."""
+    return FEASIBILITY_RTOL * max(abs(budget), 1.0)
+
+
+def _finite(value: Any, name: str) -> float:
+    try:
+        value = float(value)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"`{name}` must be a real number, got {value!r}.") from exc
+    if not math.isfinite(value):
+        raise ValueError(f"`{name}` must be finite, got {value}.")
+    return value
+
+
+@dataclass(frozen=True, eq=False)
+class CostModel:
+    r"""A cost of degree <= 2 in the keep counts.
+
+    .. math:: \mathrm{cost}(k) = c_0 + \sum_j a_j k_j + \sum_{(i,j)} b_{ij} k_i k_j
+
+    A key ``(j, j)`` in ``bilinear`` is the square :math:`k_j^2`; ``(i, j)`` and ``(j, i)`` add up.
+
+    Parameters
+    ----------
+    constant : float
+        :math:`c_0` (fixed layers, fixed units folded in).
+    linear : mapping unit -> float
+        :math:`a_j` (BatchNorm params, depthwise convs, a conv whose input is fixed).
+    bilinear : mapping (unit_i, unit_j) -> float
+        :math:`b_{ij}` (a conv's MACs: producer's kept channels times its own).
+    """
+
+    constant: float = 0.0
+    linear: Mapping[Hashable, float] = field(default_factory=dict)
+    bilinear: Mapping[tuple[Hashable, Hashable], float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.linear, Mapping) or not isinstance(self.bilinear, Mapping):
+            raise ValueError("`linear` and `bilinear` must be mappings.")
+        linear = {u: _finite(a, f"linear[{u!r}]") for u, a in self.linear.items()}
+        bilinear: dict[tuple[Hashable, Hashable], float] = {}
+        for key, b in self.bilinear.items():
+            if not (isinstance(key, tuple) and len(key) == 2):
+                raise ValueError(f"`bilinear` keys must be pairs (unit_i, unit_j), got {key!r}.")
+            bilinear[key] = _finite(b, f"bilinear[{key!r}]")
+        object.__setattr__(self, "constant", _finite(self.constant, "constant"))
+        object.__setattr__(self, "linear", MappingProxyType(linear))
+        object.__setattr__(self, "bilinear", MappingProxyType(bilinear))
+
+    @property
+    def units(self) -> frozenset:
+        """Every unit the cost depends on."""
+        return frozenset(self.linear) | frozenset(u for key in self.bilinear for u in key)
+
+    @property
+    def nonnegative(self) -> bool:
+        """All coefficients >= 0: with keep counts >= 0 the cost never falls when a count grows."""
+        return all(a >= 0 for a in self.linear.values()) and all(b >= 0 for b in self.bilinear.values())
+
+    def evaluate(self, keep: Mapping[Hashable, float]) -> float:
+        """The cost of ``keep`` (unit -> keep count), summed with :func:`math.fsum`."""
+        missing = [u for u in self.units if u not in keep]
+        if missing:
+            raise ValueError(f"`keep` lacks a keep count for unit(s) {sorted(map(repr, missing))}.")
+        terms = [self.constant]
+        terms += [a * keep[u] for u, a in self.linear.items()]
+        terms += [b * keep[u] * keep[v] for (u, v), b in self.bilinear.items()]
+        return math.fsum(terms)
+
+
+@dataclass(frozen=True, eq=False)
+class AllocationProblem:
+    """Candidate keep counts and error curves of every prunable unit.
+
+    Parameters
+    ----------
+    options : mapping unit -> 1-D array of int
+        Candidate keep counts, integers >= 0, strictly increasing. A single option fixes the unit.
+    errors : mapping unit -> 1-D array of float
+        ``errors[j][o]`` is the error of keeping ``options[j][o]`` channels (any finite values;
+        monotonicity is not assumed).
+    weights : mapping unit -> float, optional
+        Non-negative weights of the units' errors; units left out weigh 1.
+    """
+
+    options: Mapping[Hashable, np.ndarray]
+    errors: Mapping[Hashable, np.ndarray]
+    weights: Mapping[Hashable, float] | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.options, Mapping) or not isinstance(self.errors, Mapping):
+            raise ValueError("`options` and `errors` must be mappings unit -> array.")
+        if not self.options:
+            raise ValueError("`options` must hold at least one unit.")
+        if set(self.options) != set(self.errors):
+            diff = set(self.options) ^ set(self.errors)
+            raise ValueError(f"`options` and `errors` must have the same units; they differ on {diff!r}.")
+        options, errors = {}, {}
+        for u, raw in self.options.items():
+            k = np.array(raw)  # copies: the arrays are frozen below
+            if k.ndim != 1 or k.size == 0:
+                raise ValueError(f"`options[{u!r}]` must be a non-empty 1-D array, got shape {k.shape}.")
+            if not np.issubdtype(k.dtype, np.number) or np.issubdtype(k.dtype, np.complexfloating):
+                raise ValueError(f"`options[{u!r}]` must hold integer keep counts.")
+            if not np.all(np.isfinite(k)) or np.any(k != np.round(k)) or np.any(k < 0):
+                raise ValueError(f"`options[{u!r}]` must hold integer keep counts >= 0, got {k}.")
+            k = k.astype(np.int64)
+            if np.any(np.diff(k) <= 0):
+                raise ValueError(f"`options[{u!r}]` must be strictly increasing, got {k}.")
+            e = np.array(self.errors[u], dtype=np.float64)
+            if e.shape != k.shape:
+                raise ValueError(
+                    f"`errors[{u!r}]` must have one entry per option ({k.size}), got shape {e.shape}."
+                )
+            if not np.all(np.isfinite(e)):
+                raise ValueError(f"`errors[{u!r}]` must be finite; it holds NaN or inf values.")
+            k.flags.writeable = e.flags.writeable = False
+            options[u], errors[u] = k, e
+        weights = {u: 1.0 for u in options}
+        if self.weights is not None:
+            if not isinstance(self.weights, Mapping):
+                raise ValueError("`weights` must be a mapping unit -> float or None.")
+            unknown = set(self.weights) - set(options)
+            if unknown:
+                raise ValueError(f"`weights` names units without options: {sorted(map(repr, unknown))}.")
+            for u, w in self.weights.items():
+                w = _finite(w, f"weights[{u!r}]")
+                if w < 0:
+                    raise ValueError(f"`weights[{u!r}]` must be >= 0, got {w}.")
+                weights[u] = w
+        object.__setattr__(self, "options", MappingProxyType(options))
+        object.__setattr__(self, "errors", MappingProxyType(errors))
+        object.__setattr__(self, "weights", MappingProxyType(weights))
+
+    @property
+    def units(self) -> tuple:
+        return tuple(self.options)
+
+    def objective(self, keep: Mapping[Hashable, int]) -> float:
+        """Weighted error of ``keep``; every count must be one of the unit's options."""
+        total = []
+        for u in self.units:
+            hit = np.flatnonzero(self.options[u] == keep[u])
+            if hit.size != 1:
+                raise ValueError(f"`keep[{u!r}]` = {keep[u]} is not one of the options of unit {u!r}.")
+            total.append(self.weights[u] * self.errors[u][hit[0]])
+        return math.fsum(total)
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """The chosen keep count of every unit and the solver's certificate.
+
+    Attributes
+    ----------
+    keep : mapping unit -> int
+    objective : float
+        Weighted error of ``keep``, recomputed from the error curves.
+    bound : float
+        Proven lower bound on the optimal objective (HiGHS's dual bound, or every unit's least
+        error if that is larger, as when HiGHS stops before its root LP).
+    gap : float
+        ``(objective - bound) / objective``.
+    status : str
+        ``"optimal"`` (within ``mip_rel_gap``) or ``"time_limit"``.
+    costs : mapping name -> float
+        Every cost model evaluated exactly at ``keep``.
+    solve_time : float
+        Wall time in seconds (model building and solving).
+    message : str
+        Detail, including HiGHS's own status text.
+    formulation : str
+        Linearisation used.
+    info : mapping
+        HiGHS counters: ``nodes``, ``lp_iterations``, ``columns``, ``rows``, ``highs_time``.
+    """
+
+    keep: Mapping[Hashable, int]
+    objective: float
+    bound: float
+    gap: float
+    status: str
+    costs: Mapping[str, float]
+    solve_time: float
+    message: str
+    formulation: str
+    info: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def success(self) -> bool:
+        return self.status in SOLUTION_PRESENT
+
+
+# ----------------------------------------------------------------------------------------------
+# The MILP. Units are integers in problem order; ``vals[j]`` are unit j's retained keep counts.
+
+
+@dataclass
+class Expr:
+    """``const + sum_j lin[j] . x_j + sum_(i,j) pair[i,j] k_i k_j`` over the retained options."""
+
+    const: float
+    lin: dict[int, np.ndarray]
+    pair: dict[tuple[int, int], float]
+
+    def value(self, idx: list[int], vals: list[np.ndarray]) -> float:
+        terms = [self.const] + [float(v[idx[j]]) for j, v in self.lin.items()]
+        terms += [b * vals[i][idx[i]] * vals[j][idx[j]] for (i, j), b in self.pair.items()]
+        return math.fsum(terms)
+
+
+@dataclass(frozen=True)
+class MilpResult:
+    idx: list[int] | None  # chosen retained option per unit, None without a solution
+    status: str
+    bound: float
+    message: str
+    info: Mapping[str, Any] = field(default_factory=dict)
+
+
+_HIGHS_STATUS = {
+    "kOptimal": OPTIMAL,
+    "kTimeLimit": TIME_LIMIT,
+    "kInterrupt": TIME_LIMIT,
+    "kInfeasible": INFEASIBLE,
+}
+
+
+class _Model:
+    """Column-wise assembly of the MILP: one-hot binaries, then one product block per pair."""
+
+    def __init__(self, vals: list[np.ndarray], pairs: list[tuple[int, int]], formulation: str):
+        self.vals, self.ncol, self.nrow = vals, 0, 0
+        self.lower, self.upper, self.integer, self.r, self.c, self.v = [], [], [], [], [], []
+        self.row_lo, self.row_hi = [], []
+        self.x = {j: self._cols(v.size, 0.0, 1.0, True) for j, v in enumerate(vals) if v.size > 1}
+        for cols in self.x.values():
+            self._rows(np.zeros(cols.size, int), cols, np.ones(cols.size), 1.0, 1.0)
+        self.prod = {p: getattr(self, "_" + formulation)(*p) for p in pairs}
+
+    def _cols(self, n: int, lo: float, hi: float, integer: bool) -> np.ndarray:
+        self.lower.append(np.full(n, lo)), self.upper.append(np.full(n, hi))
+        self.integer.append(np.full(n, integer))
+        self.ncol += n
+        return np.arange(self.ncol - n, self.ncol)
+
+    def _rows(self, row, col, val, lo, hi) -> None:
+        """Entries (row offset, col, val) of ``max(row) + 1`` new rows with bounds lo <= . <= hi."""
+        n = int(row.max()) + 1
+        self.r.append(self.nrow + row), self.c.append(col), self.v.append(val)
+        self.row_lo.append(np.broadcast_to(lo, n)), self.row_hi.append(np.broadcast_to(hi, n))
+        self.nrow += n
+
+    def _transport(self, i: int, j: int) -> tuple[np.ndarray, np.ndarray]:
+        # y[o, p] = x_io x_jp: the row sums give x_i, the column sums give x_j.
+        ni, nj = self.vals[i].size, self.vals[j].size
+        y = self._cols(ni * nj, 0.0, 1.0, False).reshape(ni, nj)
+        o, p = np.indices((ni, nj))
+        self._rows(np.r_[o.ravel(), np.arange(ni)], np.r_[y.ravel(), self.x[i]],
+                   np.r_[np.ones(ni * nj), -np.ones(ni)], 0.0, 0.0)
+        self._rows(np.r_[p.ravel(), np.arange(nj)], np.r_[y.ravel(), self.x[j]],
+                   np.r_[np.ones(ni * nj), -np.ones(nj)], 0.0, 0.0)
+        return y.ravel(), np.outer(self.vals[i], self.vals[j]).ravel(), None
+
+    def _mccormick(self, i: int, j: int) -> tuple[np.ndarray, np.ndarray]:
+        # u_p = k_o x_dp over the unit d with fewer options: sum_p u_p = k_o and
+        # min(K_o) x_dp <= u_p <= max(K_o) x_dp (the other McCormick inequalities are implied).
+        d, o = (j, i) if self.vals[j].size <= self.vals[i].size else (i, j)
+        nd, ko = self.vals[d].size, self.vals[o]
+        u = self._cols(nd, 0.0, float(ko.max()), False)
+        self._rows(np.zeros(nd + ko.size, int), np.r_[u, self.x[o]], np.r_[np.ones(nd), -ko], 0.0, 0.0)
+        rows = np.r_[np.arange(nd), np.arange(nd)]
+        self._rows(rows, np.r_[u, self.x[d]], np.r_[np.ones(nd), -np.full(nd, ko.max())], -np.inf, 0.0)
+        self._rows(rows, np.r_[u, self.x[d]], np.r_[np.ones(nd), -np.full(nd, ko.min())], 0.0, np.inf)
+        return u, self.vals[d].astype(np.float64), (d, o)
+
+    def coefficients(self, expr: Expr) -> tuple[np.ndarray, np.ndarray]:
+        cols = [self.x[j] for j in expr.lin] + [self.prod[p][0] for p in expr.pair]
+        vals = list(expr.lin.values()) + [b * self.prod[p][1] for p, b in expr.pair.items()]
+        return (np.concatenate(cols), np.concatenate(vals)) if cols else (np.zeros(0, int), np.zeros(0))
+
+    def add_budget(self, expr: Expr, budget: float) -> None:
+        # Scaled by the budget so that HiGHS's absolute tolerances act relatively.
+        scale = max(abs(budget), 1.0)
+        cols, vals = self.coefficients(expr)
+        if cols.size:
+            self._rows(np.zeros(cols.size, int), cols, vals / scale, -np.inf, (budget - expr.const) / scale)
+
+    def lp(self, objective: Expr) -> Any:
+        import highspy
+        import scipy.sparse as sp
+
+        lp = highspy.HighsLp()
+        lp.num_col_, lp.num_row_ = self.ncol, self.nrow
+        cols, vals = self.coefficients(objective)
+        lp.col_cost_ = np.bincount(cols, weights=vals, minlength=self.ncol)
+        lp.offset_ = objective.const
+        lp.col_lower_, lp.col_upper_ = np.concatenate(self.lower), np.concatenate(self.upper)
+        lp.row_lower_, lp.row_upper_ = np.concatenate(self.row_lo), np.concatenate(self.row_hi)
+        a = sp.csc_matrix((np.concatenate(self.v), (np.concatenate(self.r), np.concatenate(self.c))),
+                          shape=(self.nrow, self.ncol))
+        a.sum_duplicates()
+        lp.a_matrix_.format_ = highspy.MatrixFormat.kColwise
+        lp.a_matrix_.num_col_, lp.a_matrix_.num_row_ = self.ncol, self.nrow
+        lp.a_matrix_.start_, lp.a_matrix_.index_, lp.a_matrix_.value_ = a.indptr, a.indices, a.data
+        kind = [highspy.HighsVarType.kContinuous, highspy.HighsVarType.kInteger]
+        lp.integrality_ = [kind[int(flag)] for flag in np.concatenate(self.integer)]
+        return lp
+
+    def start(self, idx: list[int]) -> np.ndarray:
+        z = np.zeros(self.ncol)
+        for j, cols in self.x.items():
+            z[cols[idx[j]]] = 1.0
+        for (i, j), (cols, _, disaggregated) in self.prod.items():
+            if disaggregated is None:  # transport: y = x_i x_j^T
+                z[cols.reshape(self.vals[i].size, -1)[idx[i], idx[j]]] = 1.0
+            else:  # mccormick: u_p = k_o x_dp
+                d, o = disaggregated
+                z[cols[idx[d]]] = self.vals[o][idx[o]]
+        return z
+
+
+def solve_milp(
+    objective: Expr,
+    rows: list[tuple[Expr, float]],
+    vals: list[np.ndarray],
+    formulation: str,
+    time_limit: float | None,
+    mip_rel_gap: float,
+    start: list[int] | None,
+    relax: bool = False,
+) -> MilpResult:
+    """Minimise ``objective`` s.t. ``expr <= budget`` for every row, one option per unit.
+
+    With ``relax`` the binaries are continuous and ``bound`` is the LP relaxation's value.
+    """
+    import highspy
+
+    free = [j for j, v in enumerate(vals) if v.size > 1]
+    if not free:  # presolve fixed every unit
+        idx = [0] * len(vals)
+        if any(e.value(idx, vals) > b + _tolerance(b) for e, b in rows):
+            return MilpResult(None, INFEASIBLE, math.inf, "every unit fixed; a budget is violated")
+        return MilpResult(idx, OPTIMAL, objective.value(idx, vals), "every unit fixed by presolve")
+    pairs = sorted(set(objective.pair).union(*(e.pair for e, _ in rows)))
+    model = _Model(vals, pairs, formulation)
+    for expr, budget in rows:
+        model.add_budget(expr, budget)
+    h = highspy.Highs()
+    h.setOptionValue("output_flag", False)
+    h.passModel(model.lp(objective))
+    if relax:
+        h.changeColsIntegrality(model.ncol, np.arange(model.ncol, dtype=np.int32),
+                                np.full(model.ncol, highspy.HighsVarType.kContinuous))
+    for name, value in (("mip_rel_gap", mip_rel_gap), ("mip_abs_gap", 1e-10), ("random_seed", 0),
+                        ("mip_feasibility_tolerance", 1e-9), ("primal_feasibility_tolerance", 1e-9)):
+        h.setOptionValue(name, value)
+    if time_limit is not None:
+        h.setOptionValue("time_limit", float(time_limit))
+    if start is not None and not relax:
+        z = model.start(start)
+        h.setSolution(model.ncol, np.arange(model.ncol, dtype=np.int32), z)
+    h.run()
+    code = h.getModelStatus()
+    text = h.modelStatusToString(code)
+    status = _HIGHS_STATUS.get(code.name, "error")
+    info = h.getInfo()
+    message = f"{text} ({info.mip_node_count} nodes, {formulation} formulation)"
+    counters = {"nodes": int(info.mip_node_count), "lp_iterations": int(info.simplex_iteration_count),
+                "columns": model.ncol, "rows": model.nrow, "highs_time": h.getRunTime()}
+    if relax:
+        return MilpResult(None, status, info.objective_function_value, message, counters)
+    if status not in (OPTIMAL, TIME_LIMIT) or info.primal_solution_status != 2:
+        bound = float(info.mip_dual_bound) if status == TIME_LIMIT else -math.inf
+        return MilpResult(None, status, bound if math.isfinite(bound) else -math.inf, message, counters)
+    z = np.asarray(h.getSolution().col_value)
+    idx = [0] * len(vals)
+    for j, cols in model.x.items():
+        idx[j] = int(np.argmax(z[cols]))
+        if z[cols][idx[j]] < 0.5:
+            return MilpResult(None, "error", -math.inf, f"{message}; unit {j} has no option set", counters)
+    return MilpResult(idx, status, float(info.mip_dual_bound), message, counters)
+
+
+def _check_cost(cost: Any, name: str, problem: AllocationProblem) -> CostModel:
+    if not isinstance(cost, CostModel):
+        raise ValueError(f"`{name}` must be a CostModel, got {type(cost).__name__}.")
+    unknown = cost.units - set(problem.units)
+    if unknown:
+        raise ValueError(f"`{name}` names units that have no options: {sorted(map(repr, unknown))}.")
+    return cost
+
+
+def _expr(cost: CostModel, problem: AllocationProblem, kept: list[np.ndarray]) -> Expr:
+    """``cost`` over the retained options ``kept[j]`` (indices into the options of unit j).
+
+    Units with one retained option are folded into the constant or the partner's linear part.
+    """
+    index = {u: j for j, u in enumerate(problem.units)}
+    values = [problem.options[u][kept[j]].astype(np.float64) for j, u in enumerate(problem.units)]
+    fixed = [v.size == 1 for v in values]
+    const, lin, pair = cost.constant, {}, {}
+
+    def add_lin(j: int, vec: np.ndarray) -> None:
+        if fixed[j]:
+            nonlocal const
+            const += float(vec[0])
+        else:
+            lin[j] = lin.get(j, 0.0) + vec
+
+    for u, a in cost.linear.items():
+        add_lin(index[u], a * values[index[u]])
+    for (u, v), b in cost.bilinear.items():
+        i, j = sorted((index[u], index[v]))
+        if i == j:
+            add_lin(i, b * values[i] ** 2)
+        elif fixed[i]:
+            add_lin(j, b * values[i][0] * values[j])
+        elif fixed[j]:
+            add_lin(i, b * values[j][0] * values[i])
+        elif b != 0.0:
+            pair[(i, j)] = pair.get((i, j), 0.0) + b
+    return Expr(const, lin, {p: b for p, b in pair.items() if b != 0.0})
+
+
+def _presolve(problem: AllocationProblem, budgeted: list[CostModel]) -> list[np.ndarray]:
+    """Option indices that provably contain an optimal allocation.
+
+    A unit that no budgeted cost depends on takes its least-error option. A unit whose budgeted
+    costs are all non-decreasing in its count (every coefficient involving it >= 0) only needs the
+    options whose weighted error is strictly below that of every smaller option: any other option
+    is dominated by a smaller, no more expensive one.
+    """
+    kept = []
+    for u in problem.units:
+        werr = problem.weights[u] * problem.errors[u]
+        coefs = [a for c in budgeted for v, a in c.linear.items() if v == u]
+        coefs += [b for c in budgeted for key, b in c.bilinear.items() if u in key]
+        if all(c == 0.0 for c in coefs):
+            kept.append(np.array([int(np.argmin(werr))]))
+        elif all(c >= 0.0 for c in coefs):
+            running = np.minimum.accumulate(werr)
+            kept.append(np.flatnonzero(np.r_[True, werr[1:] < running[:-1]]))
+        else:
+            kept.append(np.arange(werr.size))
+    return kept
+
+
+def _greedy_start(
+    problem: AllocationProblem, kept: list[np.ndarray], rows: list[tuple[Expr, float]]
+) -> list[int] | None:
+    """A feasible incumbent when every budgeted cost is non-decreasing in every count.
+
+    From the largest options, shrink the unit losing the least error per unit of (budget-scaled)
+    excess cost removed until every budget holds; then grow the unit gaining the most error per
+    unit of cost while the budgets still hold.
+    """
+    if not rows:
+        return None
+    vals = _vals(problem, kept)
+    werr = [problem.weights[u] * problem.errors[u][kept[j]] for j, u in enumerate(problem.units)]
+    budget = np.array([b for _, b in rows])
+    scale = np.maximum(np.abs(budget), 1e-300)[:, None]
+    idx = [v.size - 1 for v in vals]
+    cost = np.array([e.value(idx, vals) for e, _ in rows])
+    nbrs = [{j: [] for j in range(len(vals))} for _ in rows]
+    for m, (e, _) in enumerate(rows):
+        for (i, j), b in e.pair.items():
+            nbrs[m][i].append((j, b)), nbrs[m][j].append((i, b))
+
+    def delta(j: int) -> np.ndarray:  # rows x options: cost change when unit j takes each option
+        step = vals[j] - vals[j][idx[j]]
+        out = [e.lin[j] - e.lin[j][idx[j]] if j in e.lin else np.zeros(step.size) for e, _ in rows]
+        slope = [sum(b * vals[o][idx[o]] for o, b in nbrs[m][j]) for m in range(len(rows))]
+        return np.array([d + s * step for d, s in zip(out, slope)])
+
+    deltas = [delta(j) for j in range(len(vals))]
+
+    def move(j: int, o: int) -> None:
+        nonlocal cost
+        cost = cost + deltas[j][:, o]
+        idx[j] = o
+        for k in {j} | {other for m in range(len(rows)) for other, _ in nbrs[m][j]}:
+            deltas[k] = delta(k)
+
+    while np.any(cost > budget):  # shrink
+        over = (cost > budget)[:, None]
+        best = (math.inf, -1, -1)
+        for j, d in enumerate(deltas):
+            saving = np.sum(np.where(over, -d, 0.0) / scale, axis=0)
+            score = np.where(saving > 0, (werr[j] - werr[j][idx[j]]) / np.maximum(saving, 1e-300), math.inf)
+            o = int(np.argmin(score))
+            if score[o] < best[0]:
+                best = (score[o], j, o)
+        if best[1] < 0:
+            return None
+        move(best[1], best[2])
+    while True:  # grow
+        best = (0.0, -1, -1)
+        for j, d in enumerate(deltas):
+            gain = werr[j][idx[j]] - werr[j]
+            ok = (gain > 0) & np.all(cost[:, None] + d <= budget[:, None], axis=0)
+            score = np.where(ok, gain / (np.sum(np.maximum(d, 0.0) / scale, axis=0) + 1e-12), 0.0)
+            o = int(np.argmax(score))
+            if score[o] > best[0]:
+                best = (score[o], j, o)
+        if best[1] < 0:
+            return idx
+        move(best[1], best[2])
+
+
+def _objective(problem: AllocationProblem, kept: list[np.ndarray]) -> Expr:
+    werr = [problem.weights[u] * problem.errors[u][kept[j]] for j, u in enumerate(problem.units)]
+    fixed = math.fsum(float(w[0]) for w in werr if w.size == 1)
+    return Expr(fixed, {j: w for j, w in enumerate(werr) if w.size > 1}, {})
+
+
+def _vals(problem: AllocationProblem, kept: list[np.ndarray]) -> list[np.ndarray]:
+    return [problem.options[u][kept[j]].astype(np.float64) for j, u in enumerate(problem.units)]
+
+
+def _as_keep(problem: AllocationProblem, kept: list[np.ndarray], idx: list[int]) -> dict:
+    return {u: int(problem.options[u][kept[j][idx[j]]]) for j, u in enumerate(problem.units)}
+
+
+def min_cost(problem: AllocationProblem, cost: CostModel) -> tuple[float, dict]:
+    """The minimum of ``cost`` over all allocations, and an allocation attaining it.
+
+    With all coefficients >= 0 the minimum is at the smallest options; otherwise it is found
+    exactly by a MILP (same linearisation as :func:`allocate`, zero gap).
+    """
+    cost = _check_cost(cost, "cost", problem)
+    if cost.nonnegative:
+        keep = {u: int(problem.options[u][0]) for u in problem.units}
+        return cost.evaluate(keep), keep
+    kept = [np.arange(problem.options[u].size) for u in problem.units]
+    result = solve_milp(_expr(cost, problem, kept), [], _vals(problem, kept), "transport", None, 0.0, None)
+    if result.idx is None:
+        raise RuntimeError(f"HiGHS failed to minimise the cost: {result.message}")
+    keep = _as_keep(problem, kept, result.idx)
+    return cost.evaluate(keep), keep
+
+
+def _validate(problem, costs, budgets, time_limit, mip_rel_gap, formulation):
+    if not isinstance(problem, AllocationProblem):
+        raise ValueError(f"`problem` must be an AllocationProblem, got {type(problem).__name__}.")
+    if not isinstance(costs, Mapping):
+        raise ValueError("`costs` must be a mapping name -> CostModel.")
+    costs = {name: _check_cost(c, f"costs[{name!r}]", problem) for name, c in costs.items()}
+    budgets = {} if budgets is None else budgets
+    if not isinstance(budgets, Mapping):
+        raise ValueError("`budgets` must be a mapping name -> float or None.")
+    unknown = set(budgets) - set(costs)
+    if unknown:
+        raise ValueError(f"`budgets` names costs that `costs` does not define: {sorted(map(repr, unknown))}.")
+    clean = {}
+    for name, b in budgets.items():
+        b = _finite(b, f"budgets[{name!r}]")
+        if b < 0:
+            raise ValueError(f"`budgets[{name!r}]` must be >= 0, got {b}.")
+        clean[name] = b
+    if time_limit is not None:
+        time_limit = _finite(time_limit, "time_limit")
+        if time_limit <= 0:
+            raise ValueError(f"`time_limit` must be > 0 seconds or None, got {time_limit}.")
+    mip_rel_gap = _finite(mip_rel_gap, "mip_rel_gap")
+    if not 0 <= mip_rel_gap < 1:
+        raise ValueError(f"`mip_rel_gap` must lie in [0, 1), got {mip_rel_gap}.")
+    if formulation not in FORMULATIONS:
+        raise ValueError(f"`formulation` must be one of {FORMULATIONS}, got {formulation!r}.")
+    return costs, clean, time_limit, mip_rel_gap
+
+
+def allocate(
+    problem: AllocationProblem,
+    costs: Mapping[str, CostModel],
+    budgets: Mapping[str, float] | None = None,
+    time_limit: float | None = None,
+    mip_rel_gap: float = 1e-6,
+    *,
+    formulation: str = "transport",
+    warm_start: bool = True,
+) -> Allocation:
+    r"""Choose one keep count per unit minimising the weighted error under every budget.
+
+    .. math::
+
+        \min_{o}\ \sum_j w_j E_j[o_j] \quad\text{s.t.}\quad
+        \mathrm{cost}_m(K_1[o_1], \dots, K_J[o_J]) \le \beta_m \quad \forall m \in \text{budgets}
+
+    Solved exactly as a MILP by HiGHS; the derivation is in ``formulations/global_allocation.md``.
+
+    Parameters
+    ----------
+    problem : AllocationProblem
+    costs : mapping name -> CostModel
+        Costs to report; those named in ``budgets`` are also constrained.
+    budgets : mapping name -> float, optional
+        Upper bound of each constrained cost (finite, >= 0).
+    time_limit : float, optional
+        Seconds for HiGHS. On expiry the incumbent is returned with status ``"time_limit"``, its
+        proven bound and gap, and a warning quoting the gap.
+    mip_rel_gap : float
+        Relative gap at which HiGHS stops and reports ``"optimal"``.
+    formulation : {"transport", "mccormick"}
+        Linearisation of the products ``k_i k_j``.
+    warm_start : bool
+        Give HiGHS a greedy incumbent when every budgeted cost has coefficients >= 0.
+
+    Returns
+    -------
+    Allocation
+
+    Raises
+    ------
+    ValueError
+        Bad inputs, or budgets that no allocation meets (the message gives the minimum cost).
+    RuntimeError
+        No feasible allocation found within ``time_limit``, or a HiGHS failure.
+    """
+    start = time.perf_counter()
+    costs, budgets, time_limit, mip_rel_gap = _validate(
+        problem, costs, budgets, time_limit, mip_rel_gap, formulation
+    )
+    lowest = {}
+    for name, b in budgets.items():
+        lowest[name], keep = min_cost(problem, costs[name])
+        if lowest[name] > b + _tolerance(b):
+            raise ValueError(
+                f"`budgets[{name!r}]` = {b:.6g} cannot be met: the minimum achievable {name} is "
+                f"{lowest[name]:.6g} (at keep = {keep})."
+            )
+    budgeted = [costs[name] for name in budgets]
+    kept = _presolve(problem, budgeted)
+    objective = _objective(problem, kept)
+    rows = [(_expr(costs[name], problem, kept), budgets[name]) for name in budgets]
+    # Greedy incumbent (non-decreasing costs only): HiGHS's warm start, or the fallback when HiGHS
+    # stops at the time limit without an incumbent of its own.
+    greedy = _greedy_start(problem, kept, rows) if all(c.nonnegative for c in budgeted) else None
+    vals = _vals(problem, kept)
+    for _attempt in range(3):
+        result = solve_milp(
+            objective, rows, vals, formulation, time_limit, mip_rel_gap, greedy if warm_start else None
+        )
+        if result.idx is None and result.status == TIME_LIMIT and greedy is not None:
+            message = result.message + "; greedy incumbent"
+            result = MilpResult(greedy, TIME_LIMIT, result.bound, message, result.info)
+        if result.idx is None:
+            break
+        keep = _as_keep(problem, kept, result.idx)
+        excess = {name: costs[name].evaluate(keep) - b for name, b in budgets.items()}
+        excess = {name: e for name, e in excess.items() if e > _tolerance(budgets[name])}
+        if not excess:
+            break
+        if any(e > 1e3 * _tolerance(budgets[name]) for name, e in excess.items()):
+            raise RuntimeError(f"HiGHS returned an allocation over budget by {excess}: {result.message}")
+        # HiGHS met a row only within its tolerance: tighten that row by twice the excess, re-solve.
+        rows = [(e, b - 2 * excess.get(name, 0.0)) for name, (e, b) in zip(budgets, rows)]
+    else:
+        raise RuntimeError(f"HiGHS kept returning allocations that exceed a budget: {result.message}")
+    if result.idx is None:
+        if result.status == "infeasible":
+            raise ValueError(
+                f"the budgets {budgets} cannot be met together, although each alone can "
+                f"(minimum costs {lowest}). HiGHS: {result.message}"
+            )
+        if result.status == TIME_LIMIT:
+            raise RuntimeError(
+                f"no feasible allocation found within `time_limit` = {time_limit} s. HiGHS: {result.message}"
+            )
+        raise RuntimeError(f"HiGHS failed: {result.message}")
+    achieved = {name: c.evaluate(keep) for name, c in costs.items()}
+    assert all(achieved[n] <= b + _tolerance(b) for n, b in budgets.items())
+    value = problem.objective(keep)
+    # Each unit's least error (budgets ignored) bounds too: it covers a stop before the root LP.
+    trivial = objective.const + math.fsum(float(v.min()) for v in objective.lin.values())
+    bound = min(max(result.bound, trivial), value)  # min absorbs round-off when optimal
+    gap = relative_gap(value, bound, 1.0)
+    message = (
+        f"{result.status}: objective {value:.6g}, bound {bound:.6g}, gap {gap:.3g}. HiGHS: {result.message}"
+    )
+    if _attempt:
+        message += f" (budgets tightened by HiGHS's tolerance in {_attempt} re-solve(s))"
+    if result.status == TIME_LIMIT:
+        warnings.warn(
+            f"allocation stopped at the time limit ({time_limit} s) with relative gap {gap:.3g} "
+            f"(requested {mip_rel_gap:g}); returning the incumbent.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    return Allocation(
+        keep=MappingProxyType(keep),
+        objective=value,
+        bound=bound,
+        gap=gap,
+        status=result.status,
+        costs=MappingProxyType(achieved),
+        solve_time=time.perf_counter() - start,
+        message=message,
+        formulation=formulation,
+        info=MappingProxyType(dict(result.info)),
+    )

@@ -1,0 +1,468 @@
+"""Prunable channel groups of a network, found through torch-pruning's dependency graph.
+
+A *unit* is one decision of the whole-network problem (``shared/design.md`` section 3): the output
+channels of one producing layer (a conv or Linear, the *root*), everything that is sliced with them
+(BatchNorm entries, depthwise convs, element-wise ops) and the input slices of every *consumer*
+(a non-depthwise conv or a Linear reading these channels). Keeping ``k`` of the ``C`` channels of a
+unit leaves every consumer a least-squares problem over its ``C`` channel blocks
+(:class:`orprune.problem.LayerProblem`): the reconstruction that makes channel removal cheap.
+
+Groups where that reconstruction does not apply are reported and left alone:
+
+* the model's outputs (the classifier's logits): nothing consumes them;
+* channels tied through residual adds or concatenations (several producers, or a concat / split
+  between producer and consumer): removing them would change an identity path that no single
+  layer can repair. Inner block channels of ResNets and MobileNet's expanded channels stay
+  prunable, which is enough to reach half the MACs; pruning the residual streams is future work;
+* groups touching a module the user ignores, or a module orprune cannot slice per channel
+  (LayerNorm, GroupNorm, attention, grouped convs, unwrapped parameters);
+* consumers whose design matrix would have more than ``max_features`` columns (a Gram matrix of
+  ``max_features**2`` float64 entries), e.g. VGG's ``512 * 7 * 7`` classifier input.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+import torch
+import torch_pruning as tp
+from torch import nn
+from torch_pruning.ops import OPTYPE
+
+__all__ = [
+    "Consumer",
+    "ExcludedGroup",
+    "PrunableUnit",
+    "PruningGraph",
+    "build_dependency_graph",
+    "find_groups",
+    "set_weight_matrix",
+    "unit_group",
+    "weight_matrix",
+    "DEFAULT_MAX_FEATURES",
+]
+
+#: Largest design matrix a consumer may have by default: a 3x3 conv over 512 channels
+#: (a 170 MB float64 Gram matrix).
+DEFAULT_MAX_FEATURES = 4608
+
+# Node types that only pass channels through, one to one.
+_PASS_THROUGH = {OPTYPE.ELEMENTWISE, OPTYPE.RESHAPE}
+# Per-channel modules that are sliced along with the unit and do not mix channels.
+_CARRIED = {OPTYPE.BN, OPTYPE.IN, OPTYPE.PRELU, OPTYPE.DEPTHWISE_CONV}
+_SPLITTING = {OPTYPE.CONCAT, OPTYPE.SPLIT, OPTYPE.UNBIND, OPTYPE.EXPAND, OPTYPE.SLICE}
+
+
+@dataclass(frozen=True)
+class Consumer:
+    """A layer whose input channels are the channels of one unit.
+
+    Attributes
+    ----------
+    name : str
+        Qualified module name (``model.get_submodule(name)``).
+    kind : {"conv", "linear"}
+    unit : str
+        Name of the unit whose channels it reads.
+    n_channels : int
+        ``C``, channels of the unit.
+    group_size : int
+        ``g``, feature columns per channel: ``kh * kw`` for a conv (through unfold), the number of
+        features each channel becomes after a flatten for a Linear (1 after global pooling).
+    n_outputs : int
+        Output channels / features.
+    norm : str or None
+        The BatchNorm that is the only reader of this layer's output, if any: a bias added by the
+        reconstruction can be folded into its running mean instead of adding a parameter.
+    """
+
+    name: str
+    kind: str
+    unit: str
+    n_channels: int
+    group_size: int
+    n_outputs: int
+    norm: str | None = None
+
+    @property
+    def n_features(self) -> int:
+        """Columns of the design matrix, ``C * g``."""
+        return self.n_channels * self.group_size
+
+
+@dataclass(frozen=True)
+class PrunableUnit:
+    """One prunable channel group: a keep count of it is one decision.
+
+    Attributes
+    ----------
+    name : str
+        Stable unit name: the root module's qualified name.
+    root : str
+        Module whose output channels index the unit.
+    n_channels : int
+    consumers : tuple of Consumer
+        Layers whose input slices go with the channels (one shared decision when several).
+    carried : tuple of str
+        Parameterised modules sliced along (BatchNorm, depthwise convs, ...).
+    """
+
+    name: str
+    root: str
+    n_channels: int
+    consumers: tuple[Consumer, ...]
+    carried: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ExcludedGroup:
+    """A channel group left unpruned, and why."""
+
+    root: str
+    modules: tuple[str, ...]
+    reason: str
+
+
+@dataclass(frozen=True)
+class PruningGraph:
+    """The prunable units of a model and the groups left alone.
+
+    Attributes
+    ----------
+    units : tuple of PrunableUnit
+        In the order of their root modules in ``model.named_modules()``.
+    excluded : tuple of ExcludedGroup
+    """
+
+    units: tuple[PrunableUnit, ...]
+    excluded: tuple[ExcludedGroup, ...]
+
+    def __getitem__(self, name: str) -> PrunableUnit:
+        for unit in self.units:
+            if unit.name == name:
+                return unit
+        raise KeyError(f"no prunable unit named {name!r}; units: {[u.name for u in self.units]}")
+
+    def __contains__(self, name: object) -> bool:
+        return any(unit.name == name for unit in self.units)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(unit.name for unit in self.units)
+
+    @property
+    def consumers(self) -> tuple[Consumer, ...]:
+        """Every consumer of every unit."""
+        return tuple(c for unit in self.units for c in unit.consumers)
+
+    def consumer(self, name: str) -> Consumer:
+        for c in self.consumers:
+            if c.name == name:
+                return c
+        raise KeyError(f"no consumer named {name!r}.")
+
+    @property
+    def n_channels(self) -> dict[str, int]:
+        """Unit name -> number of channels (the keep counts of the unpruned model)."""
+        return {unit.name: unit.n_channels for unit in self.units}
+
+
+# ------------------------------------------------------------------------------------ tracing
+def call_model(model: nn.Module, example_inputs: Any) -> Any:
+    """Run ``model`` the way torch-pruning does: a dict as keywords, a tuple / list as positional
+    arguments, anything else as the single argument."""
+    if isinstance(example_inputs, Mapping):
+        return model(**example_inputs)
+    if isinstance(example_inputs, (tuple, list)):
+        return model(*example_inputs)
+    return model(example_inputs)
+
+
+def build_dependency_graph(
+    model: nn.Module,
+    example_inputs: Any,
+    *,
+    during_forward: Callable[[nn.Module], Any] | None = None,
+) -> tuple[tp.DependencyGraph, Any]:
+    """torch-pruning's ``DependencyGraph`` of ``model``, traced in eval mode.
+
+    The training flag of every module is restored afterwards and nothing else in the model changes.
+    ``during_forward(model)``, if given, is entered as a context manager around the traced forward
+    (to record hooks in the same pass); the function returns the graph and the model's output.
+    """
+    modes = {m: m.training for m in model.modules()}
+    outputs: list[Any] = []
+
+    def forward(m: nn.Module, inputs: Any) -> Any:
+        if during_forward is None:
+            out = call_model(m, inputs)
+        else:
+            with during_forward(m):
+                out = call_model(m, inputs)
+        outputs.append(out)
+        return out
+
+    try:
+        with torch.enable_grad():
+            dg = tp.DependencyGraph().build_dependency(
+                model, example_inputs=example_inputs, forward_fn=forward, verbose=False
+            )
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+    return dg, outputs[0]
+
+
+def _is_out(dg: tp.DependencyGraph, item: Any) -> bool:
+    return dg.is_out_channel_pruning_fn(item.dep.handler)
+
+
+def _node_label(names: Mapping[Any, str], node: Any) -> str:
+    return names.get(node.module) or repr(node.module)
+
+
+def _dependency_groups(dg: tp.DependencyGraph) -> list[Any]:
+    """Every dependency group with its full channel range (one per set of coupled outputs)."""
+    return list(dg.get_all_groups(root_module_types=(nn.modules.conv._ConvNd, nn.Linear)))
+
+
+def _root_of(dg: tp.DependencyGraph, items: list[Any]) -> list[Any]:
+    """Items of the producing layers (conv / Linear output channels, not depthwise)."""
+    return [
+        it for it in items
+        if _is_out(dg, it) and it.dep.target.type in (OPTYPE.CONV, OPTYPE.LINEAR)
+    ]
+
+
+def _pruning_fn(module: nn.Module) -> Callable:
+    return tp.prune_linear_out_channels if isinstance(module, nn.Linear) else tp.prune_conv_out_channels
+
+
+def unit_group(dg: tp.DependencyGraph, model: nn.Module, unit: PrunableUnit, idxs: Sequence[int]) -> Any:
+    """The torch-pruning group that removes channels ``idxs`` of ``unit`` (with all coupled slices)."""
+    root = model.get_submodule(unit.root)
+    return dg.get_pruning_group(root, _pruning_fn(root), idxs=[int(i) for i in idxs])
+
+
+# ------------------------------------------------------------------------------------ analysis
+def _consumer_group_size(module: nn.Module, idxs: list[int], root_idxs: list[int], n: int) -> int | None:
+    """``g`` if the consumer reads channel ``c`` at inputs ``[c*g, (c+1)*g)`` and nothing else."""
+    n_in = module.in_features if isinstance(module, nn.Linear) else module.in_channels
+    if len(idxs) != n_in or n_in % n:
+        return None
+    g = n_in // n
+    order = np.lexsort((np.asarray(idxs), np.asarray(root_idxs)))
+    expected = np.arange(n_in)
+    if not (np.array_equal(np.asarray(idxs)[order], expected)
+            and np.array_equal(np.asarray(root_idxs)[order], expected // g)):
+        return None
+    return g
+
+
+def _classify(
+    dg: tp.DependencyGraph,
+    group: Any,
+    names: Mapping[nn.Module, str],
+    ignored: set[str],
+    max_features: int,
+    output_fns: set[Any],
+) -> tuple[PrunableUnit | None, ExcludedGroup | None]:
+    items = group.items
+    producers = _root_of(dg, items)
+    labels = tuple(dict.fromkeys(
+        names[it.dep.target.module] for it in items if it.dep.target.module in names))
+    first = _node_label(names, (producers[0] if producers else items[0]).dep.target)
+
+    def excluded(reason: str) -> tuple[None, ExcludedGroup]:
+        return None, ExcludedGroup(first, labels, reason)
+
+    if not producers:
+        return excluded("no conv or Linear produces these channels")
+    if len(producers) > 1:
+        others = ", ".join(_node_label(names, it.dep.target) for it in producers[1:])
+        return excluded(f"tied through a residual add to {others}")
+    root_item = producers[0]
+    root = root_item.dep.target.module
+    if isinstance(root, nn.modules.conv._ConvNd) and (root.groups != 1 or root.transposed):
+        return excluded("the producing conv is grouped or transposed")
+    n = len(root_item.idxs)
+    touched = {_node_label(names, it.dep.target) for it in items} & ignored
+    if touched:
+        return excluded(f"touches ignored layer(s) {sorted(touched)}")
+    consumers: list[tuple[nn.Module, int]] = []
+    carried: list[str] = []
+    for it in items:
+        node = it.dep.target
+        # a consumer may produce the model output; the unit's own channels may not
+        if _is_out(dg, it) and node.grad_fn is not None and node.grad_fn in output_fns:
+            return excluded("reaches the model output")
+        if node.type == OPTYPE.ELEMENTWISE and _has_outside_operand(node.grad_fn):
+            return excluded("combined with a tensor outside the traced graph (the model input, a "
+                            "buffer or a functional layer's parameter)")
+        if it is root_item or node.type in _PASS_THROUGH:
+            continue
+        if node.type in _SPLITTING:
+            return excluded(f"goes through a concatenation or split ({node.type.name.lower()})")
+        if node.type == OPTYPE.OUTPUT:
+            return excluded("reaches the model output")
+        if node.type in _CARRIED:
+            carried.append(names[node.module])
+            continue
+        module = node.module
+        if _is_out(dg, it) or node.type not in (OPTYPE.CONV, OPTYPE.LINEAR):
+            return excluded(
+                f"{_node_label(names, node)} ({type(module).__name__}) cannot be sliced per channel")
+        if not (isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and module.groups == 1)):
+            return excluded(f"consumer {names[module]} is not a Linear or a Conv2d with groups=1")
+        g = _consumer_group_size(module, list(it.idxs), list(it.root_idxs), n)
+        if g is None:
+            return excluded(f"consumer {names[module]} reads other channels too (concatenation)")
+        consumers.append((module, g))
+    if not consumers:
+        return excluded("nothing consumes these channels (model output)")
+    out = []
+    for module, g in consumers:
+        if isinstance(module, nn.Conv2d):
+            g = int(np.prod(module.kernel_size))
+        if n * g > max_features:
+            return excluded(
+                f"consumer {names[module]} would have C*g = {n}*{g} = {n * g} features > "
+                f"`max_features` = {max_features}"
+            )
+        kind = "linear" if isinstance(module, nn.Linear) else "conv"
+        n_out = module.out_features if kind == "linear" else module.out_channels
+        norm = _following_norm(dg, module, names)
+        out.append(Consumer(names[module], kind, names[root], n, g, n_out, norm))
+    unit = PrunableUnit(names[root], names[root], n, tuple(out), tuple(dict.fromkeys(carried)))
+    return unit, None
+
+
+def _has_outside_operand(grad_fn: Any) -> bool:
+    """Whether an element-wise op also reads a tensor the dependency graph does not track: a model
+    input (residual add to the input), a constant or buffer, or the parameter of a functional
+    layer (``F.conv2d``). Slicing channels would break that operand."""
+    if grad_fn is None:
+        return False
+    operands = [f for f, _ in grad_fn.next_functions]
+    return len(operands) > 1 and any(f is None or type(f).__name__ == "AccumulateGrad" for f in operands)
+
+
+def _following_norm(
+    dg: tp.DependencyGraph, module: nn.Module, names: Mapping[nn.Module, str]
+) -> str | None:
+    """The BatchNorm that alone reads ``module``'s output (and reads nothing else), if any."""
+    node = dg.module2node[module]
+    if len(node.outputs) != 1:
+        return None
+    nxt = node.outputs[0]
+    tracks = getattr(nxt.module, "track_running_stats", False)
+    if nxt.type != OPTYPE.BN or len(nxt.inputs) != 1 or not tracks:
+        return None
+    return names.get(nxt.module)
+
+
+def find_groups(
+    model: nn.Module,
+    example_inputs: Any,
+    *,
+    ignored_layers: Iterable[nn.Module | str] = (),
+    max_features: int = DEFAULT_MAX_FEATURES,
+) -> PruningGraph:
+    """Trace ``model`` and return its prunable channel groups.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Not modified (traced once in eval mode; training flags are restored).
+    example_inputs : Tensor, tuple or dict
+        Inputs for one forward pass, as for ``torch_pruning.DependencyGraph.build_dependency``.
+    ignored_layers : iterable of nn.Module or str
+        Modules (or their qualified names) left untouched: every group that would slice one of them,
+        as producer, carried module or consumer, is excluded.
+    max_features : int, default ``DEFAULT_MAX_FEATURES``
+        Largest allowed ``C * g`` of a consumer's design matrix.
+
+    Returns
+    -------
+    PruningGraph
+        ``units`` in module order and ``excluded`` groups with reasons. Excluded groups are listed
+        in one ``UserWarning``.
+    """
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
+    if isinstance(max_features, bool) or not isinstance(max_features, int) or max_features < 1:
+        raise ValueError(f"`max_features` must be a positive integer, got {max_features!r}.")
+    names = {m: n for n, m in model.named_modules()}
+    ignored: set[str] = set()
+    for layer in ignored_layers:
+        if isinstance(layer, str):
+            try:
+                model.get_submodule(layer)
+            except AttributeError as exc:
+                raise ValueError(
+                    f"`ignored_layers` names {layer!r}, which is not a module of `model`."
+                ) from exc
+            prefix = layer
+        elif isinstance(layer, nn.Module) and layer in names:
+            prefix = names[layer]
+        else:
+            raise ValueError("`ignored_layers` must hold modules of `model` or their qualified names.")
+        # ignoring a container ignores everything inside it
+        ignored |= {n for n in names.values() if n == prefix or n.startswith(prefix + ".") or prefix == ""}
+    try:
+        dg, output = build_dependency_graph(model, example_inputs)
+    except Exception as exc:  # tracing failures come from the user's model: say where
+        raise ValueError(f"torch-pruning could not trace `model` with `example_inputs`: {exc}") from exc
+    output_fns = {t.grad_fn for t in tp.utils.flatten_as_list(output) if isinstance(t, torch.Tensor)}
+    units, excluded = [], []
+    for group in _dependency_groups(dg):
+        unit, exc_group = _classify(dg, group, names, ignored, max_features, output_fns)
+        if unit is not None:
+            units.append(unit)
+        else:
+            excluded.append(exc_group)
+    order = {n: i for i, n in enumerate(names.values())}
+    units = [
+        replace(u, carried=tuple(sorted(u.carried, key=order.__getitem__)),
+                consumers=tuple(sorted(u.consumers, key=lambda c: order[c.name])))
+        for u in sorted(units, key=lambda u: order[u.root])
+    ]
+    excluded.sort(key=lambda e: order.get(e.root, len(order)))
+    if excluded:
+        lines = "; ".join(f"{e.root}: {e.reason}" for e in excluded)
+        warnings.warn(
+            f"{len(excluded)} channel group(s) are left unpruned ({lines}). Residual-stream "
+            "groups are not pruned by reconstruction yet.",
+            UserWarning,
+            stacklevel=2,
+        )
+    return PruningGraph(tuple(units), tuple(excluded))
+
+
+# ------------------------------------------------------------------------------------ layout
+def weight_matrix(module: nn.Module) -> torch.Tensor:
+    """The consumer's weights as the ``(C*g, n_out)`` matrix of :class:`~orprune.problem.LayerProblem`.
+
+    Row ``c*g + j`` multiplies feature ``j`` of channel ``c``: for a ``Conv2d`` the unfold order
+    ``(c, kh, kw)``, for a ``Linear`` the input features in order.
+    """
+    if isinstance(module, nn.Linear):
+        return module.weight.detach().T
+    if isinstance(module, nn.Conv2d) and module.groups == 1 and not module.transposed:
+        return module.weight.detach().reshape(module.out_channels, -1).T
+    raise ValueError(f"`module` must be a Linear or a Conv2d with groups=1, got {module!r}.")
+
+
+def set_weight_matrix(module: nn.Module, matrix: torch.Tensor) -> None:
+    """Write a ``(C*g, n_out)`` matrix (the layout of :func:`weight_matrix`) into ``module``."""
+    current = weight_matrix(module)
+    if tuple(matrix.shape) != tuple(current.shape):
+        raise ValueError(
+            f"weights of shape {tuple(matrix.shape)} do not fit {module!r}: need {tuple(current.shape)}."
+        )
+    with torch.no_grad():
+        module.weight.copy_(matrix.T.reshape(module.weight.shape).to(module.weight))
