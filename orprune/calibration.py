@@ -240,12 +240,12 @@ def collect_statistics(
                 s.batch = n_batches
             if reference is None:
                 with _hooks(model, streams, _record_own):
-                    call_model(model, inputs)
+                    _forward(model, inputs)
             else:
                 with _hooks(reference, streams, _record_targets):
-                    call_model(reference, inputs)
+                    _forward(reference, inputs)
                 with _hooks(model, streams, _record_inputs):
-                    call_model(model, inputs)
+                    _forward(model, inputs)
                 left = [n for n, s in streams.items() if s.pending]
                 if left:
                     raise ValueError(f"consumers {left} ran more often in `reference` than in `model`.")
@@ -286,14 +286,38 @@ def _n_positions(output: torch.Tensor) -> int:
     return int(output[0].numel() // channels)
 
 
+class _AllRecorded(Exception):
+    """Raised by the last consumer hook of a pass: the rest of the forward pass is not needed."""
+
+
+def _forward(model: nn.Module, inputs: Any) -> None:
+    try:
+        call_model(model, inputs)
+    except _AllRecorded:
+        pass
+
+
 @contextlib.contextmanager
 def _hooks(model: nn.Module, streams: dict[str, _ConsumerStream], record: Any) -> Iterator[None]:
-    handles = []
+    """Forward hooks recording every stream; once all have fired, the pass stops early.
+
+    Stopping is what makes the sequential refit affordable: a unit early in the network needs only
+    the first layers of both models. A consumer called twice in one pass (shared weights) is seen
+    once per pass by this rule, identically in both models.
+    """
+    handles, fired = [], set()
+
+    def hook(stream: _ConsumerStream, args: tuple, out: torch.Tensor) -> None:
+        record(stream, args, out)
+        fired.add(stream.name)
+        if len(fired) == len(streams):
+            fired.clear()
+            raise _AllRecorded
+
     try:
         for name, stream in streams.items():
             module = model.get_submodule(name)
-            handles.append(module.register_forward_hook(
-                lambda _m, args, out, s=stream: record(s, args, out)))
+            handles.append(module.register_forward_hook(lambda _m, args, out, s=stream: hook(s, args, out)))
         yield
     finally:
         for h in handles:

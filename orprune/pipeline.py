@@ -230,9 +230,10 @@ class Pruner:
                                    positions_per_image=self.positions_per_image, seed=self.seed,
                                    progress=self.progress)
         self.statistics_ = stats
+        self.problems_ = {c.name: self._problem(stats[c.name], c, self.model_) for c in self.graph_.consumers}
         problems, options = [], []
         for unit in self.graph_.units:
-            parts = [self._problem(stats[c.name], c, self.model_) for c in unit.consumers]
+            parts = [self.problems_[c.name] for c in unit.consumers]
             # each consumer's error relative to its own ||Y||^2: layers of any scale compare
             problem = LayerProblem.combine(parts, scales=[1.0 / max(p.yy, 1e-300) for p in parts])
             problems.append(problem)
@@ -253,7 +254,8 @@ class Pruner:
             raise RuntimeError("this Pruner is not fitted yet; call `fit(model, calibration)` first.")
 
     def _updates(self, unit_names: Sequence[str], keep: Mapping[str, np.ndarray],
-                 stats: Mapping[str, StatisticsAccumulator], model: nn.Module) -> dict[str, ConsumerUpdate]:
+                 stats: Mapping[str, StatisticsAccumulator],
+                 problems: Mapping[str, LayerProblem] | None = None) -> dict[str, ConsumerUpdate]:
         """Least-squares weights and compensated biases of the consumers of ``unit_names``."""
         updates = {}
         for name in unit_names:
@@ -261,7 +263,8 @@ class Pruner:
             mask[keep[name]] = True
             for consumer in self.graph_[name].consumers:
                 acc = stats[consumer.name]
-                weights, _ = self._problem(acc, consumer, self.model_).refit(mask)
+                problem = problems[consumer.name] if problems else self._problem(acc, consumer, self.model_)
+                weights, _ = problem.refit(mask)
                 mean_x, mean_y = acc.means()
                 module = self.model_.get_submodule(consumer.name)
                 old_bias = module.bias.detach().double().numpy() if getattr(module, "bias", None) is not None else 0.0
@@ -312,9 +315,9 @@ class Pruner:
                 working = masked_copy(self.model_, self.graph_, partial)
                 stats = collect_statistics(working, self.graph_[name].consumers, self.batches_, reference=self.model_,
                                            positions_per_image=self.positions_per_image, seed=self.seed, progress=False)
-                updates.update(self._updates([name], keep, stats, working))
+                updates.update(self._updates([name], keep, stats))
         else:
-            updates = self._updates(pruned_units, keep, self.statistics_, self.model_)
+            updates = self._updates(pruned_units, keep, self.statistics_, self.problems_)
         plan = PruningPlan({u: keep[u] for u in pruned_units}, updates)
         model = apply_pruning(self.model_, self.graph_, plan, self.example_inputs_)
         macs_after, params_after = count_macs_params(model, self.example_inputs_)

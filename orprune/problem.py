@@ -179,7 +179,17 @@ class LayerProblem:
             offset += p.group_size
             out_offset += p.n_outputs
         yy = float(sum(s * p.yy for p, s in zip(problems, scales)))
-        return cls(gram, cross, yy, group_size=g, ridge=0.0)
+        return cls._trusted(gram, cross, yy, group_size=g)
+
+    @classmethod
+    def _trusted(cls, gram: np.ndarray, cross: np.ndarray, yy: float, *, group_size: int) -> LayerProblem:
+        """Assemble without re-validating: for blocks of problems that were validated already
+        (the eigen-decomposition of the PSD check dominates the cost of building large problems)."""
+        prob = cls.__new__(cls)
+        prob.gram, prob.cross, prob.yy = gram, cross, float(yy)
+        prob.group_size, prob.ridge, prob.weights = int(group_size), 0.0, None
+        gram.flags.writeable = cross.flags.writeable = False
+        return prob
 
     # ------------------------------------------------------------------ sizes
     @property

@@ -77,7 +77,7 @@ def train(
             scheduler.step()
             step += 1
             bar.update()
-            bar.set_postfix(loss=f"{float(loss):.3f}", refresh=False)
+            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
     bar.close()
     if log:
         log(f"trained {total_steps} steps in {time.perf_counter() - start:.1f} s")

@@ -211,3 +211,16 @@ def test_modules_that_cannot_be_pruned_are_left_alone_with_a_warning():
         pruner = orprune.Pruner(solver="greedy", progress=False).fit(model, batches)
     result = pruner.prune(macs=0.9)
     assert result.model(batches[0]).shape == (4, 5)
+
+
+def test_parallel_refit_mode_also_meets_the_budget_and_matches_masked(fitted):
+    model, example, _ = fitted["vgg11_bn"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        pruner = orprune.Pruner(solver="greedy", progress=False, positions_per_image=8,
+                                sequential=False).fit(model, calibration_for(example))
+    result = pruner.prune(macs=0.5)
+    assert result.macs_after <= 0.5 * result.macs_before
+    with torch.no_grad():
+        torch.testing.assert_close(result.model(example), masked_copy(model, pruner.graph_, result.plan).eval()(example),
+                                   rtol=1e-4, atol=1e-4)
