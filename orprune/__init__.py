@@ -7,6 +7,7 @@ from orprune.costs import NetworkCosts, network_costs
 from orprune.curves import ErrorCurve, error_curve
 from orprune.graph import Consumer, ExcludedGroup, PrunableUnit, PruningGraph, find_groups
 from orprune.surgery import ConsumerUpdate, PruningPlan, apply_pruning, masked_copy
+from orprune.milp_model import solve_scip, write_model
 from orprune.pipeline import Pruner, PruneResult, prune
 from orprune.problem import LayerProblem, StatisticsAccumulator
 from orprune.regularizers import PerspectiveRegularizer, spr_optimal_y, spr_penalty
@@ -52,6 +53,8 @@ __all__ = [
     "prune",
     "register_solver",
     "select",
+    "solve_scip",
     "spr_optimal_y",
     "spr_penalty",
+    "write_model",
 ]

@@ -245,6 +245,16 @@ class LayerProblem:
         """Least-squares weights with every channel kept (used when `weights` is not given)."""
         return self._solve(np.arange(self.n_features))[0]
 
+    def to_pyomo(self, k: int, **options: Any) -> Any:
+        """The indicator MIQP keeping ``k`` channels as a Pyomo ``ConcreteModel``.
+
+        Export it for any MIQP solver with ``model.write("layer.lp")`` (or ``.mps``); see
+        :func:`orprune.milp_model.to_pyomo` for the components and the big-M bounds.
+        """
+        from orprune.milp_model import to_pyomo
+
+        return to_pyomo(self, k, **options)
+
     def _solve(self, cols: np.ndarray) -> tuple[np.ndarray, float]:
         if cols.size == 0:
             return np.zeros((0, self.n_outputs)), self.yy

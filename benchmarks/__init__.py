@@ -1,0 +1,1 @@
+"""Benchmarks of orprune (run as ``python -m benchmarks.<name>`` from the repository root)."""

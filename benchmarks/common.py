@@ -1,0 +1,300 @@
+"""Shared benchmark harness: trained models and the real layer problems they give.
+
+Everything expensive is cached under ``benchmarks/cache/`` (git-ignored): trained weights as
+``.pt`` and layer problems as ``.npz``. Delete the directory to start over.
+
+Adding a model: write its constructor, give it a name in :data:`MODELS`, and call
+:func:`trained_model` / :func:`conv_layer_problem` with it; the caching and the unfold-based
+statistics are model-agnostic.
+
+Run ``python -m benchmarks.common`` to train the small CNN and build its layer problems.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from orprune.datasets import fashion_mnist_available, load_default
+from orprune.problem import LayerProblem, StatisticsAccumulator
+
+__all__ = [
+    "CACHE_DIR",
+    "MODELS",
+    "RealLayer",
+    "SmallCNN",
+    "conv_layer_problem",
+    "evaluate",
+    "real_layer_problems",
+    "train",
+    "trained_model",
+]
+
+CACHE_DIR = Path(__file__).resolve().parent / "cache"
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+class SmallCNN(nn.Module):
+    """Four 3x3 conv + BN + ReLU stages (16, 32, 64, 64 filters), global pooling, a Linear.
+
+    The convs whose input has 16, 32 and 64 channels (``conv2``, ``conv3``, ``conv4``) are the
+    benchmark's prunable consumer layers. Works for any input size >= 4 (28x28 and 8x8 here).
+    """
+
+    def __init__(self, in_channels: int = 1, n_classes: int = 10, widths: tuple[int, ...] = (16, 32, 64, 64)) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        previous = in_channels
+        for i, width in enumerate(widths):
+            layers += [
+                nn.Conv2d(previous, width, 3, padding=1, bias=False),
+                nn.BatchNorm2d(width),
+                nn.ReLU(inplace=True),
+            ]
+            if i in (0, 1):  # 28 -> 14 -> 7: cheap enough to train in a minute on a CPU
+                layers.append(nn.MaxPool2d(2))
+            previous = width
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Linear(previous, n_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.features(x)
+        return self.classifier(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+    def convs(self) -> list[nn.Conv2d]:
+        return [m for m in self.features if isinstance(m, nn.Conv2d)]
+
+
+#: name -> constructor taking (in_channels, n_classes).
+MODELS: dict[str, Callable[..., nn.Module]] = {"small_cnn": SmallCNN}
+
+
+# ---------------------------------------------------------------------------------- training
+def train(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    epochs: int = 2,
+    batch_size: int = 128,
+    lr: float = 0.05,
+    seed: int = 0,
+    threads: int = 1,
+    log: Callable[[str], None] | None = print,
+) -> nn.Module:
+    """SGD (Nesterov, OneCycle, weight decay 5e-4) with random flips; CPU, channels_last.
+
+    ``threads=1`` by default: on a shared machine, intra-op threads contending for busy cores
+    made training up to 8x slower than one thread.
+    """
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return _train(model, images, labels, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, log=log)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _train(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, epochs: int, batch_size: int,
+           lr: float, seed: int, log: Callable[[str], None] | None) -> nn.Module:
+    generator = torch.Generator().manual_seed(seed)
+    model = model.to(memory_format=torch.channels_last).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    steps = epochs * ((len(labels) + batch_size - 1) // batch_size)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps)
+    for epoch in range(epochs):
+        start, total, correct = time.perf_counter(), 0.0, 0
+        order = torch.randperm(len(labels), generator=generator)
+        for batch in order.split(batch_size):
+            x, y = images[batch], labels[batch]
+            flip = torch.rand(len(batch), generator=generator) < 0.5
+            x = torch.where(flip[:, None, None, None], x.flip(-1), x).contiguous(memory_format=torch.channels_last)
+            logits = model(x)
+            loss = F.cross_entropy(logits, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            total += loss.item() * len(batch)
+            correct += int((logits.argmax(1) == y).sum())
+        if log:
+            log(f"epoch {epoch + 1}/{epochs}: loss {total / len(labels):.4f}, "
+                f"train acc {correct / len(labels):.4f}, {time.perf_counter() - start:.1f} s")
+    return model.to(memory_format=torch.contiguous_format).eval()
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 1000) -> float:
+    """Top-1 accuracy."""
+    model.eval()
+    correct = sum(int((model(x).argmax(1) == y).sum()) for x, y in zip(images.split(batch_size), labels.split(batch_size)))
+    return correct / len(labels)
+
+
+def _key(**parts: object) -> str:
+    return hashlib.sha1(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def trained_model(
+    name: str = "small_cnn", *, epochs: int = 2, seed: int = 0, log: Callable[[str], None] | None = print
+) -> tuple[nn.Module, dict]:
+    """A trained model of :data:`MODELS` on the default dataset, cached on disk.
+
+    Returns
+    -------
+    model : nn.Module in eval mode
+    meta : dict with ``dataset``, ``test_accuracy``, ``train_seconds``
+    """
+    dataset = "fashion-mnist" if fashion_mnist_available() else "digits"  # as load_default picks
+    key = _key(name=name, dataset=dataset, epochs=epochs, seed=seed)
+    path = CACHE_DIR / f"{name}_{dataset}_{key}.pt"
+    torch.manual_seed(seed)
+    model = MODELS[name](1, 10)  # both datasets: one channel, ten classes
+    if path.exists():
+        saved = torch.load(path, map_location="cpu")
+        model.load_state_dict(saved["state_dict"])
+        return model.eval(), saved["meta"]
+    images, labels, dataset = load_default("train")
+    start = time.perf_counter()
+    train(model, images, labels, epochs=epochs, seed=seed, log=log)
+    seconds = time.perf_counter() - start
+    test_images, test_labels, _ = load_default("test")
+    meta = {"dataset": dataset, "test_accuracy": evaluate(model, test_images, test_labels),
+            "train_seconds": seconds, "epochs": epochs, "seed": seed}
+    if log:
+        log(f"{name} on {dataset}: test accuracy {meta['test_accuracy']:.4f} after {seconds:.0f} s")
+    CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": model.state_dict(), "meta": meta}, path)
+    return model.eval(), meta
+
+
+# ---------------------------------------------------------------------------------- layer problems
+@torch.no_grad()
+def conv_layer_problem(
+    model: nn.Module,
+    conv: nn.Conv2d,
+    images: torch.Tensor,
+    *,
+    n_samples: int = 4096,
+    ridge_factor: float = 1e-4,
+    seed: int = 0,
+    batch_size: int = 256,
+) -> LayerProblem:
+    """The input-channel selection problem of ``conv``, from the model run on ``images``.
+
+    The conv's input (the previous activation) is unfolded into rows of ``C*kh*kw`` features
+    (channel-major, ``g = kh*kw``, as ``nn.Unfold`` orders them); ``n_samples`` spatial
+    positions are drawn uniformly over all images and positions. Targets are the conv's original
+    outputs without bias, so ``Y = X W`` holds exactly for the layer's own weights ``W``, which
+    are stored in the problem layout ``(C*g, n_out)``. The ridge is ``ridge_factor`` times the
+    mean diagonal of ``X^T X``.
+    """
+    if conv.groups != 1:
+        raise ValueError("`conv` must have groups=1.")
+    g = conv.kernel_size[0] * conv.kernel_size[1]
+    n_out = conv.out_channels
+    captured: list[torch.Tensor] = []
+    handle = conv.register_forward_hook(lambda m, inp, out: captured.append(inp[0]))
+    model.eval()
+    weight = conv.weight.detach().double().reshape(n_out, -1).T  # (C*g, n_out)
+    # Positions per batch in proportion to its size, so the draw is uniform over positions.
+    generator = torch.Generator().manual_seed(seed)
+    per_image = max(1, -(-n_samples // len(images)))
+    acc = StatisticsAccumulator(weight.shape[0], n_out)
+    try:
+        for batch in images.split(batch_size):
+            captured.clear()
+            model(batch)
+            x = captured[0].double()
+            cols = F.unfold(x, conv.kernel_size, dilation=conv.dilation, padding=conv.padding, stride=conv.stride)
+            n, f, L = cols.shape  # (n, C*g, L)
+            pick = torch.randint(0, L, (n, per_image), generator=generator)
+            rows = cols.permute(0, 2, 1)[torch.arange(n)[:, None], pick].reshape(-1, f)
+            acc.update(rows, rows @ weight)
+    finally:
+        handle.remove()
+    gram, cross, yy = acc.statistics()
+    ridge = ridge_factor * float(np.mean(np.diag(gram)))
+    return LayerProblem(gram, cross, yy, group_size=g, ridge=ridge, weights=weight.numpy())
+
+
+@dataclass(frozen=True)
+class RealLayer:
+    """A layer problem from a trained model, with where it came from."""
+
+    name: str
+    problem: LayerProblem
+    n_samples: int
+    source: str
+
+    @property
+    def n_channels(self) -> int:
+        return self.problem.n_channels
+
+
+def _save_problem(path: Path, prob: LayerProblem) -> None:
+    np.savez_compressed(path, gram=prob.gram, cross=prob.cross, yy=prob.yy, group_size=prob.group_size,
+                        ridge=prob.ridge, weights=prob.weights)
+
+
+def _load_problem(path: Path) -> LayerProblem:
+    with np.load(path) as data:
+        return LayerProblem(data["gram"], data["cross"], float(data["yy"]), group_size=int(data["group_size"]),
+                            ridge=float(data["ridge"]), weights=data["weights"])
+
+
+def real_layer_problems(
+    channels: tuple[int, ...] = (16, 32, 64),
+    *,
+    n_images: int = 512,
+    n_samples: int = 4096,
+    ridge_factor: float = 1e-4,
+    epochs: int = 2,
+    seed: int = 0,
+    log: Callable[[str], None] | None = print,
+) -> list[RealLayer]:
+    """Layer problems of the trained small CNN for its convs with ``C`` in ``channels`` inputs.
+
+    Calibration images are ``n_images`` training images drawn with ``seed``; each problem has
+    ``g = 9`` and ``n_samples`` sampled positions. Problems are cached as ``.npz``.
+    """
+    model, meta = trained_model("small_cnn", epochs=epochs, seed=seed, log=log)
+    key = _key(model=meta, n_images=n_images, n_samples=n_samples, ridge_factor=ridge_factor, seed=seed)
+    convs = {conv.in_channels: (i, conv) for i, conv in enumerate(model.convs())}
+    missing = [c for c in channels if c not in convs]
+    if missing:
+        raise ValueError(f"`channels` must be among {sorted(convs)}, got {missing}.")
+    images = None
+    layers = []
+    for c in channels:
+        index, conv = convs[c]
+        name = f"small_cnn.conv{index + 1}"
+        path = CACHE_DIR / f"{name}_{meta['dataset']}_{key}.npz"
+        if path.exists():
+            prob = _load_problem(path)
+        else:
+            if images is None:
+                all_images, _, _ = load_default("train")
+                pick = torch.randperm(len(all_images), generator=torch.Generator().manual_seed(seed + 1))[:n_images]
+                images = all_images[pick]
+            prob = conv_layer_problem(model, conv, images, n_samples=n_samples, ridge_factor=ridge_factor, seed=seed)
+            CACHE_DIR.mkdir(parents=True, exist_ok=True)
+            _save_problem(path, prob)
+        source = f"{meta['dataset']}, test acc {meta['test_accuracy']:.4f}, {n_images} calibration images"
+        layers.append(RealLayer(name, prob, n_images * max(1, -(-n_samples // n_images)), source))
+    return layers
+
+
+if __name__ == "__main__":
+    for layer in real_layer_problems():
+        p = layer.problem
+        print(f"{layer.name}: {p!r}, N={layer.n_samples}, f(all)/yy={p.full_objective / p.yy:.2e} ({layer.source})")
