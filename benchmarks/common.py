@@ -26,6 +26,8 @@ import torch.nn.functional as F
 
 from orprune.datasets import fashion_mnist_available, load_default
 from orprune.problem import LayerProblem, StatisticsAccumulator
+from orprune.training import evaluate, train
+from orprune.zoo import SmallCNN, resnet20
 
 __all__ = [
     "CACHE_DIR",
@@ -43,101 +45,11 @@ CACHE_DIR = Path(__file__).resolve().parent / "cache"
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
-class SmallCNN(nn.Module):
-    """Four 3x3 conv + BN + ReLU stages (16, 32, 64, 64 filters), global pooling, a Linear.
-
-    The convs whose input has 16, 32 and 64 channels (``conv2``, ``conv3``, ``conv4``) are the
-    benchmark's prunable consumer layers. Works for any input size >= 4 (28x28 and 8x8 here).
-    """
-
-    def __init__(self, in_channels: int = 1, n_classes: int = 10, widths: tuple[int, ...] = (16, 32, 64, 64)) -> None:
-        super().__init__()
-        layers: list[nn.Module] = []
-        previous = in_channels
-        for i, width in enumerate(widths):
-            layers += [
-                nn.Conv2d(previous, width, 3, padding=1, bias=False),
-                nn.BatchNorm2d(width),
-                nn.ReLU(inplace=True),
-            ]
-            if i in (0, 1):  # 28 -> 14 -> 7: cheap enough to train in a minute on a CPU
-                layers.append(nn.MaxPool2d(2))
-            previous = width
-        self.features = nn.Sequential(*layers)
-        self.classifier = nn.Linear(previous, n_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.features(x)
-        return self.classifier(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
-
-    def convs(self) -> list[nn.Conv2d]:
-        return [m for m in self.features if isinstance(m, nn.Conv2d)]
-
-
-#: name -> constructor taking (in_channels, n_classes).
-MODELS: dict[str, Callable[..., nn.Module]] = {"small_cnn": SmallCNN}
-
-
-# ---------------------------------------------------------------------------------- training
-def train(
-    model: nn.Module,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    *,
-    epochs: int = 2,
-    batch_size: int = 128,
-    lr: float = 0.05,
-    seed: int = 0,
-    threads: int = 1,
-    log: Callable[[str], None] | None = print,
-) -> nn.Module:
-    """SGD (Nesterov, OneCycle, weight decay 5e-4) with random flips; CPU, channels_last.
-
-    ``threads=1`` by default: on a shared machine, intra-op threads contending for busy cores
-    made training up to 8x slower than one thread.
-    """
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        return _train(model, images, labels, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, log=log)
-    finally:
-        torch.set_num_threads(previous_threads)
-
-
-def _train(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, epochs: int, batch_size: int,
-           lr: float, seed: int, log: Callable[[str], None] | None) -> nn.Module:
-    generator = torch.Generator().manual_seed(seed)
-    model = model.to(memory_format=torch.channels_last).train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
-    steps = epochs * ((len(labels) + batch_size - 1) // batch_size)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps)
-    for epoch in range(epochs):
-        start, total, correct = time.perf_counter(), 0.0, 0
-        order = torch.randperm(len(labels), generator=generator)
-        for batch in order.split(batch_size):
-            x, y = images[batch], labels[batch]
-            flip = torch.rand(len(batch), generator=generator) < 0.5
-            x = torch.where(flip[:, None, None, None], x.flip(-1), x).contiguous(memory_format=torch.channels_last)
-            logits = model(x)
-            loss = F.cross_entropy(logits, y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            total += loss.item() * len(batch)
-            correct += int((logits.argmax(1) == y).sum())
-        if log:
-            log(f"epoch {epoch + 1}/{epochs}: loss {total / len(labels):.4f}, "
-                f"train acc {correct / len(labels):.4f}, {time.perf_counter() - start:.1f} s")
-    return model.to(memory_format=torch.contiguous_format).eval()
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 1000) -> float:
-    """Top-1 accuracy."""
-    model.eval()
-    correct = sum(int((model(x).argmax(1) == y).sum()) for x, y in zip(images.split(batch_size), labels.split(batch_size)))
-    return correct / len(labels)
+#: name -> constructor taking keyword arguments ``in_channels`` and ``n_classes``.
+MODELS: dict[str, Callable[..., nn.Module]] = {
+    "small_cnn": lambda in_channels, n_classes: SmallCNN(in_channels, n_classes),
+    "resnet20": lambda in_channels, n_classes: resnet20(num_classes=n_classes, in_channels=in_channels),
+}
 
 
 def _key(**parts: object) -> str:
@@ -158,14 +70,14 @@ def trained_model(
     key = _key(name=name, dataset=dataset, epochs=epochs, seed=seed)
     path = CACHE_DIR / f"{name}_{dataset}_{key}.pt"
     torch.manual_seed(seed)
-    model = MODELS[name](1, 10)  # both datasets: one channel, ten classes
+    model = MODELS[name](in_channels=1, n_classes=10)  # both datasets: one channel, ten classes
     if path.exists():
         saved = torch.load(path, map_location="cpu")
         model.load_state_dict(saved["state_dict"])
         return model.eval(), saved["meta"]
     images, labels, dataset = load_default("train")
     start = time.perf_counter()
-    train(model, images, labels, epochs=epochs, seed=seed, log=log)
+    train(model, images, labels, epochs=epochs, seed=seed, threads=1, progress=False, log=log)
     seconds = time.perf_counter() - start
     test_images, test_labels, _ = load_default("test")
     meta = {"dataset": dataset, "test_accuracy": evaluate(model, test_images, test_labels),
@@ -269,7 +181,7 @@ def real_layer_problems(
     """
     model, meta = trained_model("small_cnn", epochs=epochs, seed=seed, log=log)
     key = _key(model=meta, n_images=n_images, n_samples=n_samples, ridge_factor=ridge_factor, seed=seed)
-    convs = {conv.in_channels: (i, conv) for i, conv in enumerate(model.convs())}
+    convs = {conv.in_channels: (i, conv) for i, conv in enumerate(m for m in model.features if isinstance(m, nn.Conv2d))}
     missing = [c for c in channels if c not in convs]
     if missing:
         raise ValueError(f"`channels` must be among {sorted(convs)}, got {missing}.")

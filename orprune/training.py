@@ -38,21 +38,38 @@ def train(
     flip: bool = True,
     regularizer: Regularizer | None = None,
     regularizer_strength: float = 0.0,
+    threads: int | None = None,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
 ) -> nn.Module:
     """SGD with Nesterov momentum and a one-cycle schedule; optional random horizontal flips.
 
     ``epochs`` may be fractional (a short fine-tune). ``regularizer()`` is added to the loss
-    times ``regularizer_strength`` (the perspective regularizer is used this way). Returns the
-    model in eval mode.
+    times ``regularizer_strength`` (the perspective regularizer is used this way). ``threads``
+    sets torch's intra-op threads for the duration (1 is much faster on a shared machine, where
+    threads contend for busy cores). Training runs in ``channels_last`` (30-40% faster for convs on
+    CPU). Returns the model in eval mode, in the default memory format.
     """
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return _train(model, images, labels, epochs=epochs, batch_size=batch_size, lr=lr,
+                      weight_decay=weight_decay, seed=seed, flip=flip, regularizer=regularizer,
+                      regularizer_strength=regularizer_strength, progress=progress, log=log)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _train(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, epochs: float, batch_size: int,
+           lr: float, weight_decay: float, seed: int, flip: bool, regularizer: Regularizer | None,
+           regularizer_strength: float, progress: bool, log: Callable[[str], None] | None) -> nn.Module:
     if epochs <= 0:
         raise ValueError(f"`epochs` must be > 0, got {epochs}.")
     if len(images) != len(labels) or len(labels) == 0:
         raise ValueError("`images` and `labels` must be non-empty and of the same length.")
     generator = torch.Generator().manual_seed(seed)
-    model.train()
+    model.to(memory_format=torch.channels_last).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
     per_epoch = (len(labels) + batch_size - 1) // batch_size
     total_steps = max(1, round(epochs * per_epoch))
@@ -68,6 +85,7 @@ def train(
             if flip:
                 flipped = torch.rand(len(index), generator=generator) < 0.5
                 x = torch.where(flipped[:, None, None, None], x.flip(-1), x)
+            x = x.contiguous(memory_format=torch.channels_last)
             loss = F.cross_entropy(model(x), y)
             if regularizer is not None and regularizer_strength:
                 loss = loss + regularizer_strength * regularizer()
@@ -81,7 +99,7 @@ def train(
     bar.close()
     if log:
         log(f"trained {total_steps} steps in {time.perf_counter() - start:.1f} s")
-    return model.eval()
+    return model.to(memory_format=torch.contiguous_format).eval()
 
 
 @torch.no_grad()

@@ -65,9 +65,9 @@ def resnet56(num_classes: int = 10, in_channels: int = 1) -> CifarResNet:
 
 
 class SmallCNN(nn.Module):
-    """3x3 conv + BN + ReLU stages, 2x2 max-pooling after the 2nd and 3rd, global average pooling
-    and a Linear classifier. The default widths give consumer layers with 16, 32 and 64 input
-    channels."""
+    """3x3 conv + BN + ReLU stages, 2x2 max-pooling after the 1st and 2nd (28 -> 14 -> 7: it
+    trains on Fashion-MNIST in about a minute on a CPU), global average pooling and a Linear
+    classifier. The default widths give consumer layers with 16, 32 and 64 input channels."""
 
     def __init__(self, in_channels: int = 1, n_classes: int = 10, widths: tuple[int, ...] = (16, 32, 64, 64)) -> None:
         super().__init__()
@@ -75,7 +75,7 @@ class SmallCNN(nn.Module):
         previous = in_channels
         for i, width in enumerate(widths):
             layers += [nn.Conv2d(previous, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
-            if i in (1, 2):
+            if i in (0, 1):
                 layers.append(nn.MaxPool2d(2))
             previous = width
         self.features = nn.Sequential(*layers)
