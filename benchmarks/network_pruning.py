@@ -80,8 +80,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--macs", default="0.5,0.33,0.25", help="MACs fractions to keep")
     parser.add_argument("--solvers", default="auto,greedy", help="orprune layer solvers to compare")
     parser.add_argument("--latency-repeats", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--output", default=str(RESULTS_DIR / "network_pruning.md"))
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     fractions = [float(v) for v in args.macs.split(",")]
 
     model, meta = trained_model(args.model, epochs=args.epochs)
@@ -133,7 +136,8 @@ def main(argv: list[str] | None = None) -> None:
         f"# Whole-network pruning: {args.model} on {dataset}, no fine-tuning",
         "",
         f"Produced by `python -m benchmarks.network_pruning --epochs {args.epochs} --calibration {args.calibration} "
-        f"--macs {args.macs} --solvers {args.solvers}` on {date.today()} ({platform.machine()}, "
+        f"--macs {args.macs} --solvers {args.solvers}"
+        f"{f' --threads {args.threads}' if args.threads else ''}` on {date.today()} ({platform.machine()}, "
         f"{torch.get_num_threads()} torch threads; the machine may be shared, compare ratios within the table).",
         "",
         f"Unpruned: test accuracy {base_acc:.4f} after {meta.get('epochs', args.epochs)} epochs; "

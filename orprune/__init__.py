@@ -15,6 +15,7 @@ from orprune.result import Selection
 from orprune.selection import select
 from orprune.solvers import available_solvers, register_solver
 from orprune.solvers.greedy import greedy_path
+from orprune.solvers.local_search import backward_elimination, swap_local_search
 
 __version__ = "0.1.0.dev0"
 
@@ -43,6 +44,7 @@ __all__ = [
     "allocate",
     "apply_pruning",
     "available_solvers",
+    "backward_elimination",
     "collect_statistics",
     "error_curve",
     "find_groups",
@@ -56,5 +58,6 @@ __all__ = [
     "solve_scip",
     "spr_optimal_y",
     "spr_penalty",
+    "swap_local_search",
     "write_model",
 ]

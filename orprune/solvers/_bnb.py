@@ -173,6 +173,9 @@ class BranchAndBound:
         if not self.singular:
             P, R, e0 = reduce_problem(self.H, self.B, self.yy, g, kept, free)
         root = self.stats.nodes == 0
+        # Keeping channels restricts P^{-1} to a principal submatrix, so the split of the
+        # parent (restricted) stays valid; it is recomputed only after a removal.
+        D = None
         while True:
             if self._time_up():
                 self._push(bound, kept, free, z)
@@ -216,7 +219,8 @@ class BranchAndBound:
             must_remove = np.zeros(0, dtype=int)
             in_bound = out_bound = None
             if (must_keep.size == 0 or root) and self.relaxation and M is not None:
-                D = perspective_split(P, g, self.split, ridge=self.ridge, P_inv=M)
+                if D is None or self.split in ("uniform", "block"):
+                    D = perspective_split(P, g, self.split, ridge=self.ridge, P_inv=M)
                 rel = perspective_relaxation(P, R, e0, D, m, cutoff=cutoff, z0=z,
                                              max_iter=self.root_iter if root else self.relax_iter,
                                              rel_tol=1e-5 if root else 1e-3, deadline=self.deadline)
@@ -250,6 +254,7 @@ class BranchAndBound:
                         position = {i: p for p, i in enumerate(remaining)}
                         P, R, e0 = keep_channels(P, R, e0, np.array([position[i] for i in sorted(keep_set)]), g)
                 stay = [i for i in remaining if i not in keep_set]
+                D = None if (D is None or remove_set) else D[stay]
                 kept = kept + [free[i] for i in sorted(keep_set)]
                 free = [free[i] for i in stay]
                 z = None if z is None else z[stay]
@@ -279,10 +284,12 @@ class BranchAndBound:
                 if P is not None:
                     P, R, e0 = keep_channels(P, R, e0, np.array([j]), g)
                 kept = kept + [free[j]]
+                D = None if D is None else D[others]
             else:
                 bound = remove_bounds[j]
                 if P is not None:
                     P, R = remove_channels(P, R, np.array([j]), g)
+                D = None
             free = free[:j] + free[j + 1:]
             z = child_z
             if bound >= self.cutoff():

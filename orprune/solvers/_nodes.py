@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 import scipy.linalg
 
-from orprune.solvers._perspective import blocks_of
+from orprune.solvers._perspective import block_quadratic, blocks_of
 
 __all__ = ["columns", "reduce_problem", "keep_channels", "remove_channels", "pair_increases",
            "removable_core", "remove_channels_inverse", "single_increases"]
@@ -125,5 +125,4 @@ def remove_channels_inverse(M: np.ndarray, w: np.ndarray, position: int,
 
 def single_increases(M: np.ndarray, w: np.ndarray, g: int) -> np.ndarray:
     """``delta_c = w_c^T M_cc^{-1} w_c``: exact increase of removing channel ``c`` from ``A``."""
-    wb = w.reshape(M.shape[0] // g, g, -1)
-    return np.einsum("cgo,cgh,cho->c", wb, np.linalg.inv(blocks_of(M, g)), wb)
+    return block_quadratic(np.linalg.inv(blocks_of(M, g)), w)

@@ -26,7 +26,7 @@ import numpy as np
 import scipy.linalg
 
 from orprune.solvers._nodes import columns
-from orprune.solvers._perspective import perspective_relaxation, perspective_split
+from orprune.solvers._perspective import block_quadratic, perspective_relaxation, perspective_split
 
 __all__ = ["OuterApproximation"]
 
@@ -61,10 +61,8 @@ class OuterApproximation:
         cols = columns(kept, g)
         W_s = scipy.linalg.cho_solve(scipy.linalg.cho_factor(self.H[np.ix_(cols, cols)]), self.B[cols])
         value = self.yy - float(np.sum(self.B[cols] * W_s))
-        residual = (self.B - self.H[:, cols] @ W_s).reshape(self.C, g, -1)
-        slopes = np.einsum("cgo,cgh,cho->c", residual, self.D_inv, residual)
-        W_b = W_s.reshape(kept.size, g, -1)
-        slopes[kept] = np.einsum("cgo,cgh,cho->c", W_b, self.D[kept], W_b)
+        slopes = block_quadratic(self.D_inv, self.B - self.H[:, cols] @ W_s)
+        slopes[kept] = block_quadratic(self.D[kept], W_s)
         return value + float(slopes[kept].sum()), slopes
 
     def _add_cut(self, highs, constant: float, slopes: np.ndarray) -> None:

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.linalg
 
-__all__ = ["SPLITS", "blocks_of", "block_congruence", "spd_inverse", "perspective_split", "capped_simplex_weights",
+__all__ = ["SPLITS", "blocks_of", "block_congruence", "block_quadratic", "solve_spd", "spd_inverse", "perspective_split", "capped_simplex_weights",
            "Relaxation", "perspective_relaxation", "top_sum"]
 
 #: Names of the block-diagonal splits ``D <= P`` (see :func:`perspective_split`).
@@ -113,6 +113,23 @@ def block_congruence(matrix: np.ndarray, factors: np.ndarray) -> np.ndarray:
     left = np.matmul(factors, matrix.reshape(n, g, n * g))  # (n, g, n*g)
     right = np.matmul(left.reshape(n * g, n, g).transpose(1, 0, 2), factors.transpose(0, 2, 1))
     return right.transpose(1, 0, 2).reshape(n * g, n * g)
+
+
+def block_quadratic(blocks: np.ndarray, W: np.ndarray) -> np.ndarray:
+    """``tr(W_c^T A_c W_c)`` for every block ``A_c`` (shape (n, g, g)) and ``W`` of shape (n*g, o)."""
+    Wb = W.reshape(blocks.shape[0], blocks.shape[1], -1)
+    return np.sum(Wb * np.matmul(blocks, Wb), axis=(1, 2))
+
+
+def solve_spd(matrix: np.ndarray, rhs: np.ndarray) -> np.ndarray:
+    """``matrix^{-1} rhs`` by Cholesky; ``LinAlgError`` if ``matrix`` is not positive definite."""
+    factor, info = scipy.linalg.lapack.dpotrf(matrix, lower=True, clean=False)
+    if info != 0:
+        raise np.linalg.LinAlgError("matrix is not positive definite")
+    solution, info = scipy.linalg.lapack.dpotrs(factor, rhs, lower=True)
+    if info != 0:
+        raise np.linalg.LinAlgError("Cholesky solve failed")
+    return solution
 
 
 def top_sum(values: np.ndarray, m: int) -> float:
@@ -210,12 +227,10 @@ def perspective_relaxation(
         Mz = PD.copy()
         Mz.reshape(n, g, n, g)[idx, :, idx, :] += D / z[:, None, None]
         try:
-            W = scipy.linalg.cho_solve(scipy.linalg.cho_factor(Mz, lower=True, check_finite=False), R,
-                                       check_finite=False)
+            W = solve_spd(Mz, R)
         except np.linalg.LinAlgError:
             break
-        Wb = W.reshape(n, g, -1)
-        s_w = np.einsum("cgo,cgh,cho->c", Wb, D, Wb)
+        s_w = block_quadratic(D, W)
         slopes = s_w / z**2
         constant = e0 - float(np.sum(W * (PD @ W)))
         bound = constant - top_sum(slopes, m)

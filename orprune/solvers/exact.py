@@ -90,14 +90,22 @@ def solve_exact(
 ):
     """Certified optimal selection of ``k`` channels (a :class:`~orprune.result.Selection`).
 
+    .. math::
+
+        \\min_{|S| = k}\\ \\|Y\\|_F^2 - \\operatorname{tr}\\left(B_S^T (G_{SS} + rI)^{-1} B_S\\right)
+
+    solved to ``mip_rel_gap`` with perspective (precision-split) relaxations; see
+    ``formulations/outer_approximation.md``.
+
     Parameters
     ----------
     prob : LayerProblem
     k : int
         Channels to keep, ``0 < k < C`` (``orprune.select`` handles the trivial counts).
     time_limit : float, optional
-        Seconds. When reached, the incumbent is returned with status ``"time_limit"``, its
-        proven bound and gap, and a warning quoting the gap.
+        Seconds (``None``: no limit; layers of more than ~20 strongly correlated channels can
+        take hours to certify). When reached, the incumbent is returned with status
+        ``"time_limit"``, its proven bound and gap, and a ``RuntimeWarning`` quoting the gap.
     mip_rel_gap : float, default 1e-4
         Stop when ``(objective - bound) / objective <= mip_rel_gap``.
     method : {"bnb", "oa"}
@@ -112,9 +120,13 @@ def solve_exact(
     relax_iter : int, default 20
         Alternating-minimisation iterations per node relaxation.
     local_search : bool, default True
-        Polish the greedy start and every new incumbent with swap local search.
+        Polish the greedy and backward-elimination starts and every new incumbent with swap
+        local search.
     initial : array_like of bool, optional
-        A warm-start mask with ``k`` channels; the better of it and greedy is used.
+        A warm-start mask with ``k`` channels; the best of it and the heuristic starts is used.
+    branching : {"removal", "dual"}, default "removal"
+        Branch on the free channel most expensive to remove, or on the one whose children have
+        the best bounds according to the relaxation's dual cut (``"bnb"``).
 
     Returns
     -------
@@ -221,6 +233,6 @@ def _solve(prob, k, start, deadline, rel_gap, method, split, pairs, relaxation, 
         status = TIME_LIMIT
         message = f"time limit reached: relative gap {gap:.3e} (tolerance {rel_gap:g})"
         warnings.warn(f"exact solver stopped at the time limit with relative gap {gap:.3e} "
-                      f"(objective {objective:.6g}, bound {bound:.6g}).", RuntimeWarning, stacklevel=3)
+                      f"(objective {objective:.6g}, bound {bound:.6g}).", RuntimeWarning, stacklevel=4)
     return make_selection(prob, mask, solver="exact", status=status, start_time=start, bound=bound,
                           message=message, info=info)

@@ -22,7 +22,6 @@ from __future__ import annotations
 import time
 
 import numpy as np
-import scipy.linalg
 
 from orprune.problem import LayerProblem
 
