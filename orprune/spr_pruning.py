@@ -1,0 +1,468 @@
+"""After training with the Structured Perspective Regularization: threshold, remove, fine-tune.
+
+SPR drives whole channel groups towards zero norm; which of them to remove is then decided by one
+norm threshold, the largest one whose removal costs at most ``tolerance`` of held-out accuracy.
+The search, and why it is monotone in the tolerance, is derived in
+``formulations/perspective_regularizer.md`` section 8.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import numbers
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from orprune.baselines import count_macs_params
+from orprune.regularizers.groups import _param_slices
+from orprune.regularizers.perspective import PerspectiveRegularizer
+from orprune.training import evaluate, train
+
+__all__ = ["SPRTraining", "ThresholdPruning", "add_spr_arguments", "prune_by_threshold", "run_spr", "train_with_spr"]
+
+# Accuracies are ratios of counts; this absorbs the rounding of `base - tolerance`.
+_EPS = 1e-12
+# Defaults: the strongest setting of benchmarks/results/perspective_training*.md that did not cost
+# accuracy (ResNet-20, Fashion-MNIST, 2 epochs); strength 0.05 already collapsed training there.
+_DEFAULT_STRENGTH = 0.015
+_DEFAULT_M_SCALE = 4.0
+
+
+@dataclass(frozen=True)
+class ThresholdPruning:
+    """A model with every channel group of norm at most ``threshold`` physically removed.
+
+    Attributes
+    ----------
+    model : torch.nn.Module
+        The pruned copy (eval mode); the input model is never modified.
+    threshold : float or None
+        Groups with ``norm <= threshold`` were removed (one per root layer is always kept);
+        ``None`` when nothing could be removed within the tolerance.
+    removed : tuple of int
+        Indices into ``regularizer.groups_`` of the removed groups.
+    removed_per_layer : tuple of (str, int, int)
+        ``(root module, channels removed, channels before)`` for every root layer.
+    norms : ndarray
+        The group norms the search ran on, aligned with ``regularizer.groups_``.
+    macs_before, macs_after, params_before, params_after : int
+        torch-pruning's counts for one validation image.
+    accuracy_before, accuracy_after : float
+        Validation accuracy of the input model and of the pruned model.
+    masked_accuracy : float
+        Validation accuracy of the input model with the removed groups zeroed.
+    tolerance : float
+    evaluations : int
+        Masked accuracy evaluations made by the search.
+    seconds : float
+        Wall time of the search and the removal.
+    """
+
+    model: nn.Module
+    threshold: float | None
+    removed: tuple[int, ...]
+    removed_per_layer: tuple[tuple[str, int, int], ...]
+    norms: np.ndarray
+    macs_before: int
+    macs_after: int
+    params_before: int
+    params_after: int
+    accuracy_before: float
+    accuracy_after: float
+    masked_accuracy: float
+    tolerance: float
+    evaluations: int
+    seconds: float
+
+    def __post_init__(self) -> None:
+        self.norms.flags.writeable = False
+
+    @property
+    def n_removed(self) -> int:
+        return len(self.removed)
+
+    @property
+    def macs_ratio(self) -> float:
+        """Fraction of the MACs kept."""
+        return self.macs_after / self.macs_before
+
+    def summary(self) -> str:
+        return (f"removed {self.n_removed} of {len(self.norms)} channel groups (norm <= "
+                f"{self.threshold if self.threshold is None else f'{self.threshold:.3g}'}); MACs "
+                f"{self.macs_before / 1e6:.2f} M -> {self.macs_after / 1e6:.2f} M ({self.macs_ratio:.1%}), params "
+                f"{self.params_before:,} -> {self.params_after:,}; validation accuracy "
+                f"{self.accuracy_before:.4f} -> {self.accuracy_after:.4f} (tolerance {self.tolerance:g})")
+
+
+def prune_by_threshold(
+    model: nn.Module,
+    regularizer: PerspectiveRegularizer,
+    val_images: torch.Tensor,
+    val_labels: torch.Tensor,
+    *,
+    tolerance: float = 0.005,
+    batch_size: int = 1000,
+) -> ThresholdPruning:
+    r"""Remove the channel groups of smallest norm, as many as a held-out accuracy drop allows.
+
+    With :math:`n_j` the norm of group :math:`j` (``regularizer.group_norms()``), :math:`P` one group
+    of largest norm per root layer (never removed, so no layer loses all its channels) and
+    :math:`S(\tau) = \{j \notin P : n_j \le \tau\}`, the search solves
+
+    .. math::
+
+        \max_{\tau \in \{n_j\}} |S(\tau)| \quad \text{s.t.} \quad
+        \operatorname{acc}(\theta \odot \mathbb{1}_{\overline{S(\tau)}}) \ge \operatorname{acc}(\theta) - \varepsilon
+
+    by binary search over the distinct norms, the accuracy taken on the validation set with the
+    groups of :math:`S(\tau)` zeroed (producer filters, normalisation entries and consumer input
+    slices, so a zeroed channel has no effect downstream). The groups of the accepted threshold are
+    then removed through torch-pruning's dependency graph on a deep copy. Accuracy need not be
+    monotone in :math:`\tau`, so the answer is a local one; but the number removed never decreases
+    when :math:`\varepsilon` grows (``formulations/perspective_regularizer.md``, section 8).
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The trained network; not modified.
+    regularizer : PerspectiveRegularizer
+        Built on ``model`` (it reads this very model's parameters); gives the groups and norms.
+    val_images, val_labels : torch.Tensor
+        Held-out images ``(N, ...)`` and integer labels ``(N,)``, ``N >= 1``.
+    tolerance : float
+        Largest accepted accuracy drop, as a fraction (0.005 is half a point), ``>= 0``.
+    batch_size : int
+        Evaluation batch size.
+
+    Returns
+    -------
+    ThresholdPruning
+    """
+    start = time.perf_counter()
+    tolerance = _check_inputs(model, regularizer, val_images, val_labels, tolerance, batch_size)
+    try:
+        norms = regularizer.group_norms().detach().cpu().double().numpy()
+    except RuntimeError as exc:  # the model changed shape since the regulariser was built
+        raise ValueError(f"`regularizer` no longer matches `model`: {exc}") from exc
+    groups = regularizer.groups_
+    device = next(model.parameters()).device
+    val_images, val_labels = val_images.to(device), val_labels.to(device)
+    example = val_images[:1]
+
+    work = copy.deepcopy(model).eval()
+    pristine = {k: v.clone() for k, v in work.state_dict().items()}
+    slices = [_group_slices(work, g) for g in groups]
+    candidates, cuts = _candidates(groups, norms)
+
+    cache: dict[int, float] = {}
+
+    def masked_accuracy(i: int) -> float:
+        if i not in cache:
+            work.load_state_dict(pristine)
+            with torch.no_grad():
+                for j in candidates[:cuts[i]]:
+                    for param, dim, index in slices[j]:
+                        param.index_fill_(dim, index, 0.0)
+            cache[i] = evaluate(work, val_images, val_labels, batch_size)
+        return cache[i]
+
+    base = masked_accuracy(0)
+    floor = base - tolerance - _EPS
+    lo, hi = 0, len(cuts) - 1  # invariant: cut `lo` is feasible
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if masked_accuracy(mid) >= floor:
+            lo = mid
+        else:
+            hi = mid - 1
+    macs_before, params_before = count_macs_params(work, example)
+    # Masked and removed models agree up to rounding; should rounding flip a prediction past the
+    # floor, fall back to the next smaller accepted cut (cut 0 removes nothing and always passes).
+    while True:
+        removed = tuple(int(j) for j in candidates[:cuts[lo]])
+        work.load_state_dict(pristine)
+        pruned = _remove_groups(copy.deepcopy(work), groups, removed, example)
+        accuracy = evaluate(pruned, val_images, val_labels, batch_size)
+        if accuracy >= floor or lo == 0:
+            break
+        lo = max(i for i, a in cache.items() if i < lo and a >= floor)
+    macs_after, params_after = count_macs_params(pruned, example)
+    return ThresholdPruning(
+        model=pruned,
+        threshold=float(norms[candidates[cuts[lo] - 1]]) if cuts[lo] else None,
+        removed=tuple(sorted(removed)),
+        removed_per_layer=_per_layer(groups, removed),
+        norms=norms,
+        macs_before=macs_before, macs_after=macs_after,
+        params_before=params_before, params_after=params_after,
+        accuracy_before=base, accuracy_after=accuracy, masked_accuracy=masked_accuracy(lo),
+        tolerance=tolerance, evaluations=len(cache),
+        seconds=time.perf_counter() - start,
+    )
+
+
+def _candidates(groups, norms: np.ndarray) -> tuple[np.ndarray, list[int]]:
+    """Removable groups in increasing norm, and the cut points between distinct norms.
+
+    Cut ``i`` removes ``candidates[:cuts[i]]``; ``cuts[0] = 0``. Ties are cut together so that
+    each cut is a threshold ``norm <= tau``.
+    """
+    protected = {}
+    for j, g in enumerate(groups):  # one group of largest norm per root layer stays
+        best = protected.get(g.dependency_group)
+        if best is None or norms[j] > norms[best]:
+            protected[g.dependency_group] = j
+    keep = set(protected.values())
+    candidates = np.array([j for j in np.argsort(norms, kind="stable") if j not in keep], dtype=int)
+    sorted_norms = norms[candidates]
+    cuts = [0] + [k for k in range(1, len(candidates)) if sorted_norms[k] > sorted_norms[k - 1]]
+    if len(candidates):
+        cuts.append(len(candidates))
+    return candidates, cuts
+
+
+def _group_slices(model: nn.Module, group) -> list[tuple[torch.Tensor, int, torch.Tensor]]:
+    """(parameter, dim, indices) of every slice zeroed to mask ``group`` in ``model``."""
+    out = []
+    for member in group.members:
+        module = model.get_submodule(member.module)
+        specs, _ = _param_slices(module, member.dim)
+        for pname, dim in specs or ():  # unsliceable modules were reported when tracing
+            param = getattr(module, pname)
+            out.append((param, dim, torch.as_tensor(member.indices, device=param.device)))
+    return out
+
+
+def _remove_groups(model: nn.Module, groups, removed: tuple[int, ...], example: torch.Tensor) -> nn.Module:
+    """Physically remove ``removed`` groups from ``model`` (in place) with torch-pruning.
+
+    Not :mod:`orprune.surgery`: its units leave out channels tied by residual adds, which SPR groups
+    include (a ResNet's residual streams).
+    """
+    by_root: dict[str, list[int]] = {}
+    for j in removed:
+        by_root.setdefault(groups[j].root_module, []).append(groups[j].root_channel)
+    if by_root:
+        dg = tp.DependencyGraph().build_dependency(model, example_inputs=example)
+        # Each root layer is one dependency group, disjoint from the others: pruning one leaves the
+        # channel numbering of the rest unchanged.
+        for name, channels in by_root.items():
+            module = model.get_submodule(name)
+            prune_fn = dg.get_pruner_of_module(module).prune_out_channels
+            dg.get_pruning_group(module, prune_fn, idxs=sorted(channels)).prune()
+    return model.eval()
+
+
+def _per_layer(groups, removed: tuple[int, ...]) -> tuple[tuple[str, int, int], ...]:
+    total: dict[str, int] = {}
+    for g in groups:
+        total[g.root_module] = total.get(g.root_module, 0) + 1
+    gone = dict.fromkeys(total, 0)
+    for j in removed:
+        gone[groups[j].root_module] += 1
+    return tuple((name, gone[name], total[name]) for name in total)
+
+
+def _check_inputs(model, regularizer, val_images, val_labels, tolerance, batch_size) -> float:
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"`model` must be a torch.nn.Module; got {type(model).__name__}.")
+    if not isinstance(regularizer, PerspectiveRegularizer):
+        raise ValueError(f"`regularizer` must be a PerspectiveRegularizer; got {type(regularizer).__name__}.")
+    own = {id(m) for m in model.modules()}
+    if any(id(module) not in own for module, _, _ in regularizer._sources):
+        raise ValueError("`regularizer` was built for another model (it reads parameters of modules that "
+                         "are not in `model`); build it on `model` itself.")
+    if isinstance(tolerance, bool) or not isinstance(tolerance, numbers.Real) or not math.isfinite(tolerance) \
+            or tolerance < 0:
+        raise ValueError(f"`tolerance` must be a finite number >= 0 (an accuracy fraction); got {tolerance!r}.")
+    if not isinstance(val_images, torch.Tensor) or not isinstance(val_labels, torch.Tensor):
+        raise ValueError("`val_images` and `val_labels` must be torch tensors.")
+    if val_images.ndim < 2 or len(val_images) == 0:
+        raise ValueError(f"`val_images` must be a non-empty batch (N, ...); got shape {tuple(val_images.shape)}.")
+    if val_labels.ndim != 1 or val_labels.is_floating_point() or len(val_labels) != len(val_images):
+        raise ValueError(f"`val_labels` must be integer labels of shape ({len(val_images)},); got "
+                         f"{val_labels.dtype} of shape {tuple(val_labels.shape)}.")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+        raise ValueError(f"`batch_size` must be an integer >= 1; got {batch_size!r}.")
+    return float(tolerance)
+
+
+# ------------------------------------------------------------------------------------ end to end
+@dataclass(frozen=True)
+class SPRTraining:
+    """Outcome of :func:`train_with_spr`.
+
+    Attributes
+    ----------
+    model : torch.nn.Module
+        The pruned (and fine-tuned, when asked) model.
+    trained : torch.nn.Module
+        The model after SPR training, before removal.
+    regularizer : PerspectiveRegularizer
+        The regulariser, reading ``trained``.
+    pruning : ThresholdPruning
+    accuracy_finetuned : float or None
+        Validation accuracy after fine-tuning; ``None`` without fine-tuning.
+    train_seconds, finetune_seconds : float
+    """
+
+    model: nn.Module
+    trained: nn.Module
+    regularizer: PerspectiveRegularizer
+    pruning: ThresholdPruning
+    accuracy_finetuned: float | None
+    train_seconds: float
+    finetune_seconds: float
+
+
+def train_with_spr(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    val_images: torch.Tensor,
+    val_labels: torch.Tensor,
+    *,
+    alpha: float = 0.5,
+    lam: float = 0.5,
+    strength: float = _DEFAULT_STRENGTH,
+    m_scale: float = _DEFAULT_M_SCALE,
+    tolerance: float = 0.005,
+    epochs: float = 2,
+    finetune_epochs: float = 0,
+    lr: float = 0.05,
+    weight_decay: float = 5e-4,
+    batch_size: int = 128,
+    seed: int = 0,
+    channels_last: bool = True,
+    progress: bool = False,
+    log: Callable[[str], None] | None = None,
+    **regularizer_options: Any,
+) -> SPRTraining:
+    r"""Train a copy of ``model`` with SPR, remove channels by :func:`prune_by_threshold`, fine-tune.
+
+    The training loss is :math:`L(\theta) + s \, R(\theta)` with :math:`R` the
+    :class:`~orprune.regularizers.PerspectiveRegularizer` (``alpha``, ``lam``, ``M="auto"`` with
+    ``m_scale`` taken at the start of training) and :math:`s` = ``strength``; the optimiser is
+    :func:`orprune.training.train`'s (SGD Nesterov, one-cycle, weight decay ``weight_decay``).
+    Fine-tuning (``finetune_epochs > 0``) uses the same loop without the regulariser.
+
+    ``regularizer_options`` go to :class:`PerspectiveRegularizer` (``ignored_layers``,
+    ``include_consumers``, ...). ``channels_last`` trains in that memory format (faster on CPU);
+    the returned models are in the default format. The input ``model`` is not modified.
+    """
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"`model` must be a torch.nn.Module; got {type(model).__name__}.")
+    if isinstance(strength, bool) or not isinstance(strength, numbers.Real) or not strength >= 0:
+        raise ValueError(f"`strength` must be a number >= 0; got {strength!r}.")
+    if not isinstance(finetune_epochs, numbers.Real) or finetune_epochs < 0:
+        raise ValueError(f"`finetune_epochs` must be >= 0; got {finetune_epochs!r}.")
+    trained = copy.deepcopy(model)
+    regularizer = PerspectiveRegularizer(trained.eval(), alpha=alpha, lam=lam, m_scale=m_scale,
+                                         example_inputs=val_images[:1], **regularizer_options)
+    options = dict(batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed, progress=progress, log=log)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    start = time.perf_counter()
+    train(trained.to(memory_format=fmt), images, labels, epochs=epochs, regularizer=regularizer,
+          regularizer_strength=float(strength), **options)
+    train_seconds = time.perf_counter() - start
+    trained.to(memory_format=torch.contiguous_format)
+    pruning = prune_by_threshold(trained, regularizer, val_images, val_labels, tolerance=tolerance)
+    if log:
+        log(pruning.summary())
+    final, accuracy, finetune_seconds = pruning.model, None, 0.0
+    if finetune_epochs > 0:
+        final = copy.deepcopy(pruning.model).to(memory_format=fmt)
+        start = time.perf_counter()
+        train(final, images, labels, epochs=finetune_epochs, **options)
+        finetune_seconds = time.perf_counter() - start
+        final = final.to(memory_format=torch.contiguous_format).eval()
+        accuracy = evaluate(final, val_images, val_labels)
+    return SPRTraining(final, trained.eval(), regularizer, pruning, accuracy, train_seconds, finetune_seconds)
+
+
+# ------------------------------------------------------------------------------------ command line
+def add_spr_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Options of ``orprune spr``: train with SPR, threshold, remove, fine-tune, save."""
+    parser.add_argument("--model", choices=["resnet20", "small_cnn"], default="resnet20",
+                        help="architecture trained from scratch (orprune.zoo)")
+    parser.add_argument("--init", default=None, help="start from a saved model (torch.save of the whole module)")
+    parser.add_argument("--dataset", choices=["auto", "digits", "fashion-mnist"], default="auto",
+                        help="auto: Fashion-MNIST when installed, else digits")
+    parser.add_argument("--data-root", default=None, help="a directory holding the Fashion-MNIST IDX files")
+    parser.add_argument("--train-size", type=int, default=None, help="training images (default: all not held out)")
+    parser.add_argument("--val-size", type=int, default=5000, help="training images held out for the threshold")
+    parser.add_argument("--epochs", type=float, default=2)
+    parser.add_argument("--finetune-epochs", type=float, default=0)
+    parser.add_argument("--alpha", type=float, default=0.5, help="SPR quadratic weight")
+    parser.add_argument("--lam", type=float, default=None, help="SPR indicator cost (default 1 - alpha)")
+    parser.add_argument("--strength", type=float, default=_DEFAULT_STRENGTH, help="multiplier of the SPR term")
+    parser.add_argument("--m-scale", type=float, default=_DEFAULT_M_SCALE,
+                        help="big-M = this x each layer's initial max |w|")
+    parser.add_argument("--tolerance", type=float, default=0.005, help="accepted validation accuracy drop (fraction)")
+    parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output", "-o", required=True, help="where to save the pruned model (torch.save)")
+    parser.add_argument("--report", default=None, help="JSON report path (default: OUTPUT with .json)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    return parser
+
+
+def run_spr(args: argparse.Namespace) -> int:
+    """Run ``orprune spr`` with options parsed by :func:`add_spr_arguments`; returns the exit code."""
+    from pathlib import Path
+
+    from orprune import datasets
+    from orprune.zoo import SmallCNN, resnet20
+
+    if args.dataset == "digits" or (args.dataset == "auto" and not datasets.fashion_mnist_available(args.data_root)):
+        (x, y), (test_x, test_y), name = datasets.load_digits("train"), datasets.load_digits("test"), "digits"
+    else:
+        x, y = datasets.load_fashion_mnist(args.data_root, "train")
+        (test_x, test_y), name = datasets.load_fashion_mnist(args.data_root, "test"), "fashion-mnist"
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(args.seed))
+    n_val = min(args.val_size, len(y) // 4)
+    val, rest = order[:n_val], order[n_val:][:args.train_size]
+    torch.manual_seed(args.seed)
+    if args.init is not None:
+        model = torch.load(args.init, map_location="cpu", weights_only=False)
+        if not isinstance(model, nn.Module):
+            raise SystemExit(f"orprune spr: {args.init} does not hold a whole nn.Module")
+    else:
+        model = (resnet20 if args.model == "resnet20" else SmallCNN)(in_channels=x.shape[1])
+    result = train_with_spr(
+        model, x[rest], y[rest], x[val], y[val], alpha=args.alpha,
+        lam=1.0 - args.alpha if args.lam is None else args.lam, strength=args.strength, m_scale=args.m_scale,
+        tolerance=args.tolerance, epochs=args.epochs, finetune_epochs=args.finetune_epochs, lr=args.lr,
+        seed=args.seed, progress=not args.quiet, log=None if args.quiet else print)
+    p = result.pruning
+    report = {
+        "dataset": name, "train_images": len(rest), "val_images": n_val, "epochs": args.epochs,
+        "finetune_epochs": args.finetune_epochs, "alpha": args.alpha, "lam": result.regularizer.lam,
+        "strength": args.strength, "m_scale": args.m_scale, "tolerance": p.tolerance, "threshold": p.threshold,
+        "groups": len(p.norms), "groups_removed": p.n_removed,
+        "removed_per_layer": {n: [r, t] for n, r, t in p.removed_per_layer},
+        "macs_before": p.macs_before, "macs_after": p.macs_after,
+        "params_before": p.params_before, "params_after": p.params_after,
+        "val_accuracy_before": p.accuracy_before, "val_accuracy_after": p.accuracy_after,
+        "val_accuracy_finetuned": result.accuracy_finetuned,
+        "test_accuracy_trained": evaluate(result.trained, test_x, test_y),
+        "test_accuracy_final": evaluate(result.model, test_x, test_y),
+        "train_seconds": result.train_seconds, "finetune_seconds": result.finetune_seconds,
+    }
+    torch.save(result.model, args.output)
+    report_path = Path(args.report or Path(args.output).with_suffix(".json"))
+    report_path.write_text(json.dumps(report, indent=2))
+    print(p.summary())
+    print(f"test accuracy {report['test_accuracy_trained']:.4f} (trained) -> {report['test_accuracy_final']:.4f} "
+          f"(final)\npruned model: {args.output}\nreport: {report_path}")
+    return 0

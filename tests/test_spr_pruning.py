@@ -1,0 +1,217 @@
+"""Tests of the threshold search and channel removal after SPR training (orprune.spr_pruning).
+
+References are independent of the search's own masking: the masked model here zeroes only the
+producers' filters and BatchNorm entries (a channel of a BN + ReLU net is then exactly zero), and
+accuracies are recomputed with plain evaluation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from orprune.datasets import load_digits
+from orprune.regularizers.perspective import PerspectiveRegularizer
+from orprune.spr_pruning import add_spr_arguments, prune_by_threshold, run_spr, train_with_spr
+from orprune.training import evaluate, train
+
+from tests.models import CifarResNet
+
+
+class FlatNet(nn.Module):
+    """conv-BN-ReLU x2, then a flatten into a Linear (a consumer with 16 inputs per channel)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(1, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
+            nn.Conv2d(6, 6, 3, stride=2, padding=1), nn.BatchNorm2d(6), nn.ReLU())
+        self.head = nn.Linear(6 * 4 * 4, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.flatten(self.body(x), 1))
+
+
+@pytest.fixture(scope="module")
+def digits():
+    torch.set_num_threads(1)
+    x, y = load_digits("train")
+    return x[:1000], y[:1000], x[1000:], y[1000:]
+
+
+def _trained(kind: str, digits, strength: float = 0.05):
+    x, y, _, _ = digits
+    torch.manual_seed(0)
+    # ResNet-8: one basic block per stage, residual streams coupled across blocks by the adds
+    model = FlatNet() if kind == "flat" else CifarResNet(8, 10, in_channels=1, width=0.25)
+    reg = PerspectiveRegularizer(model.eval(), alpha=0.5, lam=0.5, m_scale=4.0, example_inputs=x[:1])
+    train(model, x, y, epochs=3, regularizer=reg, regularizer_strength=strength, progress=False)
+    return model, reg
+
+
+@pytest.fixture(scope="module", params=["resnet", "flat"])
+def trained(request, digits):
+    return _trained(request.param, digits)
+
+
+def _zero_producers(model: nn.Module, reg: PerspectiveRegularizer, removed) -> nn.Module:
+    masked = copy.deepcopy(model)
+    with torch.no_grad():
+        for j in removed:
+            for member in reg.groups_[j].members:
+                if member.dim != "out":
+                    continue
+                module = masked.get_submodule(member.module)
+                for name in ("weight", "bias"):
+                    param = getattr(module, name, None)
+                    if param is not None:
+                        param[list(member.indices)] = 0.0
+    return masked.eval()
+
+
+def test_removed_model_equals_masked_model(trained, digits):
+    model, reg = trained
+    _, _, vx, vy = digits
+    res = prune_by_threshold(model, reg, vx, vy, tolerance=0.05)
+    assert res.n_removed > 0
+    masked = _zero_producers(model, reg, res.removed)
+    with torch.no_grad():
+        expected, got = masked(vx), res.model(vx)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
+    assert res.params_after < res.params_before and res.macs_after < res.macs_before
+    assert sum(p.numel() for p in res.model.parameters()) < sum(p.numel() for p in model.parameters())
+
+
+def test_accuracy_drop_within_tolerance_and_reported_honestly(trained, digits):
+    model, reg = trained
+    _, _, vx, vy = digits
+    for tol in (0.0, 0.01, 0.05):
+        res = prune_by_threshold(model, reg, vx, vy, tolerance=tol)
+        assert res.accuracy_before == evaluate(model, vx, vy)
+        assert res.accuracy_after == evaluate(res.model, vx, vy)
+        assert res.accuracy_after >= res.accuracy_before - tol - 1e-12
+
+
+def test_threshold_is_locally_maximal(trained, digits):
+    """Removing the next norm level too breaks the tolerance (or nothing more is removable)."""
+    model, reg = trained
+    _, _, vx, vy = digits
+    tol = 0.02
+    res = prune_by_threshold(model, reg, vx, vy, tolerance=tol)
+    norms = reg.group_norms().double().numpy()
+    keep = {}
+    for j, g in enumerate(reg.groups_):  # the largest-norm channel of each root layer stays
+        if g.dependency_group not in keep or norms[j] > norms[keep[g.dependency_group]]:
+            keep[g.dependency_group] = j
+    removable = sorted(set(range(len(norms))) - set(keep.values()), key=lambda j: norms[j])
+    assert set(res.removed) == {j for j in removable if res.threshold is not None and norms[j] <= res.threshold}
+    rest = [norms[j] for j in removable if j not in res.removed]
+    if rest:
+        nxt = min(rest)
+        bigger = [j for j in removable if norms[j] <= nxt]
+        acc = evaluate(_zero_producers(model, reg, bigger), vx, vy)
+        assert acc < res.accuracy_before - tol
+
+
+def test_larger_tolerance_never_removes_fewer(trained, digits):
+    model, reg = trained
+    _, _, vx, vy = digits
+    results = [prune_by_threshold(model, reg, vx, vy, tolerance=t) for t in (0.0, 0.02, 0.2, 1.0)]
+    for small, large in zip(results, results[1:]):
+        assert set(small.removed) <= set(large.removed)
+    # with tolerance 1 every channel but one per root layer goes
+    roots = {g.dependency_group for g in reg.groups_}
+    assert results[-1].n_removed == len(reg.groups_) - len(roots)
+    assert all(removed < total for _, removed, total in results[-1].removed_per_layer)
+    with torch.no_grad():
+        assert results[-1].model(vx[:2]).shape == (2, 10)
+
+
+def test_zero_groups_are_removed_at_zero_tolerance(digits):
+    """Groups with zero weights tie at norm 0, form the first cut, and cost no accuracy."""
+    model, _ = _trained("flat", digits, strength=0.0)
+    x, _, vx, vy = digits
+    zeroed = copy.deepcopy(model)
+    reg = PerspectiveRegularizer(zeroed, alpha=0.5, lam=0.5, example_inputs=x[:1])
+    first = [j for j, g in enumerate(reg.groups_) if g.root_module == "body.0"][:3]
+    zeroed = _zero_producers(zeroed, reg, first)
+    reg = PerspectiveRegularizer(zeroed, alpha=0.5, lam=0.5, example_inputs=x[:1])
+    assert all(float(reg.group_norms()[j]) == 0.0 for j in first)
+    res = prune_by_threshold(zeroed, reg, vx, vy, tolerance=0.0)
+    assert set(first) <= set(res.removed)
+    assert res.accuracy_after >= res.accuracy_before
+
+
+def test_input_model_is_not_modified(trained, digits):
+    model, reg = trained
+    _, _, vx, vy = digits
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    prune_by_threshold(model, reg, vx, vy, tolerance=1.0)
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_bad_inputs(trained, digits):
+    model, reg = trained
+    _, _, vx, vy = digits
+    with pytest.raises(ValueError, match="`tolerance` must be a finite number >= 0"):
+        prune_by_threshold(model, reg, vx, vy, tolerance=-0.01)
+    with pytest.raises(ValueError, match="`tolerance`"):
+        prune_by_threshold(model, reg, vx, vy, tolerance=float("nan"))
+    with pytest.raises(ValueError, match="`val_images` must be a non-empty batch"):
+        prune_by_threshold(model, reg, vx[:0], vy[:0])
+    with pytest.raises(ValueError, match="`val_labels` must be integer labels"):
+        prune_by_threshold(model, reg, vx, vy[:-1])
+    with pytest.raises(ValueError, match="`val_labels` must be integer labels"):
+        prune_by_threshold(model, reg, vx, vy.float())
+    with pytest.raises(ValueError, match="built for another model"):
+        prune_by_threshold(copy.deepcopy(model), reg, vx, vy)
+    with pytest.raises(ValueError, match="`regularizer` must be a PerspectiveRegularizer"):
+        prune_by_threshold(model, None, vx, vy)
+    with pytest.raises(ValueError, match="`batch_size`"):
+        prune_by_threshold(model, reg, vx, vy, batch_size=0)
+
+
+def test_stale_regularizer_after_pruning_is_rejected(digits):
+    model, reg = _trained("flat", digits, strength=0.0)
+    _, _, vx, vy = digits
+    res = prune_by_threshold(model, reg, vx, vy, tolerance=1.0)
+    with pytest.raises(ValueError, match="built for another model"):
+        prune_by_threshold(res.model, reg, vx, vy)
+
+
+def test_train_with_spr_end_to_end(digits):
+    x, y, vx, vy = digits
+    torch.manual_seed(0)
+    model = FlatNet()
+    before = copy.deepcopy(model.state_dict())
+    out = train_with_spr(model, x, y, vx, vy, epochs=2, finetune_epochs=0.5, tolerance=0.02)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert out.regularizer.n_groups == 12
+    assert out.pruning.accuracy_after >= out.pruning.accuracy_before - 0.02 - 1e-12
+    assert out.accuracy_finetuned == evaluate(out.model, vx, vy)
+    # fine-tuning changes weights, not the architecture
+    assert [p.shape for p in out.model.parameters()] == [p.shape for p in out.pruning.model.parameters()]
+    with pytest.raises(ValueError, match="`strength`"):
+        train_with_spr(model, x, y, vx, vy, strength=-1.0)
+
+
+def test_cli_function_writes_model_and_report(tmp_path):
+    parser = add_spr_arguments(argparse.ArgumentParser())
+    out = tmp_path / "pruned.pt"
+    args = parser.parse_args(["--model", "small_cnn", "--dataset", "digits", "--epochs", "0.5", "--train-size",
+                              "500", "--val-size", "300", "--tolerance", "0.02", "--output", str(out), "--quiet"])
+    assert run_spr(args) == 0
+    report = json.loads(out.with_suffix(".json").read_text())
+    model = torch.load(out, weights_only=False)
+    assert report["params_after"] == sum(p.numel() for p in model.parameters())
+    assert report["val_accuracy_after"] >= report["val_accuracy_before"] - 0.02 - 1e-12
+    assert report["train_images"] == 500 and report["val_images"] == 300
+    assert np.isclose(report["test_accuracy_final"], evaluate(model, *load_digits("test")))
