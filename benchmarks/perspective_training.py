@@ -1,0 +1,286 @@
+"""Training with SPR vs no regulariser vs torch-pruning's group-norm regulariser, then one threshold.
+
+A model is trained three ways with the same loop (``orprune.training.train``: SGD Nesterov,
+one-cycle, weight decay, flips), epochs and data:
+
+* ``spr``: plus ``strength * PerspectiveRegularizer(alpha, lam, M="auto" * m_scale)`` in the loss;
+* ``none``: nothing more;
+* ``group_norm``: torch-pruning's ``GroupNormPruner(reg=...).regularize(model)`` after every backward
+  (through a global optimizer pre-step hook, so the loop stays the same).
+
+Each trained model is then pruned by the same search (``orprune.spr_pruning.prune_by_threshold``):
+the largest norm threshold on the channel groups' norms whose removal costs at most ``--tolerance``
+validation accuracy; the table reports channels, MACs and params removed and test accuracy.
+``--tune`` instead runs a grid over the SPR parameters and writes a tuning table.
+
+Run ``python benchmarks/perspective_training.py --epochs 2 --train-size 20000``; trained weights are
+cached in ``benchmarks/cache/``; writes ``benchmarks/results/perspective_training.md`` and ``.png``
+(``perspective_training_tuning.md`` with ``--tune``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch_pruning as tp
+from torch import nn
+from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+from orprune.datasets import load_digits, load_fashion_mnist
+from orprune.regularizers import PerspectiveRegularizer
+from orprune.spr_pruning import ThresholdPruning, prune_by_threshold
+from orprune.training import evaluate, train
+from orprune.zoo import SmallCNN, resnet20
+
+HERE = Path(__file__).resolve().parent
+RESULTS, CACHE = HERE / "results", HERE / "cache"
+METHODS = ("spr", "none", "group_norm")
+LABELS = {"spr": "(a) SPR regulariser", "none": "(b) no regulariser", "group_norm": "(c) torch-pruning group norm"}
+
+
+def _floats(text: str) -> list[float]:
+    return [float(v) for v in text.split(",") if v.strip()]
+
+
+def _triples(text: str) -> list[tuple[float, float, float, bool]]:
+    """``alpha/strength/m_scale`` items, ``/c`` appended to penalise consumer input slices too."""
+    out = []
+    for item in text.split(","):
+        parts = item.split("/")
+        consumers = parts[-1] == "c"
+        parts = parts[:-1] if consumers else parts
+        if len(parts) != 3:
+            raise argparse.ArgumentTypeError(f"expected alpha/strength/m_scale[/c], got {item!r}")
+        out.append((*(float(v) for v in parts), consumers))
+    return out
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", choices=["resnet20", "small_cnn"], default="resnet20")
+    p.add_argument("--dataset", choices=["fashion-mnist", "digits"], default="fashion-mnist")
+    p.add_argument("--epochs", type=float, default=2)
+    p.add_argument("--train-size", type=int, default=20000, help="training images (a random subset)")
+    p.add_argument("--val-size", type=int, default=5000, help="held-out training images for the threshold")
+    p.add_argument("--tolerance", type=float, default=0.005)
+    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--spr", type=_triples, default=[(0.5, 0.015, 4.0, False)],
+                   help="SPR settings alpha/strength/m_scale[/c], comma-separated (lam = 1 - alpha; /c: "
+                        "consumer input slices in the groups too); one row each")
+    p.add_argument("--gn-reg", type=_floats, default=[5e-4], help="GroupNormPruner's reg value(s), one row each")
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared machine)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tune", action="store_true", help="grid over the SPR parameters instead")
+    p.add_argument("--grid-alpha", type=_floats, default=[0.1, 0.5])
+    p.add_argument("--grid-strength", type=_floats, default=[1e-3, 3e-3, 1e-2])
+    p.add_argument("--grid-m-scale", type=_floats, default=[1.5, 4.0])
+    p.add_argument("--tag", default="", help="suffix of the output file names")
+    args = p.parse_args(argv)
+    args.methods = [m for m in args.methods.split(",") if m]
+    if unknown := sorted(set(args.methods) - set(METHODS)):
+        p.error(f"unknown methods {unknown}; choose from {METHODS}")
+    return args
+
+
+def load_data(args: argparse.Namespace) -> dict[str, torch.Tensor]:
+    """Train / validation (held out from the training split) / test tensors."""
+    if args.dataset == "fashion-mnist":
+        x, y = load_fashion_mnist(split="train")
+        test_x, test_y = load_fashion_mnist(split="test")
+    else:
+        x, y = load_digits("train")
+        test_x, test_y = load_digits("test")
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(args.seed))
+    n_val = min(args.val_size, len(y) // 4)
+    val, rest = order[:n_val], order[n_val:n_val + args.train_size]
+    return {"x": x[rest], "y": y[rest], "val_x": x[val], "val_y": y[val], "test_x": test_x, "test_y": test_y}
+
+
+def build_model(args: argparse.Namespace, in_channels: int) -> nn.Module:
+    torch.manual_seed(args.seed)
+    return resnet20(10, in_channels) if args.model == "resnet20" else SmallCNN(in_channels, 10)
+
+
+def trained(method: str, args: argparse.Namespace, data: dict, *, alpha: float = 0.5, lam: float = 0.5,
+            strength: float = 0.0, m_scale: float = 1.0, consumers: bool = False,
+            gn_reg: float = 0.0) -> tuple[nn.Module, float, Path]:
+    """A model trained with ``method``, from the cache when the same setting ran before."""
+    setting = dict(method=method, model=args.model, dataset=args.dataset, epochs=args.epochs, lr=args.lr,
+                   train_size=len(data["y"]), val_size=len(data["val_y"]), seed=args.seed)
+    if method == "spr":
+        setting.update(alpha=alpha, lam=lam, strength=strength, m_scale=m_scale)
+        if consumers:
+            setting.update(include_consumers=True)
+    elif method == "group_norm":
+        setting.update(gn_reg=gn_reg)
+    key = hashlib.sha1(json.dumps(setting, sort_keys=True).encode()).hexdigest()[:10]
+    path = CACHE / f"perspective_{method}_{args.model}_{args.dataset}_{key}.pt"
+    model = build_model(args, data["x"].shape[1])
+    if path.exists():
+        saved = torch.load(path, map_location="cpu")
+        model.load_state_dict(saved["state_dict"])
+        return model.eval(), saved["seconds"], path
+    example = data["val_x"][:1]
+    model.eval()  # tracing must not touch BatchNorm statistics
+    regularizer, handle = None, None
+    if method == "spr":
+        regularizer = PerspectiveRegularizer(model, alpha=alpha, lam=lam, m_scale=m_scale, example_inputs=example,
+                                             include_consumers=consumers)
+    elif method == "group_norm":
+        head = [m for m in model.modules() if isinstance(m, nn.Linear)][-1:]
+        pruner = tp.pruner.GroupNormPruner(model, example, importance=tp.importance.GroupMagnitudeImportance(p=2),
+                                           reg=gn_reg, ignored_layers=head)
+        handle = register_optimizer_step_pre_hook(lambda *_: pruner.regularize(model))
+    start = time.perf_counter()
+    try:
+        train(model.to(memory_format=torch.channels_last), data["x"], data["y"], epochs=args.epochs, lr=args.lr,
+              seed=args.seed, regularizer=regularizer, regularizer_strength=strength, progress=False, log=print)
+    finally:
+        if handle is not None:
+            handle.remove()
+    seconds = time.perf_counter() - start
+    model = model.to(memory_format=torch.contiguous_format).eval()
+    CACHE.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": model.state_dict(), "seconds": seconds, "setting": setting}, path)
+    return model, seconds, path
+
+
+def threshold(model: nn.Module, args: argparse.Namespace, data: dict) -> ThresholdPruning:
+    """The same search for every method, on the same groups (filter + BatchNorm affine norms)."""
+    groups = PerspectiveRegularizer(model, alpha=0.5, lam=0.5, example_inputs=data["val_x"][:1])
+    return prune_by_threshold(model, groups, data["val_x"], data["val_y"], tolerance=args.tolerance)
+
+
+def _command(argv: list[str] | None) -> str:
+    return "python benchmarks/perspective_training.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+
+
+def _setting(args: argparse.Namespace, data: dict) -> str:
+    return (f"{args.model} on {args.dataset}: {len(data['y'])} training images, {args.epochs:g} epochs "
+            f"(batch 128, SGD Nesterov, one-cycle max lr {args.lr:g}, weight decay 5e-4, flips), "
+            f"{len(data['val_y'])} held-out validation images for the threshold, {len(data['test_y'])} test images; "
+            f"tolerance {args.tolerance * 100:g} points of validation accuracy; seed {args.seed}; "
+            f"{torch.get_num_threads()} torch thread(s), {platform.processor() or platform.machine()}.")
+
+
+def _row(label: str, method: str, options: dict, args: argparse.Namespace, data: dict) -> dict:
+    """Train (or load), prune by the threshold search and evaluate; cached beside the weights."""
+    model, seconds, path = trained(method, args, data, **options)
+    cached = path.with_name(f"{path.stem}_tol{args.tolerance:g}.json")
+    if cached.exists():
+        return json.loads(cached.read_text())
+    res = threshold(model, args, data)
+    print(label, res.summary(), flush=True)
+    row = dict(seconds=seconds, test_trained=evaluate(model, data["test_x"], data["test_y"]),
+               test_after=evaluate(res.model, data["test_x"], data["test_y"]), removed=res.n_removed,
+               total=len(res.norms), macs=(res.macs_before, res.macs_after),
+               params=(res.params_before, res.params_after), val=(res.accuracy_before, res.accuracy_after),
+               threshold=res.threshold, norms=res.norms.tolist(), search_seconds=res.seconds)
+    cached.write_text(json.dumps(row))
+    return row
+
+
+def run_comparison(args: argparse.Namespace, data: dict, argv: list[str] | None) -> str:
+    runs = []
+    for method in args.methods:
+        if method == "spr":
+            runs += [(f"{LABELS[method]}, alpha {a:g}, strength {v:g}, M scale {ms:g}"
+                      + (", with consumer slices" if c else ""), method,
+                      dict(alpha=a, lam=1 - a, strength=v, m_scale=ms, consumers=c)) for a, v, ms, c in args.spr]
+        elif method == "group_norm":
+            runs += [(f"{LABELS[method]}, reg {v:g}", method, dict(gn_reg=v)) for v in args.gn_reg]
+        else:
+            runs.append((LABELS[method], method, {}))
+    rows, curves = [], {}
+    for label, method, options in runs:
+        r = curves[label] = _row(label, method, options, args, data)
+        (mb, ma), (pb, pa), (vb, va) = r["macs"], r["params"], r["val"]
+        rows.append(
+            f"| {label} | {r['seconds']:.0f} | {r['test_trained']:.4f} "
+            f"| {r['removed']} / {r['total']} ({r['removed'] / r['total']:.1%}) "
+            f"| {mb / 1e6:.2f} -> {ma / 1e6:.2f} ({1 - ma / mb:.1%}) | {pb:,} -> {pa:,} ({1 - pa / pb:.1%}) "
+            f"| {vb:.4f} -> {va:.4f} | {r['test_after']:.4f} "
+            f"| {'-' if r['threshold'] is None else format(r['threshold'], '.3g')} |")
+    plot = _plot(curves, args)
+    params = ("SPR: loss + strength x SPR(alpha, lam = 1 - alpha, M = M scale x initial per-layer max |w|); "
+              "group norm: GroupNormPruner(reg, GroupMagnitudeImportance(p=2), classifier ignored), "
+              "`regularize(model)` after each backward.")
+    return "\n".join([
+        "# Training with SPR vs no regulariser vs group-norm regulariser, pruned by one norm threshold", "",
+        f"Command: `{_command(argv)}`", "", f"Setting: {_setting(args, data)}", "", params, "",
+        "| training | train s | test acc (trained) | channel groups removed | MACs M (removed) "
+        "| params (removed) | val acc before -> after | test acc after | threshold |",
+        "|---|---|---|---|---|---|---|---|---|", *rows, "",
+        "A channel group is one output channel of a root layer with everything removed with it (coupled "
+        "residual convs, BatchNorm entries, consumer input slices); its norm is that of its filters and "
+        "BatchNorm affine entries. The search keeps one channel per root layer. No fine-tuning.", "",
+        f"![sorted group norms]({plot})", ""])
+
+
+def _plot(curves: dict[str, dict], args: argparse.Namespace) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for label, row in curves.items():
+        norms = np.sort(row["norms"])
+        line, = ax.plot(np.arange(1, len(norms) + 1), np.maximum(norms, 1e-8), label=label)
+        if row["threshold"] is not None:
+            ax.axvline(row["removed"] + 0.5, color=line.get_color(), ls=":", lw=1)
+    ax.set_yscale("log")
+    ax.set_xlabel("channel groups, sorted by norm (dotted: removed up to here)")
+    ax.set_ylabel("group norm (filter + BN affine)")
+    ax.set_title(f"{args.model} on {args.dataset}, {args.epochs:g} epochs")
+    ax.legend(fontsize=7)
+    name = f"perspective_training{args.tag}.png"
+    fig.tight_layout()
+    fig.savefig(RESULTS / name, dpi=110)
+    plt.close(fig)
+    return name
+
+
+def run_tuning(args: argparse.Namespace, data: dict, argv: list[str] | None) -> str:
+    rows = []
+    for alpha in args.grid_alpha:
+        for strength in args.grid_strength:
+            for m_scale in args.grid_m_scale:
+                model, seconds, _ = trained("spr", args, data, alpha=alpha, lam=1 - alpha, strength=strength,
+                                         m_scale=m_scale)
+                res = threshold(model, args, data)
+                print(f"alpha {alpha} strength {strength} m_scale {m_scale}:", res.summary(), flush=True)
+                rows.append(f"| {alpha:g} | {1 - alpha:g} | {strength:g} | {m_scale:g} | {seconds:.0f} "
+                            f"| {res.accuracy_before:.4f} | {res.n_removed} / {len(res.norms)} "
+                            f"| {1 - res.macs_ratio:.1%} | {res.accuracy_after:.4f} |")
+    return "\n".join([
+        "# SPR parameter grid", "", f"Command: `{_command(argv)}`", "", f"Setting: {_setting(args, data)}", "",
+        "| alpha | lam | strength | M scale | train s | val acc | groups removed | MACs removed | val acc after |",
+        "|---|---|---|---|---|---|---|---|---|", *rows, ""])
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse(argv)
+    torch.set_num_threads(args.threads)
+    data = load_data(args)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    if args.tune:
+        text, name = run_tuning(args, data, argv), f"perspective_training_tuning{args.tag}.md"
+    else:
+        text, name = run_comparison(args, data, argv), f"perspective_training{args.tag}.md"
+    (RESULTS / name).write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
