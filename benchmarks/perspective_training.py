@@ -13,8 +13,9 @@ the largest norm threshold on the channel groups' norms whose removal costs at m
 validation accuracy; the table reports channels, MACs and params removed and test accuracy.
 ``--tune`` instead runs a grid over the SPR parameters and writes a tuning table.
 
-Run ``python benchmarks/perspective_training.py --epochs 2 --train-size 20000``; trained weights are
-cached in ``benchmarks/cache/``; writes ``benchmarks/results/perspective_training.md`` and ``.png``
+Run ``python benchmarks/perspective_training.py --epochs 2 --train-size 20000 --spr 0.5/0.015/4,0.5/0.03/4
+--gn-reg 5e-4,1e-2`` (the exact command of each table is in its header); trained weights and search
+results are cached in ``benchmarks/cache/``; writes ``benchmarks/results/perspective_training.md`` and ``.png``
 (``perspective_training_tuning.md`` with ``--tune``).
 """
 
@@ -223,7 +224,8 @@ def run_comparison(args: argparse.Namespace, data: dict, argv: list[str] | None)
         "|---|---|---|---|---|---|---|---|---|", *rows, "",
         "A channel group is one output channel of a root layer with everything removed with it (coupled "
         "residual convs, BatchNorm entries, consumer input slices); its norm is that of its filters and "
-        "BatchNorm affine entries. The search keeps one channel per root layer. No fine-tuning.", "",
+        "BatchNorm affine entries. The search keeps one channel per root layer. No fine-tuning. `train s` is "
+        "wall time on a shared 2-core machine with other jobs (some runs overlapped): not a speed comparison.", "",
         f"![sorted group norms]({plot})", ""])
 
 
@@ -233,7 +235,7 @@ def _plot(curves: dict[str, dict], args: argparse.Namespace) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = plt.subplots(figsize=(8, 6))
     for label, row in curves.items():
         norms = np.sort(row["norms"])
         line, = ax.plot(np.arange(1, len(norms) + 1), np.maximum(norms, 1e-8), label=label)
@@ -243,7 +245,7 @@ def _plot(curves: dict[str, dict], args: argparse.Namespace) -> str:
     ax.set_xlabel("channel groups, sorted by norm (dotted: removed up to here)")
     ax.set_ylabel("group norm (filter + BN affine)")
     ax.set_title(f"{args.model} on {args.dataset}, {args.epochs:g} epochs")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2)
     name = f"perspective_training{args.tag}.png"
     fig.tight_layout()
     fig.savefig(RESULTS / name, dpi=110)

@@ -13,6 +13,7 @@ from orprune.problem import LayerProblem, StatisticsAccumulator
 from orprune.regularizers import PerspectiveRegularizer, spr_optimal_y, spr_penalty
 from orprune.result import Selection
 from orprune.selection import select
+from orprune.spr_pruning import SPRTraining, ThresholdPruning, prune_by_threshold, train_with_spr
 from orprune.solvers import available_solvers, register_solver
 from orprune.solvers.greedy import greedy_path
 from orprune.solvers.local_search import backward_elimination, swap_local_search
@@ -38,9 +39,11 @@ __all__ = [
     "Pruner",
     "PruningGraph",
     "PruningPlan",
+    "SPRTraining",
     "Selection",
     "StatisticsAccumulator",
     "TIME_LIMIT",
+    "ThresholdPruning",
     "allocate",
     "apply_pruning",
     "available_solvers",
@@ -53,11 +56,13 @@ __all__ = [
     "min_cost",
     "network_costs",
     "prune",
+    "prune_by_threshold",
     "register_solver",
     "select",
     "solve_scip",
     "spr_optimal_y",
     "spr_penalty",
     "swap_local_search",
+    "train_with_spr",
     "write_model",
 ]

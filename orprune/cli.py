@@ -1,4 +1,4 @@
-"""Command line: ``orprune demo`` and ``orprune prune``."""
+"""Command line: ``orprune demo``, ``orprune prune`` and ``orprune spr``."""
 
 from __future__ import annotations
 
@@ -50,6 +50,11 @@ def _parser() -> argparse.ArgumentParser:
     prune.add_argument("--report", default=None, help="JSON report path (default: OUTPUT with .json)")
     prune.add_argument("--evaluate", action="store_true", help="report test accuracy before and after")
     prune.add_argument("--quiet", action="store_true")
+
+    from orprune.spr_pruning import add_spr_arguments
+
+    add_spr_arguments(sub.add_parser(
+        "spr", help="train with the perspective regularizer, remove channels below a threshold, save"))
     return parser
 
 
@@ -98,6 +103,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from orprune.demo import run_demo
 
         return run_demo(args)
+    if args.command == "spr":
+        from orprune.spr_pruning import run_spr
+
+        return run_spr(args)
     return _cmd_prune(args)
 
 

@@ -46,3 +46,13 @@ def test_demo_runs_end_to_end_on_digits(tmp_path, capsys):
     rows = json.loads((tmp_path / "report.json").read_text())["rows"]
     pruned = [r for r in rows if r["method"].startswith("orprune")]
     assert pruned and all(r["macs_fraction"] <= 0.5 for r in pruned)
+
+
+def test_spr_command_trains_thresholds_and_saves(tmp_path):
+    out = tmp_path / "spr.pt"
+    assert main(["spr", "--model", "small_cnn", "--dataset", "digits", "--epochs", "1", "--val-size", "200",
+                 "--tolerance", "0.02", "-o", str(out), "--quiet"]) == 0
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert report["macs_after"] <= report["macs_before"]
+    assert report["val_accuracy_after"] >= report["val_accuracy_before"] - 0.02 - 1e-12
+    assert torch.load(out, weights_only=False)(torch.zeros(1, 1, 8, 8)).shape == (1, 10)
