@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from orprune.allocation import Allocation, AllocationProblem, allocate
 from orprune.baselines import count_macs_params
 from orprune.calibration import DEFAULT_POSITIONS_PER_IMAGE, collect_statistics
-from orprune.costs import NetworkCosts, network_costs
+from orprune.costs import network_costs
 from orprune.curves import ErrorCurve, error_curve
 from orprune.graph import DEFAULT_MAX_FEATURES, Consumer, PruningGraph, find_groups, weight_matrix
 from orprune.problem import LayerProblem, StatisticsAccumulator
@@ -200,10 +200,10 @@ class Pruner:
             raise ValueError("`executor` must be a concurrent.futures.Executor (with a `map` method).")
 
     def _problem(self, acc: StatisticsAccumulator, consumer: Consumer, model: nn.Module) -> LayerProblem:
-        gram, _, _ = acc.statistics(center=True)
+        gram, cross, yy = acc.statistics(center=True)
         ridge = self.ridge * float(np.mean(np.diag(gram)))
         weights = weight_matrix(model.get_submodule(consumer.name)).detach().double().numpy()
-        return acc.to_problem(group_size=consumer.group_size, ridge=ridge, weights=weights, center=True)
+        return LayerProblem(gram, cross, yy, group_size=consumer.group_size, ridge=ridge, weights=weights)
 
     def fit(self, model: nn.Module, calibration: Iterable[Any]) -> Pruner:
         """Trace ``model``, accumulate calibration statistics and compute every unit's curve.

@@ -9,6 +9,7 @@ import warnings
 import numpy as np
 import pytest
 
+from instances import brute_force
 from orprune.problem import LayerProblem
 from orprune.selection import select
 from orprune.solvers._nodes import pair_increases, reduce_problem, single_increases
@@ -35,10 +36,6 @@ def make_problem(rng, C, g, N, ridge, kind="correlated", n_out=3):
         X = np.repeat(base, g, axis=1) + 0.3 * rng.normal(size=(N, C * g))
     Y = X @ rng.normal(size=(C * g, n_out)) + 0.05 * rng.normal(size=(N, n_out))
     return LayerProblem.from_arrays(X, Y, group_size=g, ridge=ridge)
-
-
-def brute_force(prob, k):
-    return min(prob.objective(list(S)) for S in itertools.combinations(range(prob.n_channels), k))
 
 
 def _cases(seed, count, max_channels=12):
@@ -76,7 +73,7 @@ def test_bnb_equals_brute_force(case):
     prob = make_problem(rng, C, g, N, ridge, kind)
     options = {"pairs": True, "branching": "dual"} if case[0] % 4 == 3 else {}
     sel = select(prob, k, solver="exact", **options)
-    _assert_exact(prob, k, sel, brute_force(prob, k))
+    _assert_exact(prob, k, sel, brute_force(prob, k)[0])
     assert {"nodes", "leaves", "root_bound", "pruned"} <= set(sel.info)
 
 
@@ -85,7 +82,7 @@ def test_outer_approximation_equals_brute_force(case):
     _, C, g, k, N, ridge, kind = case
     prob = make_problem(np.random.default_rng(2000 + case[0]), C, g, N, ridge, kind)
     sel = select(prob, k, solver="exact", method="oa")
-    _assert_exact(prob, k, sel, brute_force(prob, k))
+    _assert_exact(prob, k, sel, brute_force(prob, k)[0])
 
 
 @pytest.mark.parametrize("split", SPLITS)
@@ -95,7 +92,7 @@ def test_every_split_and_option_is_exact(split, options):
     for _ in range(2):
         prob = make_problem(rng, 8, 9, 200, ridge=0.05)
         sel = select(prob, 4, solver="exact", split=split, **options)
-        _assert_exact(prob, 4, sel, brute_force(prob, 4))
+        _assert_exact(prob, 4, sel, brute_force(prob, 4)[0])
 
 
 # ---------------------------------------------------------------------------------- bounds and cuts
@@ -130,7 +127,7 @@ def test_dual_cuts_underestimate_every_mask(split):
         value = prob.objective(z.astype(bool))
         for constant, slopes in cuts:
             assert constant - slopes @ z <= value + 1e-9 * prob.yy
-    assert relaxation.bound <= brute_force(prob, 3) + 1e-9 * prob.yy
+    assert relaxation.bound <= brute_force(prob, 3)[0] + 1e-9 * prob.yy
     assert relaxation.bound <= relaxation.primal + 1e-9 * prob.yy
 
 
@@ -139,7 +136,7 @@ def test_precision_split_is_stronger_than_the_ridge_split():
     H = _hessian(prob)
     bounds = {split: perspective_relaxation(H, prob.cross, prob.yy, perspective_split(H, 9, split, ridge=prob.ridge),
                                             5, max_iter=300, rel_tol=1e-7).bound for split in ("ridge", "precision")}
-    assert bounds["ridge"] < bounds["precision"] <= brute_force(prob, 5) + 1e-9 * prob.yy
+    assert bounds["ridge"] < bounds["precision"] <= brute_force(prob, 5)[0] + 1e-9 * prob.yy
 
 
 def test_capped_simplex_weights_minimise_the_perspective_sum():
@@ -275,7 +272,7 @@ def test_bad_options_are_rejected(options, match):
 
 def test_initial_mask_is_used_as_warm_start():
     prob = make_problem(np.random.default_rng(14), 8, 3, 90, ridge=0.1)
-    optimum = brute_force(prob, 4)
+    optimum = brute_force(prob, 4)[0]
     best = min(itertools.combinations(range(8), 4), key=lambda S: prob.objective(list(S)))
     initial = np.zeros(8, dtype=bool)
     initial[list(best)] = True

@@ -6,6 +6,7 @@ import numpy as np
 import pyomo.environ as pyo
 import pytest
 
+from instances import brute_force
 from orprune.milp_model import big_m, solve_scip, to_pyomo, write_model
 from orprune.problem import LayerProblem
 
@@ -15,14 +16,6 @@ def make_problem(seed: int = 0, C: int = 4, g: int = 2, n_out: int = 2, ridge: f
     X = rng.normal(size=(30, C * g)) + 0.5 * rng.normal(size=(30, 1))
     Y = X @ rng.normal(size=(C * g, n_out)) + 0.3 * rng.normal(size=(30, n_out))
     return LayerProblem.from_arrays(X, Y, group_size=g, ridge=ridge)
-
-
-def brute_force(prob: LayerProblem, k: int) -> tuple[float, np.ndarray]:
-    values = {S: prob.objective(np.array(S)) for S in itertools.combinations(range(prob.n_channels), k)}
-    best = min(values, key=values.get)
-    mask = np.zeros(prob.n_channels, dtype=bool)
-    mask[list(best)] = True
-    return values[best], mask
 
 
 @pytest.mark.parametrize("suffix", [".lp", ".mps"])
