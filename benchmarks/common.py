@@ -210,3 +210,33 @@ if __name__ == "__main__":
     for layer in real_layer_problems():
         p = layer.problem
         print(f"{layer.name}: {p!r}, N={layer.n_samples}, f(all)/yy={p.full_objective / p.yy:.2e} ({layer.source})")
+
+
+def network_unit_problems(
+    model_name: str = "resnet20",
+    *,
+    n_images: int = 2048,
+    epochs: int = 6,
+    seed: int = 0,
+    log: Callable[[str], None] | None = print,
+) -> list[RealLayer]:
+    """Every prunable unit's problem of a trained model, exactly as :class:`orprune.Pruner` builds it.
+
+    ``n_images`` calibration images (``seed``), the pipeline's defaults (32 positions per image,
+    ridge 1e-4 relative); the consumers' problems are joined, each relative to its own ``||Y||^2``.
+    """
+    import warnings
+
+    from orprune.pipeline import Pruner
+    from orprune.training import batches
+
+    model, meta = trained_model(model_name, epochs=epochs, seed=seed, log=log)
+    images, _, _ = load_default("train")
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:n_images]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # excluded groups (residual stream) are expected
+        pruner = Pruner(solver="magnitude", progress=False, cache_targets=False).fit(model, list(batches(images[order], 128)))
+    source = (f"{model_name} on {meta['dataset']}, test acc {meta['test_accuracy']:.4f}, {n_images} calibration "
+              f"images x {pruner.positions_per_image} positions")
+    return [RealLayer(f"{model_name}.{unit}", problem, n_images * pruner.positions_per_image, source)
+            for unit, problem in pruner.unit_problems_.items()]

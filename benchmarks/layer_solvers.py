@@ -26,7 +26,7 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import orprune  # noqa: E402
-from benchmarks.common import RESULTS_DIR, real_layer_problems  # noqa: E402
+from benchmarks.common import RESULTS_DIR, network_unit_problems, real_layer_problems  # noqa: E402
 from orprune.problem import LayerProblem  # noqa: E402
 
 
@@ -60,6 +60,8 @@ def solve_layer(prob: LayerProblem, k: int, time_limit: float, scip_max_terms: f
             sel = orprune.select(prob, k, solver="perspective", time_limit=time_limit, polish=False)
             rows.append(Row("perspective, top-k only", sel.status, sel.objective, sel.bound, sel.solve_time,
                             "no swap polish"))
+    log("  backward elimination ...")
+    rows.append(_run("greedy, backward elimination", lambda: _backward(prob, k), "drop the cheapest channel, C - k times"))
     log("  perspective (precision split) ...")
     rows.append(_run("perspective, precision split",
                      lambda: orprune.select(prob, k, solver="perspective", time_limit=time_limit,
@@ -78,6 +80,35 @@ def solve_layer(prob: LayerProblem, k: int, time_limit: float, scip_max_terms: f
                    "greedy warm start; time includes model building")
         rows.append(row)
     return rows
+
+
+def _backward(prob: LayerProblem, k: int):
+    from orprune.solvers.local_search import backward_elimination
+    from orprune.solvers.registry import heuristic_selection
+
+    start = time.perf_counter()
+    return heuristic_selection(prob, backward_elimination(prob, k), "backward", start)
+
+
+def summary_table(results: list[tuple[str, LayerProblem, int, list[Row]]]) -> str:
+    """One line per layer: each solver's error relative to the best known, and the exact solver's state."""
+    labels = [r.solver for r in results[0][3]]
+    lines = ["Summary: each solver column is the error relative to the best known (the certified optimum where the "
+             "exact solver column says optimal).", "",
+             "| layer | C | k | best known / ‖Y‖² | exact solver | " + " | ".join(labels) + " |",
+             "|---|---:|---:|---:|---|" + "---:|" * len(labels)]
+    for name, prob, k, rows in results:
+        best = min(r.objective for r in rows if r.objective is not None)
+        exact = next((r for r in rows if r.solver == "exact"), None)
+        if exact is None or exact.objective is None:
+            state = "-"
+        elif exact.status == "optimal":
+            state = f"optimal, {exact.time:.1f} s"
+        else:
+            state = f"gap {100 * (exact.objective - exact.bound) / exact.objective:.1f}% at {exact.time:.0f} s"
+        cells = ["-" if r.objective is None else f"{100 * (r.objective / best - 1):+.1f}%" for r in rows]
+        lines.append(f"| {name} | {prob.n_channels} | {k} | {best / prob.yy:.5f} | {state} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def _fmt(value: float | None, scale: float, digits: int = 5) -> str:
@@ -115,11 +146,16 @@ def layer_table(name: str, prob: LayerProblem, k: int, rows: list[Row], source: 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--time-limit", type=float, default=120.0, help="seconds per exact / SCIP solve")
+    parser.add_argument("--model", choices=["small_cnn", "resnet20"], default="small_cnn",
+                        help="small_cnn: its convs with --channels inputs; resnet20: every prunable unit")
     parser.add_argument("--channels", type=int, nargs="+", default=[16, 32, 64])
     parser.add_argument("--scip-max-terms", type=float, default=3e6,
                         help="skip SCIP when the MIQP has more quadratic terms than this")
-    parser.add_argument("--output", type=Path, default=RESULTS_DIR / "layer_solvers.md")
+    parser.add_argument("--output", type=Path, default=None,
+                        help="default: results/layer_solvers.md (small_cnn), layer_solvers_<model>.md")
     args = parser.parse_args(argv)
+    if args.output is None:
+        args.output = RESULTS_DIR / ("layer_solvers.md" if args.model == "small_cnn" else f"layer_solvers_{args.model}.md")
     command = "python -m benchmarks.layer_solvers " + " ".join(argv if argv is not None else sys.argv[1:])
 
     # One BLAS / torch thread: on a shared 2-core machine, threads contending for busy cores
@@ -131,13 +167,17 @@ def main(argv: list[str] | None = None) -> int:
     log = lambda message: print(message, flush=True)  # noqa: E731
     sections = []
     with threadpool_limits(limits=1):
-        for layer in real_layer_problems(tuple(args.channels), log=log):
+        layers = (real_layer_problems(tuple(args.channels), log=log) if args.model == "small_cnn"
+                  else network_unit_problems(args.model, log=log))
+        results = []
+        for layer in layers:
             prob, k = layer.problem, layer.n_channels // 2
             log(f"{layer.name}: C = {layer.n_channels}, k = {k}")
             rows = solve_layer(prob, k, args.time_limit, args.scip_max_terms, log)
+            results.append((layer.name, prob, k, rows))
             sections.append(layer_table(layer.name, prob, k, rows, layer.source, layer.n_samples))
             args.output.parent.mkdir(parents=True, exist_ok=True)
-            write(args.output, command, args, sections)
+            write(args.output, command, args, [summary_table(results)] + sections)
     print(args.output.read_text())
     return 0
 

@@ -2,7 +2,8 @@
 
 from orprune._status import FEASIBLE, INFEASIBLE, OPTIMAL, TIME_LIMIT
 from orprune.allocation import Allocation, AllocationProblem, CostModel, allocate, min_cost
-from orprune.calibration import collect_statistics
+from orprune.uniform_allocation import allocate_uniform
+from orprune.calibration import TargetCache, collect_statistics
 from orprune.costs import NetworkCosts, network_costs
 from orprune.curves import ErrorCurve, error_curve
 from orprune.graph import Consumer, ExcludedGroup, PrunableUnit, PruningGraph, find_groups
@@ -45,10 +46,12 @@ __all__ = [
     "TIME_LIMIT",
     "ThresholdPruning",
     "allocate",
+    "allocate_uniform",
     "apply_pruning",
     "available_solvers",
     "backward_elimination",
     "collect_statistics",
+    "TargetCache",
     "error_curve",
     "find_groups",
     "greedy_path",

@@ -31,12 +31,18 @@ from tqdm import tqdm
 from orprune.graph import Consumer, call_model
 from orprune.problem import StatisticsAccumulator
 
-__all__ = ["collect_statistics", "conv_patches", "DEFAULT_POSITIONS_PER_IMAGE"]
+__all__ = ["collect_statistics", "TargetCache", "conv_patches", "sampled_patches", "DEFAULT_POSITIONS_PER_IMAGE"]
 
 #: Output positions sampled per image for a convolution consumer.
 DEFAULT_POSITIONS_PER_IMAGE = 32
 # Unfold at most this many elements at once (about 64 MB in float32); larger batches are chunked.
 _UNFOLD_CHUNK = 1 << 24
+
+
+def _padded(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """``x`` padded as ``conv`` pads it (numeric or string padding, every ``padding_mode``)."""
+    mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+    return F.pad(x, conv._reversed_padding_repeated_twice, mode=mode)
 
 
 def conv_patches(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
@@ -45,13 +51,27 @@ def conv_patches(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     Handles stride, dilation, numeric or string padding and every ``padding_mode``
     (``groups`` must be 1), so that ``weight_matrix(conv).T @ patches + bias`` is the conv output.
     """
-    if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
-        mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
-        x = F.pad(x, conv._reversed_padding_repeated_twice, mode=mode)
-        padding: Any = 0
-    else:
-        padding = conv.padding
-    return F.unfold(x, conv.kernel_size, dilation=conv.dilation, padding=padding, stride=conv.stride)
+    return F.unfold(_padded(conv, x), conv.kernel_size, dilation=conv.dilation, stride=conv.stride)
+
+
+def sampled_patches(conv: nn.Conv2d, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """The rows of :func:`conv_patches` at ``positions`` only: shape ``(B*P, C*kh*kw)``.
+
+    ``positions`` (B, P) indexes each image's flattened output grid. Gathering the ``kh*kw``
+    shifted pixels of the sampled positions costs ``P/(H_out*W_out)`` of a full unfold (32 of 784
+    positions on a 28x28 layer).
+    """
+    xp = _padded(conv, x)
+    (kh, kw), (sh, sw), (dh, dw) = conv.kernel_size, conv.stride, conv.dilation
+    wp = xp.shape[3]
+    w_out = (wp - dw * (kw - 1) - 1) // sw + 1
+    top = (positions // w_out) * sh * wp + (positions % w_out) * sw  # (B, P) corner in the padded grid
+    offsets = (torch.arange(kh, device=x.device)[:, None] * dh * wp
+               + torch.arange(kw, device=x.device)[None, :] * dw).reshape(-1)  # (K,)
+    index = (top[:, None, :] + offsets[None, :, None]).reshape(x.shape[0], 1, -1)  # (B, 1, K*P)
+    cols = xp.flatten(2).gather(2, index.expand(-1, x.shape[1], -1))  # (B, C, K*P)
+    n_pos = positions.shape[1]
+    return cols.reshape(x.shape[0], -1, n_pos).transpose(1, 2).reshape(-1, cols.shape[1] * kh * kw)
 
 
 def _batch_input(batch: Any) -> Any:
@@ -85,8 +105,10 @@ class _ConsumerStream:
         self.name, self.module, self.positions, self.gen = name, module, positions, gen
         self.bias = module.bias  # of the layer giving the targets (the reference's in sequential mode)
         self.acc: StatisticsAccumulator | None = None
-        self.pending: list[tuple[int, torch.Tensor | None, torch.Tensor]] = []  # (L, positions, targets)
+        self.pending: list[tuple[int, torch.Tensor | None, torch.Tensor]] = []  # (L, positions, rows)
         self.batch = -1
+        self.calls = 0  # calls in the current batch's pass
+        self.cache: TargetCache | None = None
 
     # -- positions and targets
     def _draw(self, n_images: int, n_positions: int, device: torch.device) -> torch.Tensor | None:
@@ -95,21 +117,24 @@ class _ConsumerStream:
         scores = torch.rand(n_images, n_positions, generator=self.gen)
         return scores.argsort(dim=1)[:, : self.positions].to(device)
 
-    def targets(self, output: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
-        """Rows of the output at the sampled positions, without the bias."""
+    def sample(self, output: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
+        """Rows of the output at the sampled positions: a copy, in the layer's dtype, bias included.
+
+        A copy because in sequential mode the rows wait for the other model's pass (or a later
+        one, cached), and an in-place op after the layer must not change them.
+        """
         out = output.detach()
-        bias = self.bias
         if isinstance(self.module, nn.Linear):
-            y = out.reshape(-1, out.shape[-1])
-        else:
-            y = out.flatten(2)  # (B, O, L)
-            if idx is not None:
-                y = y.gather(2, idx[:, None, :].expand(-1, y.shape[1], -1))
-            y = y.transpose(1, 2).reshape(-1, y.shape[1])
-        # a copy in float64 (the statistics are accumulated in it): in sequential mode the targets
-        # wait for the other model's pass, and an in-place op after the layer must not change them
-        y = y.to(torch.float64, copy=True)
-        return y if bias is None else y - bias.detach().double()
+            return out.reshape(-1, out.shape[-1]).clone()
+        y = out.flatten(2)  # (B, O, L)
+        if idx is not None:
+            y = y.gather(2, idx[:, None, :].expand(-1, y.shape[1], -1))
+        return y.transpose(1, 2).reshape(-1, y.shape[1]).clone()
+
+    def targets(self, rows: torch.Tensor) -> torch.Tensor:
+        """Least-squares targets from sampled output rows: float64, without the bias."""
+        y = rows.to(torch.float64)
+        return y if self.bias is None else y - self.bias.detach().double()
 
     def draw(self, output: torch.Tensor) -> torch.Tensor | None:
         if isinstance(self.module, nn.Linear):
@@ -123,17 +148,18 @@ class _ConsumerStream:
         if isinstance(self.module, nn.Linear):
             yield slice(None), x.reshape(-1, x.shape[-1])
             return
+        if idx is not None:
+            yield slice(None), sampled_patches(self.module, x, idx)
+            return
         n_feat = x.shape[1] * int(torch.tensor(self.module.kernel_size).prod())
         per_image = n_feat * max(1, x.shape[2] * x.shape[3])
         step = max(1, _UNFOLD_CHUNK // per_image)
         for start in range(0, x.shape[0], step):
             cols = conv_patches(self.module, x[start : start + step])  # (b, F, L)
-            if idx is not None:
-                sel = idx[start : start + step]
-                cols = cols.gather(2, sel[:, None, :].expand(-1, cols.shape[1], -1))
             yield slice(start, start + step), cols.transpose(1, 2).reshape(-1, cols.shape[1])
 
-    def update(self, x: torch.Tensor, y_all: torch.Tensor, idx: torch.Tensor | None) -> None:
+    def update(self, x: torch.Tensor, sampled: torch.Tensor, idx: torch.Tensor | None) -> None:
+        y_all = self.targets(sampled)
         per_image = y_all.shape[0] // max(x.shape[0], 1)
         for images, rows in self.rows(x, idx):
             start = 0 if images.start is None else images.start * per_image
@@ -154,6 +180,45 @@ class _ConsumerStream:
             self.acc.update(rows, y)
 
 
+class TargetCache:
+    """The original model's sampled outputs of each consumer, per calibration batch and call.
+
+    Filled by :func:`collect_statistics` (``cache=``) and read back as its ``reference``: a later
+    pass of a partially pruned model then needs neither the original model's forward pass nor a new
+    draw of positions. It holds ``n_samples * positions_per_image * out_channels`` values per conv
+    consumer in the layer's dtype (:attr:`nbytes`).
+    """
+
+    def __init__(self) -> None:
+        self._rows: dict[str, dict[int, list[tuple[int, torch.Tensor | None, torch.Tensor]]]] = {}
+        self._bias: dict[str, torch.Tensor | None] = {}
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._rows
+
+    @property
+    def n_batches(self) -> int:
+        return max((len(b) for b in self._rows.values()), default=0)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(y.element_size() * y.numel() + (0 if idx is None else idx.element_size() * idx.numel())
+                   for batches in self._rows.values() for calls in batches.values() for _, idx, y in calls)
+
+    def _add(self, stream: _ConsumerStream, entry: tuple[int, torch.Tensor | None, torch.Tensor]) -> None:
+        if stream.name not in self._rows:
+            self._rows[stream.name] = {}
+            self._bias[stream.name] = None if stream.bias is None else stream.bias.detach().clone()
+        self._rows[stream.name].setdefault(stream.batch, []).append(entry)
+
+    def _get(self, stream: _ConsumerStream) -> tuple[int, torch.Tensor | None, torch.Tensor]:
+        calls = self._rows[stream.name].get(stream.batch, [])
+        if stream.calls >= len(calls):
+            raise ValueError(f"the target cache holds {len(calls)} call(s) of consumer {stream.name!r} in "
+                             f"batch {stream.batch}; `model` made more: give the batches the cache was made from.")
+        return calls[stream.calls]
+
+
 def _module(model: nn.Module, name: str, what: str) -> nn.Module:
     try:
         return model.get_submodule(name)
@@ -166,7 +231,8 @@ def collect_statistics(
     consumers: Iterable[Consumer | str],
     batches: Iterable[Any],
     *,
-    reference: nn.Module | None = None,
+    reference: nn.Module | TargetCache | None = None,
+    cache: TargetCache | None = None,
     positions_per_image: int | None = DEFAULT_POSITIONS_PER_IMAGE,
     seed: int = 0,
     max_batches: int | None = None,
@@ -182,9 +248,12 @@ def collect_statistics(
         Consumer layers (e.g. ``find_groups(...).consumers``) or their module names.
     batches : iterable
         Tensors, or tuples / lists whose first item is the model input (a DataLoader works).
-    reference : nn.Module, optional
+    reference : nn.Module or TargetCache, optional
         Gives the targets (the original model, when ``model`` is partially pruned): both run on each
-        batch and share the sampled positions. Default: ``model`` itself.
+        batch and share the sampled positions. A :class:`TargetCache` filled by an earlier call on the
+        same batches replaces the original model's pass (and its positions). Default: ``model``.
+    cache : TargetCache, optional
+        Filled with the sampled targets of this call, for later calls' ``reference``.
     positions_per_image : int or None, default 32
         Random output positions per image for conv consumers (all when None or when the layer has
         fewer).
@@ -209,8 +278,11 @@ def collect_statistics(
     """
     if not isinstance(model, nn.Module):
         raise ValueError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
-    if reference is not None and not isinstance(reference, nn.Module):
-        raise ValueError(f"`reference` must be a torch.nn.Module or None, got {type(reference).__name__}.")
+    if reference is not None and not isinstance(reference, (nn.Module, TargetCache)):
+        raise ValueError("`reference` must be a torch.nn.Module, a TargetCache or None, "
+                         f"got {type(reference).__name__}.")
+    if cache is not None and (not isinstance(cache, TargetCache) or cache is reference):
+        raise ValueError("`cache` must be a TargetCache other than `reference`.")
     for arg, value in (("positions_per_image", positions_per_image), ("max_batches", max_batches)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ValueError(f"`{arg}` must be a positive integer or None, got {value!r}.")
@@ -219,7 +291,15 @@ def collect_statistics(
         raise ValueError("`consumers` must be a non-empty iterable of Consumer or module names.")
     gen = torch.Generator().manual_seed(int(seed))
     streams = {n: _ConsumerStream(n, _module(model, n, "model"), positions_per_image, gen) for n in names}
-    if reference is not None:
+    for stream in streams.values():
+        stream.cache = cache
+    if isinstance(reference, TargetCache):
+        missing = [n for n in names if n not in reference]
+        if missing:
+            raise ValueError(f"the target cache has no targets of consumers {missing}.")
+        for n in names:
+            streams[n].bias = reference._bias[n]
+    elif reference is not None:
         for n in names:
             ref = _module(reference, n, "reference")
             if type(ref) is not type(streams[n].module):
@@ -228,7 +308,7 @@ def collect_statistics(
             streams[n].bias = ref.bias
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     n_batches = 0
-    with _eval(model, reference), torch.no_grad():
+    with _eval(model, reference if isinstance(reference, nn.Module) else None), torch.no_grad():
         total = len(batches) if hasattr(batches, "__len__") else None
         if total is not None and max_batches is not None:
             total = min(total, max_batches)
@@ -237,9 +317,14 @@ def collect_statistics(
                 break
             inputs = _to(_batch_input(batch), device)
             for s in streams.values():
-                s.batch = n_batches
+                s.batch, s.calls = n_batches, 0
             if reference is None:
                 with _hooks(model, streams, _record_own):
+                    _forward(model, inputs)
+            elif isinstance(reference, TargetCache):
+                if n_batches >= reference.n_batches:
+                    raise ValueError(f"the target cache holds {reference.n_batches} batches; `batches` has more.")
+                with _hooks(model, streams, lambda st, args, out: _record_cached(st, args, out, reference)):
                     _forward(model, inputs)
             else:
                 with _hooks(reference, streams, _record_targets):
@@ -262,22 +347,39 @@ def collect_statistics(
 # ------------------------------------------------------------------------------------ hooks
 def _record_own(stream: _ConsumerStream, inputs: tuple, output: torch.Tensor) -> None:
     idx = stream.draw(output)
-    stream.update(inputs[0], stream.targets(output, idx), idx)
+    rows = stream.sample(output, idx)
+    if stream.cache is not None:
+        stream.cache._add(stream, (_n_positions(output), idx, rows))
+    stream.update(inputs[0], rows, idx)
 
 
 def _record_targets(stream: _ConsumerStream, inputs: tuple, output: torch.Tensor) -> None:
     idx = stream.draw(output)
-    stream.pending.append((_n_positions(output), idx, stream.targets(output, idx)))
+    entry = (_n_positions(output), idx, stream.sample(output, idx))
+    if stream.cache is not None:
+        stream.cache._add(stream, entry)
+    stream.pending.append(entry)
 
 
 def _record_inputs(stream: _ConsumerStream, inputs: tuple, output: torch.Tensor) -> None:
     if not stream.pending:
         raise ValueError(f"consumer {stream.name!r} ran in `model` but not in `reference`.")
-    n_pos, idx, y = stream.pending.pop(0)
+    _update_from(stream, inputs, output, stream.pending.pop(0), "`reference`")
+
+
+def _record_cached(stream: _ConsumerStream, inputs: tuple, output: torch.Tensor, cache: TargetCache) -> None:
+    entry = cache._get(stream)
+    stream.calls += 1
+    _update_from(stream, inputs, output, entry, "the target cache")
+
+
+def _update_from(stream: _ConsumerStream, inputs: tuple, output: torch.Tensor,
+                 entry: tuple[int, torch.Tensor | None, torch.Tensor], source: str) -> None:
+    n_pos, idx, rows = entry
     if _n_positions(output) != n_pos:
         raise ValueError(f"consumer {stream.name!r} has output shape {tuple(output.shape)} in `model`, "
-                         f"which does not match its {n_pos} rows per sample in `reference`.")
-    stream.update(inputs[0], y, idx)
+                         f"which does not match its {n_pos} rows per sample in {source}.")
+    stream.update(inputs[0], rows, idx)
 
 
 def _n_positions(output: torch.Tensor) -> int:

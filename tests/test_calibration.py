@@ -11,7 +11,7 @@ import torch
 from models import one_thread, small_model  # noqa: F401
 from torch import nn
 
-from orprune.calibration import collect_statistics, conv_patches
+from orprune.calibration import TargetCache, collect_statistics, conv_patches, sampled_patches
 from orprune.graph import find_groups, weight_matrix
 
 
@@ -100,6 +100,22 @@ def test_weight_matrix_times_patches_is_the_conv(conv):
     torch.testing.assert_close(z @ weight_matrix(linear) + linear.bias, linear(z))
 
 
+@pytest.mark.parametrize("conv", [
+    nn.Conv2d(3, 4, 3, stride=2, padding=1, dilation=2),
+    nn.Conv2d(3, 4, (3, 2), padding="same", padding_mode="reflect"),
+    nn.Conv2d(3, 4, 2, stride=(1, 2), padding=(0, 1), padding_mode="circular", bias=False),
+    nn.Conv2d(3, 4, (1, 3), stride=(2, 1), dilation=(1, 2), padding=(0, 2)),
+    nn.Conv2d(3, 4, 1),
+])
+def test_sampled_patches_are_the_unfolded_rows_at_the_positions(conv):
+    x = torch.randn(5, 3, 9, 8)
+    full = conv_patches(conv, x)  # (B, F, L)
+    gen = torch.Generator().manual_seed(0)
+    positions = torch.stack([torch.randperm(full.shape[2], generator=gen)[:4] for _ in range(5)])
+    expected = full.gather(2, positions[:, None, :].expand(-1, full.shape[1], -1)).transpose(1, 2)
+    assert torch.equal(sampled_patches(conv, x, positions), expected.reshape(-1, full.shape[1]))
+
+
 def test_conv_with_stride_dilation_and_padding():
     conv = nn.Conv2d(3, 4, 3, stride=2, padding=2, dilation=2)
     model = nn.Sequential(nn.Identity(), conv)
@@ -160,6 +176,41 @@ def test_sequential_mode_takes_targets_from_the_reference():
     for c in graph.consumers:
         for a, b in zip(plain[c.name].statistics(), paired[c.name].statistics()):
             np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9)
+
+
+def test_cached_targets_replace_the_reference_pass():
+    model, x = small_model("resnet20", batch=6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        consumers = find_groups(model, x).consumers
+    perturbed = copy.deepcopy(model)
+    with torch.no_grad():
+        perturbed.conv1.weight.mul_(0.7)
+        conv = perturbed.layer1[0].conv2
+        conv.bias = nn.Parameter(torch.ones(conv.out_channels))  # the reference's bias is the one used
+    batches = [x[:3], x[3:]]
+    cache = TargetCache()
+    paired = collect_statistics(perturbed, consumers, batches, reference=model, cache=cache,
+                                positions_per_image=5, progress=False)
+    assert cache.n_batches == 2 and cache.nbytes > 0
+    for _ in range(2):  # the cache is read, not consumed
+        cached = collect_statistics(perturbed, consumers, batches, reference=cache, progress=False)
+        for c in consumers:
+            for a, b in zip(paired[c.name].statistics(center=True), cached[c.name].statistics(center=True)):
+                np.testing.assert_array_equal(a, b)
+    # filled in the plain mode, the cache gives back the plain statistics on the same model
+    own_cache = TargetCache()
+    plain = collect_statistics(model, consumers, batches, cache=own_cache, positions_per_image=5, progress=False)
+    again = collect_statistics(model, consumers[:2], batches, reference=own_cache, progress=False)
+    for c in consumers[:2]:
+        for a, b in zip(plain[c.name].statistics(), again[c.name].statistics()):
+            np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="no targets of consumers"):
+        collect_statistics(model, ["fc"], batches, reference=own_cache, progress=False)
+    with pytest.raises(ValueError, match="holds 2 batches"):
+        collect_statistics(model, consumers, batches + [x[:1]], reference=own_cache, progress=False)
+    with pytest.raises(ValueError, match="`cache`"):
+        collect_statistics(model, consumers, batches, reference=own_cache, cache=own_cache, progress=False)
 
 
 def test_modes_are_restored_and_model_unchanged():

@@ -65,6 +65,52 @@ def test_half_macs_budget_is_met_and_pruned_equals_masked(name, fitted):
     assert all(r.channels_after <= r.channels_before for r in result.report)
 
 
+@pytest.mark.parametrize("name", ["resnet20", "mobilenet_v2"])
+def test_uniform_rates_keep_one_fraction_everywhere(name, fitted):
+    model, example, pruner = fitted[name]
+    result = pruner.prune(macs=0.5, allocation="uniform")
+    assert result.allocation.formulation == "uniform"
+    assert result.macs_after <= 0.5 * result.macs_before
+    q = result.allocation.info["fraction"]
+    for unit, k in result.allocation.keep.items():
+        options = pruner.curves_[unit].keep_counts
+        fitting = options[options <= q * options[-1] * (1 + 1e-12)]
+        assert k == (fitting[-1] if fitting.size else options[0])
+    # on the same curves, the MILP's summed error is never above the uniform rates'
+    assert pruner.prune(macs=0.5).allocation.objective <= result.allocation.objective + 1e-12
+    with torch.no_grad():
+        pruned_out = result.model(example)
+        masked_out = masked_copy(model, pruner.graph_, result.plan).eval()(example)
+    torch.testing.assert_close(pruned_out, masked_out, rtol=1e-4, atol=1e-4 * float(masked_out.abs().max()))
+    with pytest.raises(ValueError, match="`allocation` must be"):
+        pruner.prune(macs=0.5, allocation="greedy")
+
+
+def test_unit_problems_are_what_the_curves_solved(fitted):
+    _, _, pruner = fitted["mobilenet_v2"]
+    assert set(pruner.unit_problems_) == set(pruner.curves_)
+    for unit, curve in pruner.curves_.items():
+        problem = pruner.unit_problems_[unit]
+        assert problem.n_channels == pruner.graph_[unit].n_channels
+        for k, error, mask in zip(curve.keep_counts, curve.errors, curve.masks):
+            assert mask.sum() == k
+            assert error == pytest.approx(problem.objective(mask), rel=1e-6, abs=1e-9)
+
+
+def test_round_to_keeps_multiples_of_it(fitted):
+    model, example, _ = fitted["resnet20"]
+    pruner = orprune.Pruner(solver="greedy", round_to=4, progress=False, positions_per_image=8)
+    pruner.fit(model, calibration_for(example))
+    for unit, curve in pruner.curves_.items():
+        width = pruner.graph_[unit].n_channels
+        assert all(k % 4 == 0 or k == width for k in curve.keep_counts)
+    result = pruner.prune(macs=0.5)
+    assert result.macs_after <= 0.5 * result.macs_before
+    assert all(r.channels_after % 4 == 0 or r.channels_after == r.channels_before for r in result.report)
+    with pytest.raises(ValueError, match="`round_to` must be a positive integer"):
+        orprune.Pruner(round_to=0, progress=False).fit(model, [example])
+
+
 def test_input_model_is_left_unchanged(fitted):
     model, example, pruner = fitted["resnet20"]
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -147,6 +193,8 @@ def test_process_pool_and_dask_executors_give_the_serial_result(fitted):
     with ProcessPoolExecutor(2) as pool:
         pooled = orprune.Pruner(solver="greedy", progress=False, positions_per_image=8, executor=pool).fit(model, batches)
     _curves_equal(serial.curves_, pooled.curves_)
+    spawned = orprune.Pruner(solver="greedy", progress=False, positions_per_image=8, n_jobs=2).fit(model, batches)
+    _curves_equal(serial.curves_, spawned.curves_)
     distributed = pytest.importorskip("distributed")
     with distributed.Client(processes=False, n_workers=1, threads_per_worker=2, dashboard_address=None) as client:
         dasked = orprune.Pruner(solver="greedy", progress=False, positions_per_image=8,
@@ -173,6 +221,8 @@ def test_bad_inputs_raise_clear_errors(fitted):
         orprune.Pruner(solver="simplex", progress=False).fit(model, [example])
     with pytest.raises(RuntimeError, match="not fitted"):
         orprune.Pruner().prune(macs=0.5)
+    with pytest.raises(ValueError, match="`n_jobs` must be a positive integer"):
+        orprune.Pruner(n_jobs=0, progress=False).fit(model, [example])
 
 
 def test_ignored_layers_are_left_alone(fitted):
