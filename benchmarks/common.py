@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from orprune.datasets import fashion_mnist_available, load_default
 from orprune.problem import LayerProblem, StatisticsAccumulator
 from orprune.training import evaluate, train
-from orprune.zoo import SmallCNN, resnet20
+from orprune.zoo import SmallCNN, resnet20, vgg_small
 
 __all__ = [
     "CACHE_DIR",
@@ -49,6 +49,7 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "small_cnn": lambda in_channels, n_classes: SmallCNN(in_channels, n_classes),
     "resnet20": lambda in_channels, n_classes: resnet20(num_classes=n_classes, in_channels=in_channels),
+    "vgg_small": lambda in_channels, n_classes: vgg_small(num_classes=n_classes, in_channels=in_channels),
 }
 
 

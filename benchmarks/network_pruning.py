@@ -1,4 +1,4 @@
-"""Whole-network pruning of a trained ResNet-20: orprune against torch-pruning, no fine-tuning.
+"""Whole-network pruning of a trained network: orprune against torch-pruning, before and after fine-tuning.
 
 Measures, in one process and on the same trained model and calibration images:
 - pruning wall time and peak memory of ``Pruner.fit`` + ``prune`` (issue target: < 60 s for
@@ -7,7 +7,9 @@ Measures, in one process and on the same trained model and calibration images:
   error curves + sequential least-squares refit) and torch-pruning's magnitude and Taylor pruners,
   each also with BatchNorm statistics re-estimated on the calibration images;
 - measured CPU latency at batch 256 of each pruned model, as a speed-up over the unpruned model,
-  beside its MACs ratio.
+  beside its MACs ratio;
+- test accuracy after the same short fine-tune of every row at ``--finetune-macs`` (and of the
+  unpruned model, as the control), and issue 5's accuracy targets checked against the table.
 
 Run ``python -m benchmarks.network_pruning`` (``--help`` for the settings); writes
 ``benchmarks/results/network_pruning.md``.
@@ -19,6 +21,8 @@ import argparse
 import copy
 import itertools
 import platform
+import shlex
+import sys
 import threading
 import time
 import warnings
@@ -31,7 +35,7 @@ import orprune
 from benchmarks.common import RESULTS_DIR, trained_model
 from orprune.baselines import count_macs_params, recalibrate_batchnorm, torch_pruning_baseline
 from orprune.datasets import load_default
-from orprune.training import batches, evaluate
+from orprune.training import batches, evaluate, train
 
 
 class PeakMemory:
@@ -91,8 +95,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--latency-threads", type=int, default=1, help="torch threads while timing inference")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--jobs", type=int, default=None, help="processes for the error curves (Pruner n_jobs)")
-    parser.add_argument("--output", default=str(RESULTS_DIR / "network_pruning.md"))
+    parser.add_argument("--finetune-epochs", type=float, default=1.0, help="0 skips the fine-tuned column")
+    parser.add_argument("--finetune-size", type=int, default=10000, help="training images of the fine-tune")
+    parser.add_argument("--finetune-lr", type=float, default=0.01)
+    parser.add_argument("--finetune-macs", default="0.5", help="fractions whose rows are fine-tuned")
+    parser.add_argument("--output", default=None, help="default: results/network_pruning[_<model>].md")
     args = parser.parse_args(argv)
+    command = "python -m benchmarks.network_pruning " + shlex.join(sys.argv[1:] if argv is None else argv)
+    if args.output is None:
+        suffix = "" if args.model == "resnet20" else f"_{args.model}"
+        args.output = str(RESULTS_DIR / f"network_pruning{suffix}.md")
     if args.threads:
         torch.set_num_threads(args.threads)
     fractions = [float(v) for v in args.macs.split(",")]
@@ -109,6 +121,7 @@ def main(argv: list[str] | None = None) -> None:
     x256 = test_x[:256].contiguous()
 
     rows = [("unpruned", 1.0, base_macs, base_params, base_acc, None, 1.0)]
+    models = {"unpruned": model}
     cost_rows = []
 
     def record(name: str, pruned: torch.nn.Module, seconds: float | None) -> None:
@@ -118,6 +131,7 @@ def main(argv: list[str] | None = None) -> None:
         ratio = speedup(model, pruned, x256, args.latency_repeats)
         torch.set_num_threads(threads)
         rows.append((name, macs / base_macs, macs, params, evaluate(pruned, test_x, test_y), seconds, ratio))
+        models[name] = pruned
 
     for solver, round_to in itertools.product(args.solvers.split(","), [int(r) for r in args.round_to.split(",")]):
         name = solver if round_to == 1 else f"{solver}, round to {round_to}"
@@ -149,16 +163,66 @@ def main(argv: list[str] | None = None) -> None:
             repaired = recalibrate_batchnorm(copy.deepcopy(pruned), calibration)
             record(f"torch-pruning {importance} + BN re-estimation, {fraction:.2f}", repaired, seconds)
 
+    tuned = finetune(models, rows, args)
+    text = report(args, command, dataset, meta, base_acc, base_macs, base_params, cost_rows, rows, tuned)
+    with open(args.output, "w") as handle:
+        handle.write(text)
+    print(text)
+
+
+def finetune(models: dict[str, torch.nn.Module], rows: list[tuple], args: argparse.Namespace) -> dict[str, float]:
+    """Test accuracy of the unpruned model and of every row at ``--finetune-macs`` after the same fine-tune."""
+    if args.finetune_epochs <= 0:
+        return {}
+    train_x, train_y, _ = load_default("train")
+    test_x, test_y, _ = load_default("test")
+    pick = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(1))[: args.finetune_size]
+    wanted = {f"{float(v):.2f}" for v in args.finetune_macs.split(",")}
+    out = {}
+    for name, *_ in rows:
+        if name != "unpruned" and name.rsplit(", ", 1)[-1] not in wanted:
+            continue
+        start = time.perf_counter()
+        tuned = train(copy.deepcopy(models[name]), train_x[pick], train_y[pick], epochs=args.finetune_epochs,
+                      lr=args.finetune_lr, seed=0, threads=args.latency_threads, progress=False)
+        out[name] = evaluate(tuned, test_x, test_y)
+        print(f"fine-tuned {name}: {out[name]:.4f} ({time.perf_counter() - start:.0f} s)", flush=True)
+    return out
+
+
+def targets(rows: list[tuple], tuned: dict[str, float], base_acc: float) -> list[str]:
+    """Issue 5's accuracy targets, checked against the table."""
+    lines = ["## Targets (issue 5)", "",
+             "| target | best orprune row | value | met |", "|---|---|---:|---|"]
+    for fraction, limit in ((0.5, 0.5), (0.33, 1.0)):
+        candidates = [(acc, name) for name, _, _, _, acc, _, _ in rows
+                      if name.startswith("orprune") and name.endswith(f", {fraction:.2f}")]
+        if candidates:
+            acc, name = max(candidates)
+            drop = 100 * (base_acc - acc)
+            lines.append(f"| no fine-tune, {1 / fraction:.0f}x MACs reduction: drop <= {limit:g} points | {name} | "
+                         f"{drop:.2f} points | {'yes' if drop <= limit else 'no'} |")
+    for fraction in sorted({name.rsplit(', ', 1)[-1] for name in tuned if name != "unpruned"}):
+        ours = [(a, n) for n, a in tuned.items() if n.startswith("orprune") and n.endswith(fraction)]
+        theirs = [(a, n) for n, a in tuned.items() if n.startswith("torch-pruning") and n.endswith(fraction)]
+        if ours and theirs:
+            (a, n), (b, m) = max(ours), max(theirs)
+            lines.append(f"| fine-tuned at {fraction} MACs: >= torch-pruning's best ({m}: {b:.4f}) | {n} | "
+                         f"{a:.4f} | {'yes' if a >= b else 'no'} |")
+    return lines + [""]
+
+
+def report(args, command, dataset, meta, base_acc, base_macs, base_params, cost_rows, rows, tuned) -> str:
     lines = [
-        f"# Whole-network pruning: {args.model} on {dataset}, no fine-tuning",
+        f"# Whole-network pruning: {args.model} on {dataset}",
         "",
-        f"Produced by `python -m benchmarks.network_pruning --epochs {args.epochs} --calibration {args.calibration} "
-        f"--macs {args.macs} --solvers {args.solvers} --allocations {args.allocations} --round-to {args.round_to}"
-        f"{f' --threads {args.threads}' if args.threads else ''}{f' --jobs {args.jobs}' if args.jobs else ''}` on {date.today()} ({platform.machine()}, "
+        f"Produced by `{command.strip()}` on {date.today()} ({platform.machine()}, "
         f"{torch.get_num_threads()} torch threads; the machine may be shared, compare ratios within the table).",
         "",
         f"Unpruned: test accuracy {base_acc:.4f} after {meta.get('epochs', args.epochs)} epochs; "
-        f"{base_macs:,} MACs, {base_params:,} params.",
+        f"{base_macs:,} MACs, {base_params:,} params. Calibration: {args.calibration} training images."
+        + (f" Fine-tune: {args.finetune_epochs:g} epoch(s) on {args.finetune_size} training images, one-cycle max lr "
+           f"{args.finetune_lr:g} (the same for every row, the unpruned model included)." if tuned else ""),
         "",
         "## Pruning cost (orprune)",
         "",
@@ -177,20 +241,20 @@ def main(argv: list[str] | None = None) -> None:
         "",
         "Speed-up = unpruned batch-256 latency / pruned latency, fastest of "
         f"{args.latency_repeats} alternating calls each, {args.latency_threads} torch thread(s); "
-        "ideal = 1 / MACs kept.",
+        "ideal = 1 / MACs kept. \"round to 8\": keep counts in multiples of 8 (`Pruner(round_to=8)`); "
+        "\"uniform rates\": one keep fraction for every unit (`prune(allocation=\"uniform\")`).",
         "",
-        "| method | MACs kept | MACs | params | test accuracy | pruning time (s) | speed-up | speed-up / ideal |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| method | MACs kept | MACs | params | test accuracy | fine-tuned | pruning time (s) | speed-up | speed-up / ideal |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for name, fraction, macs, params, acc, seconds, speedup in rows:
+    for name, fraction, macs, params, acc, seconds, ratio in rows:
+        ft = f"{tuned[name]:.4f}" if name in tuned else ""
         lines.append(
-            f"| {name} | {fraction:.3f} | {macs:,} | {params:,} | {acc:.4f} | "
-            f"{'' if seconds is None else f'{seconds:.1f}'} | {speedup:.2f} | {speedup * fraction:.2f} |"
+            f"| {name} | {fraction:.3f} | {macs:,} | {params:,} | {acc:.4f} | {ft} | "
+            f"{'' if seconds is None else f'{seconds:.1f}'} | {ratio:.2f} | {ratio * fraction:.2f} |"
         )
-    text = "\n".join(lines) + "\n"
-    with open(args.output, "w") as handle:
-        handle.write(text)
-    print(text)
+    lines += ["", *targets(rows, tuned, base_acc)]
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

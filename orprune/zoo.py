@@ -1,8 +1,10 @@
 """Reference architectures for demos, notebooks and benchmarks (no torchvision needed).
 
 ``resnet20`` is the CIFAR-style ResNet of He et al. (2016) (three stages of basic blocks, 16/32/64
-channels, 1x1 conv + BN projection shortcuts where the shape changes); ``SmallCNN`` is the demo's
-plain conv net. Both accept 1-channel 28x28 (Fashion-MNIST) and 8x8 (digits) inputs.
+channels, 1x1 conv + BN projection shortcuts where the shape changes); ``vgg_small`` a VGG adapted
+to 28x28 (three stages of two 3x3 conv + BN + ReLU, max-pooling between stages, no residuals: every
+conv's output channels are prunable); ``SmallCNN`` is the demo's plain conv net. All accept 1-channel
+28x28 (Fashion-MNIST) and 8x8 (digits) inputs.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["BasicBlock", "CifarResNet", "SmallCNN", "resnet20", "resnet56"]
+__all__ = ["BasicBlock", "CifarResNet", "SmallCNN", "SmallVGG", "resnet20", "resnet56", "vgg_small"]
 
 
 class BasicBlock(nn.Module):
@@ -83,3 +85,30 @@ class SmallCNN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(torch.flatten(F.adaptive_avg_pool2d(self.features(x), 1), 1))
+
+
+class SmallVGG(nn.Module):
+    """VGG-style stages of 3x3 conv + BN + ReLU, 2x2 max-pooling between stages (28 -> 14 -> 7),
+    global average pooling and a Linear classifier."""
+
+    def __init__(self, in_channels: int = 1, n_classes: int = 10,
+                 stages: tuple[tuple[int, ...], ...] = ((16, 16), (32, 32), (64, 64))) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        previous = in_channels
+        for i, stage in enumerate(stages):
+            if i:
+                layers.append(nn.MaxPool2d(2))
+            for width in stage:
+                layers += [nn.Conv2d(previous, width, 3, padding=1, bias=False), nn.BatchNorm2d(width),
+                           nn.ReLU(inplace=True)]
+                previous = width
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Linear(previous, n_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(F.adaptive_avg_pool2d(self.features(x), 1), 1))
+
+
+def vgg_small(num_classes: int = 10, in_channels: int = 1) -> SmallVGG:
+    return SmallVGG(in_channels, num_classes)
