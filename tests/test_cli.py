@@ -23,6 +23,13 @@ def test_prune_command_writes_a_smaller_model_and_a_report(tmp_path, capsys):
     assert 0 <= report["accuracy_after"] <= 1
     assert pruned(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
     assert "MACs" in capsys.readouterr().out
+    # uniform rates in multiples of 4
+    out4 = tmp_path / "pruned4.pt"
+    assert main(["prune", str(path), "--dataset", "digits", "--macs", "0.5", "--calibration", "64", "--solver",
+                 "greedy", "--allocation", "uniform", "--round-to", "4", "-o", str(out4), "--quiet"]) == 0
+    report = json.loads(out4.with_suffix(".json").read_text())
+    assert report["macs_after"] <= 0.5 * report["macs_before"]
+    assert all(u["channels_after"] % 4 == 0 for u in report["units"])
 
 
 def test_prune_command_needs_a_budget(tmp_path):
