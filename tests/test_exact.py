@@ -279,3 +279,17 @@ def test_initial_mask_is_used_as_warm_start():
     sel = select(prob, 4, solver="exact", initial=initial, local_search=False)
     assert sel.objective == pytest.approx(optimum)
     assert sel.info["start_objective"] == pytest.approx(optimum)
+
+
+def test_perspective_start_keeps_the_search_exact_and_never_worse_than_the_rounding():
+    small = make_problem(np.random.default_rng(15), 8, 9, 200, ridge=1e-3)
+    _assert_exact(small, 4, select(small, 4, solver="exact", perspective_start=True), brute_force(small, 4)[0])
+    # > 16 channels: the start is on by default; on this instance greedy, backward elimination and
+    # their swap polish all end 5% above the perspective rounding
+    wide = make_problem(np.random.default_rng(3), 20, 9, 500, ridge=1e-3)
+    rounding = select(wide, 10, solver="perspective")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        sel = select(wide, 10, solver="exact", time_limit=1.0)
+    assert sel.objective <= rounding.objective + 1e-12 * wide.yy
+    assert sel.info["start_objective"] <= rounding.objective + 1e-12 * wide.yy

@@ -61,7 +61,7 @@ def test_bound_below_brute_force(seed):
     k = int(rng.integers(1, C))
     optimum, _ = brute_force(prob, k)
     for method in ("first_order", "socp"):
-        for separable in ("uniform", "block"):
+        for separable in ("uniform", "block", "precision"):
             relaxation = perspective_relaxation(prob, k, method=method, separable=separable)
             assert relaxation.bound <= optimum * (1 + 1e-9)
             assert relaxation.bound <= relaxation.value * (1 + 1e-9)
@@ -71,7 +71,7 @@ def test_bound_below_brute_force(seed):
     assert selection.bound <= optimum * (1 + 1e-9) <= selection.objective * (1 + 1e-9)
 
 
-@pytest.mark.parametrize("separable", ["uniform", "block"])
+@pytest.mark.parametrize("separable", ["uniform", "block", "precision"])
 def test_value_matches_independent_cvxpy(separable):
     prob = make_problem(3, C=5, g=2, n_out=2)
     k = 2
@@ -88,7 +88,7 @@ def test_relaxation_is_exact_at_binary_points():
     for S in [(0, 1), (2, 4, 5), (1,)]:
         mask = np.zeros(6)
         mask[list(S)] = 1.0
-        for separable in ("uniform", "block"):
+        for separable in ("uniform", "block", "precision"):
             np.testing.assert_allclose(relaxation_value(prob, mask, separable), prob.objective(list(S)), rtol=1e-8)
 
 

@@ -321,7 +321,7 @@ def solve_perspective(
     k: int,
     *,
     time_limit: float | None = None,
-    separable: str | np.ndarray = "uniform",
+    separable: str | np.ndarray = "precision",
     method: str = "auto",
     polish: bool = True,
     rtol: float = 1e-5,
