@@ -7,13 +7,17 @@ channels of one producing layer (a conv or Linear, the *root*), everything that 
 unit leaves every consumer a least-squares problem over its ``C`` channel blocks
 (:class:`orprune.problem.LayerProblem`): the reconstruction that makes channel removal cheap.
 
+Channels tied through residual adds (a ResNet stage's stream: several producers add into the same
+channels) form one unit too: its producers are every conv adding into the stream (the others are
+*carried*, sliced along), its consumers every conv or Linear reading it. Removing stream channel
+``c`` removes it from every producer and from the identity path at once, and each consumer refits
+on the remaining channels as for any unit (``residual=False`` leaves such groups alone).
+
 Groups where that reconstruction does not apply are reported and left alone:
 
 * the model's outputs (the classifier's logits): nothing consumes them;
-* channels tied through residual adds or concatenations (several producers, or a concat / split
-  between producer and consumer): removing them would change an identity path that no single
-  layer can repair. Inner block channels of ResNets and MobileNet's expanded channels stay
-  prunable, which is enough to reach half the MACs; pruning the residual streams is future work;
+* channels that go through a concatenation or split between producer and consumer (their
+  consumers read other channels too);
 * groups touching a module the user ignores, or a module orprune cannot slice per channel
   (LayerNorm, GroupNorm, attention, grouped convs, unwrapped parameters);
 * consumers whose design matrix would have more than ``max_features`` columns (a Gram matrix of
@@ -270,6 +274,7 @@ def _classify(
     ignored: set[str],
     max_features: int,
     output_fns: set[Any],
+    residual: bool = True,
 ) -> tuple[PrunableUnit | None, ExcludedGroup | None]:
     items = group.items
     producers = _root_of(dg, items)
@@ -282,14 +287,18 @@ def _classify(
 
     if not producers:
         return excluded("no conv or Linear produces these channels")
-    if len(producers) > 1:
+    if len(producers) > 1 and not residual:
         others = ", ".join(_node_label(names, it.dep.target) for it in producers[1:])
-        return excluded(f"tied through a residual add to {others}")
+        return excluded(f"tied through a residual add to {others} (`residual=False`)")
     root_item = producers[0]
     root = root_item.dep.target.module
-    if isinstance(root, nn.modules.conv._ConvNd) and (root.groups != 1 or root.transposed):
-        return excluded("the producing conv is grouped or transposed")
     n = len(root_item.idxs)
+    for it in producers:  # a residual stream: every producer's channel c is the stream's channel c
+        module = it.dep.target.module
+        if isinstance(module, nn.modules.conv._ConvNd) and (module.groups != 1 or module.transposed):
+            return excluded("a producing conv is grouped or transposed")
+        if len(it.idxs) != n or list(it.idxs) != list(it.root_idxs):
+            return excluded("producers tied through a residual add do not share the channel order")
     touched = {_node_label(names, it.dep.target) for it in items} & ignored
     if touched:
         return excluded(f"touches ignored layer(s) {sorted(touched)}")
@@ -304,6 +313,9 @@ def _classify(
             return excluded("combined with a tensor outside the traced graph (the model input, a "
                             "buffer or a functional layer's parameter)")
         if it is root_item or node.type in _PASS_THROUGH:
+            continue
+        if any(it is p for p in producers):  # the other producers of a residual stream
+            carried.append(names[node.module])
             continue
         if node.type in _SPLITTING:
             return excluded(f"goes through a concatenation or split ({node.type.name.lower()})")
@@ -371,6 +383,7 @@ def find_groups(
     *,
     ignored_layers: Iterable[nn.Module | str] = (),
     max_features: int = DEFAULT_MAX_FEATURES,
+    residual: bool = True,
 ) -> PruningGraph:
     """Trace ``model`` and return its prunable channel groups.
 
@@ -385,6 +398,10 @@ def find_groups(
         as producer, carried module or consumer, is excluded.
     max_features : int, default ``DEFAULT_MAX_FEATURES``
         Largest allowed ``C * g`` of a consumer's design matrix.
+    residual : bool, default True
+        Also prune channels tied through residual adds (a ResNet stage's stream): one unit whose
+        producers are every conv adding into the stream and whose consumers are every layer reading
+        it. False leaves such groups alone, as before 0.1.
 
     Returns
     -------
@@ -420,7 +437,7 @@ def find_groups(
     output_fns = {t.grad_fn for t in tp.utils.flatten_as_list(output) if isinstance(t, torch.Tensor)}
     units, excluded = [], []
     for group in _dependency_groups(dg):
-        unit, exc_group = _classify(dg, group, names, ignored, max_features, output_fns)
+        unit, exc_group = _classify(dg, group, names, ignored, max_features, output_fns, residual)
         if unit is not None:
             units.append(unit)
         else:
@@ -435,8 +452,7 @@ def find_groups(
     if excluded:
         lines = "; ".join(f"{e.root}: {e.reason}" for e in excluded)
         warnings.warn(
-            f"{len(excluded)} channel group(s) are left unpruned ({lines}). Residual-stream "
-            "groups are not pruned by reconstruction yet.",
+            f"{len(excluded)} channel group(s) are left unpruned ({lines}).",
             UserWarning,
             stacklevel=2,
         )

@@ -18,7 +18,7 @@ import copy
 import multiprocessing
 import time
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Executor, ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -34,7 +34,7 @@ from orprune.baselines import count_macs_params
 from orprune.calibration import DEFAULT_POSITIONS_PER_IMAGE, TargetCache, collect_statistics
 from orprune.costs import network_costs
 from orprune.curves import ErrorCurve, error_curve
-from orprune.graph import DEFAULT_MAX_FEATURES, Consumer, PruningGraph, find_groups, weight_matrix
+from orprune.graph import DEFAULT_MAX_FEATURES, Consumer, call_model, find_groups, weight_matrix
 from orprune.problem import LayerProblem, StatisticsAccumulator
 from orprune.selection import resolve_solver
 from orprune.surgery import ConsumerUpdate, PruningPlan, apply_pruning, masked_copy
@@ -110,6 +110,21 @@ def _one_thread_worker() -> None:
     torch.set_num_threads(1)
 
 
+@torch.no_grad()
+def _forward_order(model: nn.Module, consumers: Sequence[Consumer], example_inputs: Any) -> list[Consumer]:
+    """``consumers`` in the order a forward pass first runs them (module order for ties)."""
+    seen: list[str] = []
+    handles = [model.get_submodule(c.name).register_forward_hook(
+        lambda *_args, name=c.name: seen.append(name) if name not in seen else None) for c in consumers]
+    try:
+        call_model(model, example_inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    rank = {name: i for i, name in enumerate(seen)}
+    return sorted(consumers, key=lambda c: rank.get(c.name, len(rank)))
+
+
 def _keep_options(n_channels: int, max_options: int, min_channels: int, round_to: int = 1) -> np.ndarray:
     """Candidate keep counts: multiples of ``round_to`` from ``min_channels`` on, and the full width."""
     low = min(min_channels, n_channels)
@@ -157,6 +172,8 @@ class Pruner:
         Left untouched, with everything coupled to them.
     max_features : int
         Consumers whose design matrix would have more columns are left alone (with a warning).
+    residual : bool, default True
+        Also prune residual streams (channels tied through adds), see :func:`orprune.find_groups`.
     sequential : bool, default True
         Refit each unit's consumers on inputs from the already pruned part of the network (targets
         from the original), which avoids error accumulation; False refits on the original inputs.
@@ -197,6 +214,7 @@ class Pruner:
         round_to: int = 1,
         ignored_layers: Iterable[nn.Module | str] = (),
         max_features: int = DEFAULT_MAX_FEATURES,
+        residual: bool = True,
         sequential: bool = True,
         cache_targets: bool = True,
         executor: Executor | None = None,
@@ -213,6 +231,7 @@ class Pruner:
         self.round_to = round_to
         self.ignored_layers = ignored_layers
         self.max_features = max_features
+        self.residual = residual
         self.sequential = sequential
         self.cache_targets = cache_targets
         self.executor = executor
@@ -270,6 +289,7 @@ class Pruner:
         self.batches_ = batches
         self.example_inputs_ = batches[0][:1] if torch.is_tensor(batches[0]) else batches[0]
         self.graph_ = find_groups(self.model_, self.example_inputs_, ignored_layers=self.ignored_layers,
+                                  residual=self.residual,
                                   max_features=self.max_features)
         if not self.graph_.units:
             raise ValueError("the model has no prunable channel group (see the warning for the excluded ones).")
@@ -280,6 +300,7 @@ class Pruner:
                                    positions_per_image=self.positions_per_image, seed=self.seed,
                                    progress=self.progress)
         self.statistics_ = stats
+        self.consumer_order_ = _forward_order(self.model_, self.graph_.consumers, self.example_inputs_)
         self.problems_ = {c.name: self._problem(stats[c.name], c, self.model_) for c in self.graph_.consumers}
         problems, options = [], []
         self.unit_problems_: dict[str, LayerProblem] = {}
@@ -307,23 +328,17 @@ class Pruner:
         if not hasattr(self, "curves_"):
             raise RuntimeError("this Pruner is not fitted yet; call `fit(model, calibration)` first.")
 
-    def _updates(self, unit_names: Sequence[str], keep: Mapping[str, np.ndarray],
-                 stats: Mapping[str, StatisticsAccumulator],
-                 problems: Mapping[str, LayerProblem] | None = None) -> dict[str, ConsumerUpdate]:
-        """Least-squares weights and compensated biases of the consumers of ``unit_names``."""
-        updates = {}
-        for name in unit_names:
-            mask = np.zeros(self.graph_[name].n_channels, dtype=bool)
-            mask[keep[name]] = True
-            for consumer in self.graph_[name].consumers:
-                acc = stats[consumer.name]
-                problem = problems[consumer.name] if problems else self._problem(acc, consumer, self.model_)
-                weights, _ = problem.refit(mask)
-                mean_x, mean_y = acc.means()
-                module = self.model_.get_submodule(consumer.name)
-                old_bias = module.bias.detach().double().numpy() if getattr(module, "bias", None) is not None else 0.0
-                updates[consumer.name] = ConsumerUpdate(weight=weights, bias=old_bias + mean_y - mean_x @ weights)
-        return updates
+    def _update(self, consumer: Consumer, kept: np.ndarray, acc: StatisticsAccumulator,
+                problem: LayerProblem | None = None) -> ConsumerUpdate:
+        """Least-squares weights on the kept channels and the compensated bias of one consumer."""
+        mask = np.zeros(consumer.n_channels, dtype=bool)
+        mask[kept] = True
+        problem = problem if problem is not None else self._problem(acc, consumer, self.model_)
+        weights, _ = problem.refit(mask)
+        mean_x, mean_y = acc.means()
+        module = self.model_.get_submodule(consumer.name)
+        old_bias = module.bias.detach().double().numpy() if getattr(module, "bias", None) is not None else 0.0
+        return ConsumerUpdate(weight=weights, bias=old_bias + mean_y - mean_x @ weights)
 
     def _report(self, unit: str, k: int) -> UnitReport:
         curve = self.curves_[unit]
@@ -371,17 +386,23 @@ class Pruner:
             raise ValueError(f"the budget cannot be met by pruning the prunable groups: {exc}") from exc
         keep = {u: np.flatnonzero(self.curves_[u].mask_for(k)) for u, k in chosen.keep.items()}
         pruned_units = [u.name for u in self.graph_.units if keep[u.name].size < u.n_channels]
+        pruned_keep = {u: keep[u] for u in pruned_units}
+        consumers = [c for c in self.consumer_order_ if c.unit in pruned_keep]
+        updates: dict[str, ConsumerUpdate] = {}
         if self.sequential:
-            updates: dict[str, ConsumerUpdate] = {}
-            for name in tqdm(pruned_units, desc="refit", disable=not self.progress, leave=False):
-                partial = PruningPlan({u: keep[u] for u in _refitted_units(updates, self.graph_)}, updates)
-                working = masked_copy(self.model_, self.graph_, partial)
-                reference = self.model_ if self.targets_ is None else self.targets_
-                stats = collect_statistics(working, self.graph_[name].consumers, self.batches_, reference=reference,
+            # Consumers in the order they run: each refits on inputs from the network with every
+            # earlier consumer already refitted and every dropped channel zero (the masked model),
+            # so a residual stream's readers each see the stream as pruned up to their own depth.
+            reference = self.model_ if self.targets_ is None else self.targets_
+            for consumer in tqdm(consumers, desc="refit", disable=not self.progress, leave=False):
+                working = masked_copy(self.model_, self.graph_, PruningPlan(pruned_keep, updates))
+                stats = collect_statistics(working, [consumer], self.batches_, reference=reference,
                                            positions_per_image=self.positions_per_image, seed=self.seed, progress=False)
-                updates.update(self._updates([name], keep, stats))
+                updates[consumer.name] = self._update(consumer, keep[consumer.unit], stats[consumer.name])
         else:
-            updates = self._updates(pruned_units, keep, self.statistics_, self.problems_)
+            for consumer in consumers:
+                updates[consumer.name] = self._update(consumer, keep[consumer.unit], self.statistics_[consumer.name],
+                                                      self.problems_[consumer.name])
         plan = PruningPlan({u: keep[u] for u in pruned_units}, updates)
         model = apply_pruning(self.model_, self.graph_, plan, self.example_inputs_)
         macs_after, params_after = count_macs_params(model, self.example_inputs_)
@@ -393,11 +414,6 @@ class Pruner:
         return PruneResult(model=model, macs_before=self.macs_before_, macs_after=macs_after,
                            params_before=self.params_before_, params_after=params_after, report=report,
                            allocation=chosen, plan=plan, prune_time=time.perf_counter() - start)
-
-
-def _refitted_units(updates: Mapping[str, ConsumerUpdate], graph: PruningGraph) -> list[str]:
-    """Units all of whose consumers already have an update."""
-    return [u.name for u in graph.units if u.consumers and all(c.name in updates for c in u.consumers)]
 
 
 def prune(

@@ -25,8 +25,8 @@ def reasons(graph: PruningGraph) -> dict[str, str]:
 
 
 @pytest.mark.parametrize("name, blocks", [("resnet20", [3, 3, 3]), ("resnet18", [2, 2, 2, 2])])
-def test_resnets_prune_inner_block_channels_only(name, blocks):
-    model, graph = groups(name)
+def test_without_residual_streams_resnets_prune_inner_block_channels_only(name, blocks):
+    model, graph = groups(name, residual=False)
     inner = [f"layer{s + 1}.{b}.conv1" for s, n in enumerate(blocks) for b in range(n)]
     assert list(graph.names) == inner
     for unit in graph.units:
@@ -42,6 +42,30 @@ def test_resnets_prune_inner_block_channels_only(name, blocks):
     stages = ["conv1"] + [f"layer{s + 1}.0.downsample.0" for s in range(1, len(blocks))]
     assert set(why) == set(stages) | {"fc"}
     assert all("residual" in why[s] for s in stages) and "output" in why["fc"]
+
+
+@pytest.mark.parametrize("name, blocks", [("resnet20", [3, 3, 3]), ("resnet18", [2, 2, 2, 2])])
+def test_residual_streams_are_units_read_by_every_block(name, blocks):
+    model, x = small_model(name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        graph = find_groups(model, x)
+    inner = {f"layer{s + 1}.{b}.conv1" for s, n in enumerate(blocks) for b in range(n)}
+    streams = [u for u in graph.units if u.name not in inner]
+    assert len(streams) == len(blocks)  # one per stage; the classifier's outputs stay excluded
+    shortcut, head = "downsample", "fc"
+    for s, (unit, n) in enumerate(zip(streams, blocks), start=1):
+        # a stage's first block reads the previous stream (the stem's for stage 1) and, with a
+        # projection shortcut, starts the new one
+        readers = {f"layer{s}.{b}.conv1" for b in range(0 if s == 1 else 1, n)}
+        readers |= {f"layer{s + 1}.0.conv1", f"layer{s + 1}.0.{shortcut}.0"} if s < len(blocks) else {head}
+        assert {c.name for c in unit.consumers} == readers
+        writers = {f"layer{s}.{b}.conv2" for b in range(n)} | {f"layer{s}.{b}.bn2" for b in range(n)}
+        writers |= {"conv1", "bn1"} if s == 1 else {f"layer{s}.0.{shortcut}.0", f"layer{s}.0.{shortcut}.1"}
+        assert set(unit.carried) | {unit.root} == writers
+        width = model.get_submodule(f"layer{s}.0.conv2").out_channels
+        assert unit.n_channels == width and all(c.n_channels == width for c in unit.consumers)
+    assert set(reasons(graph)) == {head}
 
 
 def test_vgg_units_and_max_features():
@@ -65,7 +89,7 @@ def test_vgg_units_and_max_features():
 
 
 def test_mobilenet_expanded_channels_are_units():
-    model, graph = groups("mobilenet_v2")
+    model, graph = groups("mobilenet_v2", residual=False)
     blocks = list(model.features)[1:-1]
     expected = []
     if not blocks[0].use_res_connect:
@@ -98,7 +122,7 @@ def test_architectures_match_the_reference_parameter_counts():
 def test_full_width_models_trace():
     for model, n_units in ((resnet18(), 8), (mobilenet_v2(), 17 + 1 + 1 + 1)):
         with pytest.warns(UserWarning):
-            graph = find_groups(model.eval(), torch.randn(1, 3, 32, 32))
+            graph = find_groups(model.eval(), torch.randn(1, 3, 32, 32), residual=False)
         assert len(graph.units) == n_units
         assert max(c.n_features for c in graph.consumers) <= 4608
 

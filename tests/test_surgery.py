@@ -234,7 +234,7 @@ def test_plan_validation():
     with pytest.raises(ValueError, match="non-empty"):
         PruningPlan({c.unit: []})
     with pytest.raises(ValueError, match="not a consumer"):
-        masked_copy(model, graph, PruningPlan({}, {"fc": ConsumerUpdate(bias=np.zeros(10))}))
+        masked_copy(model, graph, PruningPlan({}, {"bn1": ConsumerUpdate(bias=np.zeros(10))}))
     with pytest.raises(ValueError, match=r"shape \(C\*g, n_out\)"):
         masked_copy(model, graph, PruningPlan({}, {c.name: ConsumerUpdate(good[1:])}))
     with pytest.raises(ValueError, match="`plan.updates"):
