@@ -8,6 +8,11 @@ one-cycle, weight decay, flips), epochs and data:
 * ``group_norm``: torch-pruning's ``GroupNormPruner(reg=...).regularize(model)`` after every backward
   (through a global optimizer pre-step hook, so the loop stays the same).
 
+``--init pretrained`` starts all three from the same trained network
+(``benchmarks.common.trained_model(model, epochs=--pretrain-epochs)``, all 60000 Fashion-MNIST training
+images) instead of a fresh initialisation, the SPR authors' protocol: the big-M bounds ``M="auto"`` are then
+taken from the pretrained weights, and the table also reports each accuracy drop against the pretrained model.
+
 Each trained model is then pruned by the same search (``orprune.spr_pruning.prune_by_threshold``):
 the largest norm threshold on the channel groups' norms whose removal costs at most ``--tolerance``
 validation accuracy; the table reports channels, MACs and params removed and test accuracy.
@@ -16,7 +21,7 @@ validation accuracy; the table reports channels, MACs and params removed and tes
 Run ``python benchmarks/perspective_training.py --epochs 2 --train-size 20000 --spr 0.5/0.015/4,0.5/0.03/4
 --gn-reg 5e-4,1e-2`` (the exact command of each table is in its header); trained weights and search
 results are cached in ``benchmarks/cache/``; writes ``benchmarks/results/perspective_training.md`` and ``.png``
-(``perspective_training_tuning.md`` with ``--tune``).
+(``perspective_training_tuning.md`` with ``--tune``; ``perspective_training_pretrained*`` with ``--init pretrained``).
 """
 
 from __future__ import annotations
@@ -72,8 +77,19 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--epochs", type=float, default=2)
     p.add_argument("--train-size", type=int, default=20000, help="training images (a random subset)")
     p.add_argument("--val-size", type=int, default=5000, help="held-out training images for the threshold")
+    p.add_argument("--init", choices=["scratch", "pretrained"], default="scratch",
+                   help="start from a fresh initialisation or from the cached pretrained network")
+    p.add_argument("--pretrain-epochs", type=int, default=6, help="epochs of the pretrained network (--init pretrained)")
     p.add_argument("--tolerance", type=float, default=0.005)
     p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--score", choices=["norm", "optimal_y"], default="norm",
+                   help="threshold the group norms, or SPR's relaxed indicators y* (same alpha and M scale "
+                        "for every method)")
+    p.add_argument("--score-bounds", choices=["start", "trained"], default="trained",
+                   help="M of y* from the starting weights or from the trained weights being pruned "
+                        "(the latter makes y* relative to each layer's largest entry)")
+    p.add_argument("--score-alpha", type=float, default=0.1, help="alpha of y* (lam = 1 - alpha), --score optimal_y")
+    p.add_argument("--score-m-scale", type=float, default=1.5, help="M scale of y*, --score optimal_y")
     p.add_argument("--spr", type=_triples, default=[(0.5, 0.015, 4.0, False)],
                    help="SPR settings alpha/strength/m_scale[/c], comma-separated (lam = 1 - alpha; /c: "
                         "consumer input slices in the groups too); one row each")
@@ -90,7 +106,21 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     args.methods = [m for m in args.methods.split(",") if m]
     if unknown := sorted(set(args.methods) - set(METHODS)):
         p.error(f"unknown methods {unknown}; choose from {METHODS}")
+    if args.init == "pretrained" and args.dataset != "fashion-mnist":
+        p.error("`--init pretrained` needs `--dataset fashion-mnist` (the dataset the cached network was trained on)")
     return args
+
+
+def pretrained(args: argparse.Namespace) -> tuple[nn.Module, dict]:
+    """The shared starting point of ``--init pretrained`` (trained on the whole training split, cached)."""
+    if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
+        sys.path.insert(0, str(HERE.parent))
+    from benchmarks.common import trained_model
+
+    model, meta = trained_model(args.model, epochs=args.pretrain_epochs, seed=args.seed)
+    if meta["dataset"] != args.dataset:
+        raise SystemExit(f"the pretrained {args.model} was trained on {meta['dataset']}, not {args.dataset}")
+    return model, meta
 
 
 def load_data(args: argparse.Namespace) -> dict[str, torch.Tensor]:
@@ -118,6 +148,8 @@ def trained(method: str, args: argparse.Namespace, data: dict, *, alpha: float =
     """A model trained with ``method``, from the cache when the same setting ran before."""
     setting = dict(method=method, model=args.model, dataset=args.dataset, epochs=args.epochs, lr=args.lr,
                    train_size=len(data["y"]), val_size=len(data["val_y"]), seed=args.seed)
+    if args.init != "scratch":  # scratch keys stay as they were, so the old tables regenerate from cache
+        setting.update(init=args.init, pretrain_epochs=args.pretrain_epochs)
     if method == "spr":
         setting.update(alpha=alpha, lam=lam, strength=strength, m_scale=m_scale)
         if consumers:
@@ -127,12 +159,14 @@ def trained(method: str, args: argparse.Namespace, data: dict, *, alpha: float =
     key = hashlib.sha1(json.dumps(setting, sort_keys=True).encode()).hexdigest()[:10]
     path = CACHE / f"perspective_{method}_{args.model}_{args.dataset}_{key}.pt"
     model = build_model(args, data["x"].shape[1])
+    if args.init == "pretrained":
+        model.load_state_dict(pretrained(args)[0].state_dict())
     if path.exists():
         saved = torch.load(path, map_location="cpu")
         model.load_state_dict(saved["state_dict"])
         return model.eval(), saved["seconds"], path
     example = data["val_x"][:1]
-    model.eval()  # tracing must not touch BatchNorm statistics
+    model.eval()  # tracing must not touch BatchNorm statistics; M="auto" reads the starting weights
     regularizer, handle = None, None
     if method == "spr":
         regularizer = PerspectiveRegularizer(model, alpha=alpha, lam=lam, m_scale=m_scale, example_inputs=example,
@@ -157,9 +191,22 @@ def trained(method: str, args: argparse.Namespace, data: dict, *, alpha: float =
 
 
 def threshold(model: nn.Module, args: argparse.Namespace, data: dict) -> ThresholdPruning:
-    """The same search for every method, on the same groups (filter + BatchNorm affine norms)."""
-    groups = PerspectiveRegularizer(model, alpha=0.5, lam=0.5, example_inputs=data["val_x"][:1])
-    return prune_by_threshold(model, groups, data["val_x"], data["val_y"], tolerance=args.tolerance)
+    """The same search for every method, on the same groups (filter + BatchNorm affine norms, or y*)."""
+    example = data["val_x"][:1]
+    if args.score == "norm":
+        groups = PerspectiveRegularizer(model, alpha=0.5, lam=0.5, example_inputs=example)
+    else:  # y*, with the same rule for every method
+        start = model
+        if args.score_bounds == "start":
+            start = build_model(args, data["x"].shape[1])
+            if args.init == "pretrained":
+                start.load_state_dict(pretrained(args)[0].state_dict())
+        a = args.score_alpha
+        bounds = PerspectiveRegularizer(start.eval(), alpha=a, lam=1 - a, m_scale=args.score_m_scale,
+                                        example_inputs=example).bounds_
+        groups = PerspectiveRegularizer(model, alpha=a, lam=1 - a, M=bounds, example_inputs=example)
+    return prune_by_threshold(model, groups, data["val_x"], data["val_y"], tolerance=args.tolerance,
+                              score=args.score)
 
 
 def _command(argv: list[str] | None) -> str:
@@ -167,7 +214,13 @@ def _command(argv: list[str] | None) -> str:
 
 
 def _setting(args: argparse.Namespace, data: dict) -> str:
-    return (f"{args.model} on {args.dataset}: {len(data['y'])} training images, {args.epochs:g} epochs "
+    start = ""
+    if args.init == "pretrained":
+        _, meta = pretrained(args)
+        start = (f"every method starts from the same pretrained {args.model} ({meta['epochs']} epochs on all 60000 "
+                 f"training images, max lr 0.05; test acc {meta['test_accuracy']:.4f}; the validation images of the "
+                 "threshold were part of its training set), then trains each method on ")
+    return (f"{args.model} on {args.dataset}: {start}{len(data['y'])} training images, {args.epochs:g} epochs "
             f"(batch 128, SGD Nesterov, one-cycle max lr {args.lr:g}, weight decay 5e-4, flips), "
             f"{len(data['val_y'])} held-out validation images for the threshold, {len(data['test_y'])} test images; "
             f"tolerance {args.tolerance * 100:g} points of validation accuracy; seed {args.seed}; "
@@ -177,7 +230,8 @@ def _setting(args: argparse.Namespace, data: dict) -> str:
 def _row(label: str, method: str, options: dict, args: argparse.Namespace, data: dict) -> dict:
     """Train (or load), prune by the threshold search and evaluate; cached beside the weights."""
     model, seconds, path = trained(method, args, data, **options)
-    cached = path.with_name(f"{path.stem}_tol{args.tolerance:g}.json")
+    score = "" if args.score == "norm" else f"_y{args.score_alpha:g}_{args.score_m_scale:g}_{args.score_bounds}"
+    cached = path.with_name(f"{path.stem}_tol{args.tolerance:g}{score}.json")
     if cached.exists():
         return json.loads(cached.read_text())
     res = threshold(model, args, data)
@@ -186,12 +240,30 @@ def _row(label: str, method: str, options: dict, args: argparse.Namespace, data:
                test_after=evaluate(res.model, data["test_x"], data["test_y"]), removed=res.n_removed,
                total=len(res.norms), macs=(res.macs_before, res.macs_after),
                params=(res.params_before, res.params_after), val=(res.accuracy_before, res.accuracy_after),
-               threshold=res.threshold, norms=res.norms.tolist(), search_seconds=res.seconds)
+               threshold=res.threshold, norms=res.norms.tolist(), search_seconds=res.seconds,
+               scores=res.scores.tolist())
     cached.write_text(json.dumps(row))
     return row
 
 
+def _reference(args: argparse.Namespace, data: dict) -> dict | None:
+    """Validation and test accuracy of the pretrained, unpruned model (``--init pretrained``)."""
+    if args.init != "pretrained":
+        return None
+    model, _ = pretrained(args)
+    return dict(val=evaluate(model, data["val_x"], data["val_y"]), test=evaluate(model, data["test_x"], data["test_y"]))
+
+
+def _drops(r: dict, ref: dict | None) -> str:
+    """Accuracy drops (points, val / test) of the pruned model vs its own trained model and vs the pretrained one."""
+    own = f"{(r['val'][0] - r['val'][1]) * 100:.2f} / {(r['test_trained'] - r['test_after']) * 100:.2f}"
+    if ref is None:
+        return own
+    return f"{own} | {(ref['val'] - r['val'][1]) * 100:.2f} / {(ref['test'] - r['test_after']) * 100:.2f}"
+
+
 def run_comparison(args: argparse.Namespace, data: dict, argv: list[str] | None) -> str:
+    ref = _reference(args, data)
     runs = []
     for method in args.methods:
         if method == "spr":
@@ -211,17 +283,33 @@ def run_comparison(args: argparse.Namespace, data: dict, argv: list[str] | None)
             f"| {r['removed']} / {r['total']} ({r['removed'] / r['total']:.1%}) "
             f"| {mb / 1e6:.2f} -> {ma / 1e6:.2f} ({1 - ma / mb:.1%}) | {pb:,} -> {pa:,} ({1 - pa / pb:.1%}) "
             f"| {vb:.4f} -> {va:.4f} | {r['test_after']:.4f} "
-            f"| {'-' if r['threshold'] is None else format(r['threshold'], '.3g')} |")
+            + (f"| {_drops(r, ref)} " if ref else "")
+            + f"| {'-' if r['threshold'] is None else format(r['threshold'], '.3g')} |")
     plot = _plot(curves, args)
     params = ("SPR: loss + strength x SPR(alpha, lam = 1 - alpha, M = M scale x initial per-layer max |w|); "
               "group norm: GroupNormPruner(reg, GroupMagnitudeImportance(p=2), classifier ignored), "
               "`regularize(model)` after each backward.")
+    head = ("| training | train s | test acc (trained) | channel groups removed | MACs M (removed) "
+            "| params (removed) | val acc before -> after | test acc after | ")
+    rule = "|---|---|---|---|---|---|---|---|---|"
+    if ref:
+        params = params.replace("initial per-layer max |w|", "per-layer max |w| of the pretrained weights")
+    if args.score != "norm":
+        params += (f" Threshold on SPR's relaxed indicator y* = min(1, max(max_i |w_i| / M_i, sqrt(alpha / lam) "
+                   f"||w||)) with alpha {args.score_alpha:g}, lam {1 - args.score_alpha:g}, M = {args.score_m_scale:g} "
+                   f"x per-layer max |w| of the {'starting' if args.score_bounds == 'start' else 'trained (pruned)'} weights, "
+                   "the same rule for every method (not the norm).")
+    if ref:
+        head += "drop vs own trained, points (val / test) | drop vs pretrained, points (val / test) | "
+        rule += "---|---|"
+        params += (f" Pretrained, unpruned: val acc {ref['val']:.4f}, test acc {ref['test']:.4f}; the threshold's "
+                   "tolerance is against each method's own trained model (val), the last column against the "
+                   "pretrained one.")
     return "\n".join([
-        "# Training with SPR vs no regulariser vs group-norm regulariser, pruned by one norm threshold", "",
+        f"# Training with SPR vs no regulariser vs group-norm regulariser{' from a pretrained network' if ref else ''}"
+        f", pruned by one {'norm' if args.score == 'norm' else 'y*'} threshold", "",
         f"Command: `{_command(argv)}`", "", f"Setting: {_setting(args, data)}", "", params, "",
-        "| training | train s | test acc (trained) | channel groups removed | MACs M (removed) "
-        "| params (removed) | val acc before -> after | test acc after | threshold |",
-        "|---|---|---|---|---|---|---|---|---|", *rows, "",
+        head + "threshold |", rule, *rows, "",
         "A channel group is one output channel of a root layer with everything removed with it (coupled "
         "residual convs, BatchNorm entries, consumer input slices); its norm is that of its filters and "
         "BatchNorm affine entries. The search keeps one channel per root layer. No fine-tuning. `train s` is "
@@ -236,17 +324,19 @@ def _plot(curves: dict[str, dict], args: argparse.Namespace) -> str:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 6))
-    for label, row in curves.items():
-        norms = np.sort(row["norms"])
-        line, = ax.plot(np.arange(1, len(norms) + 1), np.maximum(norms, 1e-8), label=label)
+    colors = plt.cm.tab20(np.linspace(0, 1, 20)) if len(curves) > 10 else [None] * len(curves)
+    for (label, row), color in zip(curves.items(), colors):
+        norms = np.sort(row.get("scores", row["norms"]))
+        line, = ax.plot(np.arange(1, len(norms) + 1), np.maximum(norms, 1e-8), label=label, color=color)
         if row["threshold"] is not None:
             ax.axvline(row["removed"] + 0.5, color=line.get_color(), ls=":", lw=1)
     ax.set_yscale("log")
-    ax.set_xlabel("channel groups, sorted by norm (dotted: removed up to here)")
-    ax.set_ylabel("group norm (filter + BN affine)")
-    ax.set_title(f"{args.model} on {args.dataset}, {args.epochs:g} epochs")
+    ax.set_xlabel(f"channel groups, sorted by {args.score} (dotted: removed up to here)")
+    ax.set_ylabel("group norm (filter + BN affine)" if args.score == "norm" else
+                  f"SPR y* (alpha {args.score_alpha:g}, M scale {args.score_m_scale:g} of the {args.score_bounds} weights)")
+    ax.set_title(f"{args.model} on {args.dataset}, {args.epochs:g} epochs" + (" from pretrained" if args.init == "pretrained" else ""))
     ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2)
-    name = f"perspective_training{args.tag}.png"
+    name = f"{_base(args)}{args.tag}.png"
     fig.tight_layout()
     fig.savefig(RESULTS / name, dpi=110)
     plt.close(fig)
@@ -254,21 +344,34 @@ def _plot(curves: dict[str, dict], args: argparse.Namespace) -> str:
 
 
 def run_tuning(args: argparse.Namespace, data: dict, argv: list[str] | None) -> str:
+    ref = _reference(args, data)
     rows = []
     for alpha in args.grid_alpha:
         for strength in args.grid_strength:
             for m_scale in args.grid_m_scale:
-                model, seconds, _ = trained("spr", args, data, alpha=alpha, lam=1 - alpha, strength=strength,
-                                         m_scale=m_scale)
-                res = threshold(model, args, data)
-                print(f"alpha {alpha} strength {strength} m_scale {m_scale}:", res.summary(), flush=True)
-                rows.append(f"| {alpha:g} | {1 - alpha:g} | {strength:g} | {m_scale:g} | {seconds:.0f} "
-                            f"| {res.accuracy_before:.4f} | {res.n_removed} / {len(res.norms)} "
-                            f"| {1 - res.macs_ratio:.1%} | {res.accuracy_after:.4f} |")
+                label = f"alpha {alpha:g} strength {strength:g} M scale {m_scale:g}"
+                r = _row(label, "spr", dict(alpha=alpha, lam=1 - alpha, strength=strength, m_scale=m_scale),
+                         args, data)
+                (mb, ma), (vb, va) = r["macs"], r["val"]
+                rows.append(f"| {alpha:g} | {1 - alpha:g} | {strength:g} | {m_scale:g} | {r['seconds']:.0f} "
+                            f"| {vb:.4f} | {r['removed']} / {r['total']} | {1 - ma / mb:.1%} | {va:.4f} "
+                            + (f"| {r['test_trained']:.4f} | {r['test_after']:.4f} | {_drops(r, ref)} " if ref else "")
+                            + "|")
+    head, rule = ("| alpha | lam | strength | M scale | train s | val acc | groups removed | MACs removed "
+                  "| val acc after |"), "|---|---|---|---|---|---|---|---|---|"
+    if ref:
+        head += (" test acc | test acc after | drop vs own trained (val / test) | drop vs pretrained (val / test) |")
+        rule += "---|---|---|---|"
     return "\n".join([
         "# SPR parameter grid", "", f"Command: `{_command(argv)}`", "", f"Setting: {_setting(args, data)}", "",
-        "| alpha | lam | strength | M scale | train s | val acc | groups removed | MACs removed | val acc after |",
-        "|---|---|---|---|---|---|---|---|---|", *rows, ""])
+        *([f"Pretrained, unpruned: val acc {ref['val']:.4f}, test acc {ref['test']:.4f}; drops in points.", ""]
+          if ref else []),
+        head, rule, *rows, ""])
+
+
+def _base(args: argparse.Namespace) -> str:
+    """Output file stem: the from-scratch tables keep their old names."""
+    return "perspective_training" + ("_pretrained" if args.init == "pretrained" else "")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -277,9 +380,9 @@ def main(argv: list[str] | None = None) -> None:
     data = load_data(args)
     RESULTS.mkdir(parents=True, exist_ok=True)
     if args.tune:
-        text, name = run_tuning(args, data, argv), f"perspective_training_tuning{args.tag}.md"
+        text, name = run_tuning(args, data, argv), f"{_base(args)}_tuning{args.tag}.md"
     else:
-        text, name = run_comparison(args, data, argv), f"perspective_training{args.tag}.md"
+        text, name = run_comparison(args, data, argv), f"{_base(args)}{args.tag}.md"
     (RESULTS / name).write_text(text)
     print(text)
 

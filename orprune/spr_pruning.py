@@ -47,7 +47,7 @@ class ThresholdPruning:
     model : torch.nn.Module
         The pruned copy (eval mode); the input model is never modified.
     threshold : float or None
-        Groups with ``norm <= threshold`` were removed (one per root layer is always kept);
+        Groups with ``score <= threshold`` were removed (one per root layer is always kept);
         ``None`` when nothing could be removed within the tolerance.
     removed : tuple of int
         Indices into ``regularizer.groups_`` of the removed groups.
@@ -66,6 +66,10 @@ class ThresholdPruning:
         Masked accuracy evaluations made by the search.
     seconds : float
         Wall time of the search and the removal.
+    score : {"norm", "optimal_y"}
+        What the threshold was on: the group norms or the relaxed indicators :math:`y^*_j`.
+    scores : ndarray
+        The values thresholded, aligned with ``regularizer.groups_`` (equal to ``norms`` for ``"norm"``).
     """
 
     model: nn.Module
@@ -83,9 +87,14 @@ class ThresholdPruning:
     tolerance: float
     evaluations: int
     seconds: float
+    score: str = "norm"
+    scores: np.ndarray | None = None
 
     def __post_init__(self) -> None:
+        if self.scores is None:
+            object.__setattr__(self, "scores", self.norms)
         self.norms.flags.writeable = False
+        self.scores.flags.writeable = False
 
     @property
     def n_removed(self) -> int:
@@ -97,7 +106,7 @@ class ThresholdPruning:
         return self.macs_after / self.macs_before
 
     def summary(self) -> str:
-        return (f"removed {self.n_removed} of {len(self.norms)} channel groups (norm <= "
+        return (f"removed {self.n_removed} of {len(self.norms)} channel groups ({self.score} <= "
                 f"{self.threshold if self.threshold is None else f'{self.threshold:.3g}'}); MACs "
                 f"{self.macs_before / 1e6:.2f} M -> {self.macs_after / 1e6:.2f} M ({self.macs_ratio:.1%}), params "
                 f"{self.params_before:,} -> {self.params_after:,}; validation accuracy "
@@ -112,6 +121,7 @@ def prune_by_threshold(
     *,
     tolerance: float = 0.005,
     batch_size: int = 1000,
+    score: str = "norm",
 ) -> ThresholdPruning:
     r"""Remove the channel groups of smallest norm, as many as a held-out accuracy drop allows.
 
@@ -130,6 +140,10 @@ def prune_by_threshold(
     then removed through torch-pruning's dependency graph on a deep copy. Accuracy need not be
     monotone in :math:`\tau`, so the answer is a local one; but the number removed never decreases
     when :math:`\varepsilon` grows (``formulations/perspective_regularizer.md``, section 8).
+    With ``score="optimal_y"`` the same search runs on the relaxed indicators
+    :math:`y^*_j = \min(1, \max(r_j, \sqrt{\alpha/\lambda}\, n_j))` of ``regularizer``
+    (:meth:`PerspectiveRegularizer.optimal_y`) in place of :math:`n_j`: relative to each layer's big-M
+    bound, so a layer is not emptied first only because its weights are small.
 
     Parameters
     ----------
@@ -143,6 +157,8 @@ def prune_by_threshold(
         Largest accepted accuracy drop, as a fraction (0.005 is half a point), ``>= 0``.
     batch_size : int
         Evaluation batch size.
+    score : {"norm", "optimal_y"}
+        The value thresholded: the group norms (default) or ``regularizer``'s relaxed indicators.
 
     Returns
     -------
@@ -150,8 +166,11 @@ def prune_by_threshold(
     """
     start = time.perf_counter()
     tolerance = _check_inputs(model, regularizer, val_images, val_labels, tolerance, batch_size)
+    if score not in ("norm", "optimal_y"):
+        raise ValueError(f"`score` must be 'norm' or 'optimal_y'; got {score!r}.")
     try:
         norms = regularizer.group_norms().detach().cpu().double().numpy()
+        scores = norms if score == "norm" else regularizer.optimal_y().detach().cpu().double().numpy()
     except RuntimeError as exc:  # the model changed shape since the regulariser was built
         raise ValueError(f"`regularizer` no longer matches `model`: {exc}") from exc
     groups = regularizer.groups_
@@ -162,7 +181,7 @@ def prune_by_threshold(
     work = copy.deepcopy(model).eval()
     pristine = {k: v.clone() for k, v in work.state_dict().items()}
     slices = [_group_slices(work, g) for g in groups]
-    candidates, cuts = _candidates(groups, norms)
+    candidates, cuts = _candidates(groups, scores)
 
     cache: dict[int, float] = {}
 
@@ -199,7 +218,7 @@ def prune_by_threshold(
     macs_after, params_after = count_macs_params(pruned, example)
     return ThresholdPruning(
         model=pruned,
-        threshold=float(norms[candidates[cuts[lo] - 1]]) if cuts[lo] else None,
+        threshold=float(scores[candidates[cuts[lo] - 1]]) if cuts[lo] else None,
         removed=tuple(sorted(removed)),
         removed_per_layer=_per_layer(groups, removed),
         norms=norms,
@@ -207,12 +226,12 @@ def prune_by_threshold(
         params_before=params_before, params_after=params_after,
         accuracy_before=base, accuracy_after=accuracy, masked_accuracy=masked_accuracy(lo),
         tolerance=tolerance, evaluations=len(cache),
-        seconds=time.perf_counter() - start,
+        seconds=time.perf_counter() - start, score=score, scores=scores,
     )
 
 
 def _candidates(groups, norms: np.ndarray) -> tuple[np.ndarray, list[int]]:
-    """Removable groups in increasing norm, and the cut points between distinct norms.
+    """Removable groups in increasing norm (or score), and the cut points between distinct values.
 
     Cut ``i`` removes ``candidates[:cuts[i]]``; ``cuts[0] = 0``. Ties are cut together so that
     each cut is a threshold ``norm <= tau``.

@@ -215,3 +215,54 @@ def test_cli_function_writes_model_and_report(tmp_path):
     assert report["val_accuracy_after"] >= report["val_accuracy_before"] - 0.02 - 1e-12
     assert report["train_images"] == 500 and report["val_images"] == 300
     assert np.isclose(report["test_accuracy_final"], evaluate(model, *load_digits("test")))
+
+
+def _optimal_y_reference(model: nn.Module, reg: PerspectiveRegularizer) -> np.ndarray:
+    """y* = min(1, max(max_i |w_i| / M_i, sqrt(alpha / lam) ||w||)) from each group's producer entries."""
+    out = []
+    for g in reg.groups_:
+        entries = {}  # (module, parameter) -> (values, bound): each tensor entry counted once
+        for member in g.members:
+            if member.dim != "out":
+                continue
+            module = model.get_submodule(member.module)
+            for name in ("weight", "bias"):
+                param = getattr(module, name, None)
+                if param is not None:
+                    values = param.detach()[list(member.indices)].reshape(-1).double().numpy()
+                    entries[(member.module, name)] = (values, reg.bounds_[member.module])
+        w = np.concatenate([v for v, _ in entries.values()])
+        r = max(float(np.abs(v).max()) / bound for v, bound in entries.values())
+        out.append(min(1.0, max(r, np.sqrt(reg.alpha / reg.lam) * np.linalg.norm(w))))
+    return np.array(out)
+
+
+def test_optimal_y_score_thresholds_the_relaxed_indicator(trained, digits):
+    model, reg = trained
+    _, _, vx, vy = digits
+    tol = 0.02
+    res = prune_by_threshold(model, reg, vx, vy, tolerance=tol, score="optimal_y")
+    y = _optimal_y_reference(model, reg)
+    np.testing.assert_allclose(res.scores, y, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(res.norms, reg.group_norms().double().numpy())
+    y = np.asarray(res.scores)  # checked above; its own rounding decides ties and the protected group
+    keep = {}
+    for j, g in enumerate(reg.groups_):  # the largest-y* channel of each root layer stays
+        if g.dependency_group not in keep or y[j] > y[keep[g.dependency_group]]:
+            keep[g.dependency_group] = j
+    removable = set(range(len(y))) - set(keep.values())
+    assert res.n_removed > 0
+    assert set(res.removed) == {j for j in removable if y[j] <= res.threshold}
+    assert res.accuracy_after == evaluate(res.model, vx, vy)
+    assert res.accuracy_after >= res.accuracy_before - tol - 1e-12
+
+
+def test_default_score_is_the_norm(trained, digits):
+    model, reg = trained
+    _, _, vx, vy = digits
+    default = prune_by_threshold(model, reg, vx, vy, tolerance=0.02)
+    explicit = prune_by_threshold(model, reg, vx, vy, tolerance=0.02, score="norm")
+    assert default.score == "norm" and default.removed == explicit.removed
+    assert np.array_equal(default.scores, default.norms)
+    with pytest.raises(ValueError, match="`score` must be 'norm' or 'optimal_y'"):
+        prune_by_threshold(model, reg, vx, vy, score="y")
