@@ -5,7 +5,7 @@ from orprune.allocation import Allocation, AllocationProblem, CostModel, allocat
 from orprune.uniform_allocation import allocate_uniform
 from orprune.calibration import TargetCache, collect_statistics
 from orprune.costs import NetworkCosts, network_costs
-from orprune.curves import ErrorCurve, error_curve
+from orprune.curves import ErrorCurve, error_curve, join_curves
 from orprune.graph import Consumer, ExcludedGroup, PrunableUnit, PruningGraph, find_groups
 from orprune.surgery import ConsumerUpdate, PruningPlan, apply_pruning, masked_copy
 from orprune.milp_model import solve_scip, write_model
@@ -53,6 +53,7 @@ __all__ = [
     "collect_statistics",
     "TargetCache",
     "error_curve",
+    "join_curves",
     "find_groups",
     "greedy_path",
     "masked_copy",

@@ -18,7 +18,7 @@ from orprune.problem import LayerProblem
 from orprune.selection import resolve_solver, select
 from orprune.solvers.greedy import greedy_path
 
-__all__ = ["ErrorCurve", "error_curve"]
+__all__ = ["ErrorCurve", "error_curve", "join_curves"]
 
 
 @dataclass(frozen=True)
@@ -119,4 +119,28 @@ def error_curve(
         solver=name,
         scale=prob.yy,
         solve_time=time.perf_counter() - start,
+    )
+
+
+def join_curves(parts: Sequence[ErrorCurve]) -> ErrorCurve:
+    """One curve from curves of the same layer and solver at disjoint keep counts (e.g. solved in
+    parallel, one count each); ``solve_time`` is the sum of the parts'."""
+    if not parts:
+        raise ValueError("`parts` must hold at least one ErrorCurve.")
+    if len({(p.solver, p.scale, p.masks.shape[1]) for p in parts}) != 1:
+        raise ValueError("`parts` must come from the same layer and solver.")
+    counts = np.concatenate([p.keep_counts for p in parts])
+    if np.unique(counts).size != counts.size:
+        raise ValueError(f"`parts` repeat keep counts: {sorted(counts.tolist())}.")
+    order = np.argsort(counts, kind="stable")
+    statuses = [s for p in parts for s in p.statuses]
+    return ErrorCurve(
+        keep_counts=counts[order],
+        errors=np.concatenate([p.errors for p in parts])[order],
+        bounds=np.concatenate([p.bounds for p in parts])[order],
+        statuses=tuple(statuses[i] for i in order),
+        masks=np.concatenate([p.masks for p in parts])[order],
+        solver=parts[0].solver,
+        scale=parts[0].scale,
+        solve_time=float(sum(p.solve_time for p in parts)),
     )

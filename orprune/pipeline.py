@@ -33,7 +33,7 @@ from orprune.allocation import Allocation, AllocationProblem, allocate
 from orprune.baselines import count_macs_params
 from orprune.calibration import DEFAULT_POSITIONS_PER_IMAGE, TargetCache, collect_statistics
 from orprune.costs import network_costs
-from orprune.curves import ErrorCurve, error_curve
+from orprune.curves import ErrorCurve, error_curve, join_curves
 from orprune.graph import DEFAULT_MAX_FEATURES, Consumer, call_model, find_groups, weight_matrix
 from orprune.problem import LayerProblem, StatisticsAccumulator
 from orprune.selection import resolve_solver
@@ -312,15 +312,22 @@ class Pruner:
             self.unit_problems_[unit.name] = problem
             options.append(_keep_options(unit.n_channels, self.max_options, self.min_channels, self.round_to))
         solvers = [resolve_solver(self.solver, p.n_channels) for p in problems]
-        # longest first (exact, then wide units), so that parallel workers finish together
-        order = sorted(range(len(problems)), key=lambda i: (solvers[i] == "exact", problems[i].n_channels),
-                       reverse=True)
+        # Greedy gives a whole curve from one path; other solvers solve each keep count alone, so
+        # each count is its own task and parallel workers share even a single slow unit.
+        tasks = [(i, options[i]) if solvers[i] == "greedy" else (i, options[i][j : j + 1])
+                 for i in range(len(problems)) for j in range(1 if solvers[i] == "greedy" else options[i].size)]
+        # longest first (exact, wide, many consumers, middle counts), so that workers finish together
+        tasks.sort(key=lambda t: (solvers[t[0]] != "greedy", problems[t[0]].n_channels,
+                                  len(self.graph_.units[t[0]].consumers),
+                                  -abs(int(t[1][0]) - problems[t[0]].n_channels / 2)), reverse=True)
         with self._mapper() as mapper:
-            results = mapper(_curve_task, [problems[i] for i in order], [options[i] for i in order],
-                             [solvers[i] for i in order], [self.time_limit] * len(order))
-            curves = dict(zip(order, tqdm(results, total=len(order), desc="error curves",
-                                          disable=not self.progress, leave=False)))
-        self.curves_ = {unit.name: curves[i] for i, unit in enumerate(self.graph_.units)}
+            results = mapper(_curve_task, [problems[i] for i, _ in tasks], [counts for _, counts in tasks],
+                             [solvers[i] for i, _ in tasks], [self.time_limit] * len(tasks))
+            parts: dict[int, list[ErrorCurve]] = {i: [] for i in range(len(problems))}
+            for (i, _), curve in zip(tasks, tqdm(results, total=len(tasks), desc="error curves",
+                                                 disable=not self.progress, leave=False)):
+                parts[i].append(curve)
+        self.curves_ = {unit.name: join_curves(parts[i]) for i, unit in enumerate(self.graph_.units)}
         return self
 
     # ------------------------------------------------------------------ prune

@@ -177,6 +177,9 @@ def test_allocation_is_the_brute_force_optimum_of_the_curves_on_a_tiny_network()
             best = min(best, error)
     result = pruner.prune(macs=0.45)
     assert result.allocation.objective == pytest.approx(best, rel=1e-9, abs=1e-12)
+    # exact curves are solved one keep count per task: a process pool gives the serial curves
+    pooled = orprune.Pruner(solver="auto", progress=False, positions_per_image=None, n_jobs=2).fit(model, batches)
+    _curves_equal(pruner.curves_, pooled.curves_)
     assert result.macs_after <= budget
 
 

@@ -138,3 +138,24 @@ def test_error_curve_matches_refits_and_is_feasible(solver):
         error_curve(prob, [9], solver=solver)
     with pytest.raises(ValueError, match="not on this curve"):
         partial.mask_for(3)
+
+
+def test_curves_solved_one_count_at_a_time_join_into_the_whole_curve():
+    from orprune.curves import error_curve, join_curves
+
+    prob = random_problem(4, 7, 3, ridge=0.01, correlated=True)
+    whole = error_curve(prob, solver="exact")
+    parts = [error_curve(prob, [k], solver="exact") for k in (5, 0, 7, 3, 1, 2, 6, 4)]
+    joined = join_curves(parts)
+    np.testing.assert_array_equal(joined.keep_counts, whole.keep_counts)
+    np.testing.assert_array_equal(joined.masks, whole.masks)
+    np.testing.assert_allclose(joined.errors, whole.errors, rtol=1e-12)
+    np.testing.assert_allclose(joined.bounds, whole.bounds, rtol=1e-12)
+    assert joined.statuses == whole.statuses and joined.solver == "exact"
+    assert joined.errors.tolist() == sorted(joined.errors.tolist(), reverse=True)  # optimal: monotone
+    with pytest.raises(ValueError, match="repeat keep counts"):
+        join_curves(parts + parts[:1])
+    with pytest.raises(ValueError, match="same layer and solver"):
+        join_curves([parts[0], error_curve(prob, [2], solver="greedy")])
+    with pytest.raises(ValueError, match="at least one"):
+        join_curves([])
