@@ -163,19 +163,18 @@ def main(argv: list[str] | None = None) -> None:
             repaired = recalibrate_batchnorm(copy.deepcopy(pruned), calibration)
             record(f"torch-pruning {importance} + BN re-estimation, {fraction:.2f}", repaired, seconds)
 
-    tuned = finetune(models, rows, args)
+    tuned = finetune(models, rows, args, train_x, train_y, test_x, test_y)
     text = report(args, command, dataset, meta, base_acc, base_macs, base_params, cost_rows, rows, tuned)
     with open(args.output, "w") as handle:
         handle.write(text)
     print(text)
 
 
-def finetune(models: dict[str, torch.nn.Module], rows: list[tuple], args: argparse.Namespace) -> dict[str, float]:
+def finetune(models: dict[str, torch.nn.Module], rows: list[tuple], args: argparse.Namespace,
+             train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor) -> dict[str, float]:
     """Test accuracy of the unpruned model and of every row at ``--finetune-macs`` after the same fine-tune."""
     if args.finetune_epochs <= 0:
         return {}
-    train_x, train_y, _ = load_default("train")
-    test_x, test_y, _ = load_default("test")
     pick = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(1))[: args.finetune_size]
     wanted = {f"{float(v):.2f}" for v in args.finetune_macs.split(",")}
     out = {}

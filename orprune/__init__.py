@@ -2,7 +2,6 @@
 
 from orprune._status import FEASIBLE, INFEASIBLE, OPTIMAL, TIME_LIMIT
 from orprune.allocation import Allocation, AllocationProblem, CostModel, allocate, min_cost
-from orprune.uniform_allocation import allocate_uniform
 from orprune.calibration import TargetCache, collect_statistics
 from orprune.costs import NetworkCosts, network_costs
 from orprune.curves import ErrorCurve, error_curve, join_curves
@@ -18,6 +17,7 @@ from orprune.spr_pruning import SPRTraining, ThresholdPruning, prune_by_threshol
 from orprune.solvers import available_solvers, register_solver
 from orprune.solvers.greedy import greedy_path
 from orprune.solvers.local_search import backward_elimination, swap_local_search
+from orprune.uniform_allocation import allocate_uniform
 
 __version__ = "0.1.0.dev0"
 

@@ -24,8 +24,6 @@ def _tolerance(budget: float) -> float:
     return FEASIBILITY_RTOL * max(abs(budget), 1.0)
 
 
-
-
 @dataclass
 class Expr:
     """``const + sum_j lin[j] . x_j + sum_(i,j) pair[i,j] k_i k_j`` over the retained options."""

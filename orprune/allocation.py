@@ -39,6 +39,8 @@ __all__ = ["Allocation", "AllocationProblem", "CostModel", "allocate", "min_cost
 
 #: Linearisations of the products k_i k_j; the first is the default (fastest, see the benchmark).
 FORMULATIONS = ("transport", "mccormick")
+
+
 def _finite(value: Any, name: str) -> float:
     try:
         value = float(value)

@@ -98,7 +98,7 @@ class PruneResult:
 
 
 def _curve_task(problem: LayerProblem, keep_counts: np.ndarray, solver: str, time_limit: float | None) -> ErrorCurve:
-    """One unit's curve; a top-level function so process pools can pickle it."""
+    """One unit's curve at ``keep_counts``; a top-level function so process pools can pickle it."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # time-limit warnings: the status is in the curve
         return error_curve(problem, keep_counts, solver=solver, time_limit=time_limit)
@@ -302,20 +302,20 @@ class Pruner:
         self.statistics_ = stats
         self.consumer_order_ = _forward_order(self.model_, self.graph_.consumers, self.example_inputs_)
         self.problems_ = {c.name: self._problem(stats[c.name], c, self.model_) for c in self.graph_.consumers}
-        problems, options = [], []
         self.unit_problems_: dict[str, LayerProblem] = {}
         for unit in self.graph_.units:
             parts = [self.problems_[c.name] for c in unit.consumers]
             # each consumer's error relative to its own ||Y||^2: layers of any scale compare
-            problem = LayerProblem.combine(parts, scales=[1.0 / max(p.yy, 1e-300) for p in parts])
-            problems.append(problem)
-            self.unit_problems_[unit.name] = problem
-            options.append(_keep_options(unit.n_channels, self.max_options, self.min_channels, self.round_to))
+            self.unit_problems_[unit.name] = LayerProblem.combine(parts, scales=[1.0 / max(p.yy, 1e-300) for p in parts])
+        problems = list(self.unit_problems_.values())
+        options = [_keep_options(u.n_channels, self.max_options, self.min_channels, self.round_to)
+                   for u in self.graph_.units]
         solvers = [resolve_solver(self.solver, p.n_channels) for p in problems]
         # Greedy gives a whole curve from one path; other solvers solve each keep count alone, so
         # each count is its own task and parallel workers share even a single slow unit.
-        tasks = [(i, options[i]) if solvers[i] == "greedy" else (i, options[i][j : j + 1])
-                 for i in range(len(problems)) for j in range(1 if solvers[i] == "greedy" else options[i].size)]
+        tasks: list[tuple[int, np.ndarray]] = []
+        for i, (solver, counts) in enumerate(zip(solvers, options)):
+            tasks += [(i, counts)] if solver == "greedy" else [(i, counts[j : j + 1]) for j in range(counts.size)]
         # longest first (exact, wide, many consumers, middle counts), so that workers finish together
         tasks.sort(key=lambda t: (solvers[t[0]] != "greedy", problems[t[0]].n_channels,
                                   len(self.graph_.units[t[0]].consumers),

@@ -60,18 +60,24 @@ def trained(request, digits):
     return _trained(request.param, digits)
 
 
+def _producer_params(model: nn.Module, group):
+    """(member, parameter name, parameter) of every producer ("out") entry of a channel group."""
+    for member in group.members:
+        if member.dim != "out":
+            continue
+        module = model.get_submodule(member.module)
+        for name in ("weight", "bias"):
+            param = getattr(module, name, None)
+            if param is not None:
+                yield member, name, param
+
+
 def _zero_producers(model: nn.Module, reg: PerspectiveRegularizer, removed) -> nn.Module:
     masked = copy.deepcopy(model)
     with torch.no_grad():
         for j in removed:
-            for member in reg.groups_[j].members:
-                if member.dim != "out":
-                    continue
-                module = masked.get_submodule(member.module)
-                for name in ("weight", "bias"):
-                    param = getattr(module, name, None)
-                    if param is not None:
-                        param[list(member.indices)] = 0.0
+            for member, _, param in _producer_params(masked, reg.groups_[j]):
+                param[list(member.indices)] = 0.0
     return masked.eval()
 
 
@@ -222,15 +228,9 @@ def _optimal_y_reference(model: nn.Module, reg: PerspectiveRegularizer) -> np.nd
     out = []
     for g in reg.groups_:
         entries = {}  # (module, parameter) -> (values, bound): each tensor entry counted once
-        for member in g.members:
-            if member.dim != "out":
-                continue
-            module = model.get_submodule(member.module)
-            for name in ("weight", "bias"):
-                param = getattr(module, name, None)
-                if param is not None:
-                    values = param.detach()[list(member.indices)].reshape(-1).double().numpy()
-                    entries[(member.module, name)] = (values, reg.bounds_[member.module])
+        for member, name, param in _producer_params(model, g):
+            values = param.detach()[list(member.indices)].reshape(-1).double().numpy()
+            entries[(member.module, name)] = (values, reg.bounds_[member.module])
         w = np.concatenate([v for v, _ in entries.values()])
         r = max(float(np.abs(v).max()) / bound for v, bound in entries.values())
         out.append(min(1.0, max(r, np.sqrt(reg.alpha / reg.lam) * np.linalg.norm(w))))
