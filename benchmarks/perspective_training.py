@@ -11,7 +11,11 @@ one-cycle, weight decay, flips), epochs and data:
 ``--init pretrained`` starts all three from the same trained network
 (``benchmarks.common.trained_model(model, epochs=--pretrain-epochs)``, all 60000 Fashion-MNIST training
 images) instead of a fresh initialisation, the SPR authors' protocol: the big-M bounds ``M="auto"`` are then
-taken from the pretrained weights, and the table also reports each accuracy drop against the pretrained model.
+taken from the pretrained weights, and the table also reports each accuracy drop against the pretrained model
+and, in the columns marked ``[common]``, a second search whose tolerance is measured from the pretrained
+model's validation accuracy for every method (``prune_by_threshold(reference_accuracy=...)``), the fair
+criterion. ``--spr a/s/m/r`` trains with the layer-relative penalty (``relative=True``; ``/rd``: detached
+scale); ``--score relative_norm`` thresholds norms relative to each layer's root-mean-square group norm.
 
 Each trained model is then pruned by the same search (``orprune.spr_pruning.prune_by_threshold``):
 the largest norm threshold on the channel groups' norms whose removal costs at most ``--tolerance``
@@ -57,16 +61,22 @@ def _floats(text: str) -> list[float]:
     return [float(v) for v in text.split(",") if v.strip()]
 
 
-def _triples(text: str) -> list[tuple[float, float, float, bool]]:
-    """``alpha/strength/m_scale`` items, ``/c`` appended to penalise consumer input slices too."""
+# flags after alpha/strength/m_scale -> (include_consumers, relative, detach_scale)
+_FLAGS = {"c": (True, False, False), "r": (False, True, False), "rd": (False, True, True)}
+
+
+def _triples(text: str) -> list[tuple[float, float, float, bool, bool, bool]]:
+    """``alpha/strength/m_scale`` items; ``/c`` appended penalises consumer input slices too, ``/r`` makes
+    the penalty layer-relative (``relative=True``), ``/rd`` relative with a detached scale."""
     out = []
     for item in text.split(","):
         parts = item.split("/")
-        consumers = parts[-1] == "c"
-        parts = parts[:-1] if consumers else parts
+        flags = [False, False, False]
+        while parts and parts[-1] in _FLAGS:
+            flags = [a or b for a, b in zip(flags, _FLAGS[parts.pop()])]
         if len(parts) != 3:
-            raise argparse.ArgumentTypeError(f"expected alpha/strength/m_scale[/c], got {item!r}")
-        out.append((*(float(v) for v in parts), consumers))
+            raise argparse.ArgumentTypeError(f"expected alpha/strength/m_scale[/c][/r|/rd], got {item!r}")
+        out.append((*(float(v) for v in parts), *flags))
     return out
 
 
@@ -82,9 +92,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pretrain-epochs", type=int, default=6, help="epochs of the pretrained network (--init pretrained)")
     p.add_argument("--tolerance", type=float, default=0.005)
     p.add_argument("--lr", type=float, default=0.05)
-    p.add_argument("--score", choices=["norm", "optimal_y"], default="norm",
-                   help="threshold the group norms, or SPR's relaxed indicators y* (same alpha and M scale "
-                        "for every method)")
+    p.add_argument("--score", choices=["norm", "relative_norm", "optimal_y"], default="norm",
+                   help="threshold the group norms, the norms relative to their layer's RMS group norm, or "
+                        "SPR's relaxed indicators y* (same alpha and M scale for every method)")
     p.add_argument("--score-bounds", choices=["start", "trained"], default="trained",
                    help="M of y* from the starting weights or from the trained weights being pruned "
                         "(the latter makes y* relative to each layer's largest entry)")
@@ -92,7 +102,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--score-m-scale", type=float, default=1.5, help="M scale of y*, --score optimal_y")
     p.add_argument("--spr", type=_triples, default=[(0.5, 0.015, 4.0, False)],
                    help="SPR settings alpha/strength/m_scale[/c], comma-separated (lam = 1 - alpha; /c: "
-                        "consumer input slices in the groups too); one row each")
+                        "consumer input slices in the groups too; /r: layer-relative penalty; /rd: relative "
+                        "with a detached scale); one row each")
     p.add_argument("--gn-reg", type=_floats, default=[5e-4], help="GroupNormPruner's reg value(s), one row each")
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared machine)")
@@ -143,8 +154,8 @@ def build_model(args: argparse.Namespace, in_channels: int) -> nn.Module:
 
 
 def trained(method: str, args: argparse.Namespace, data: dict, *, alpha: float = 0.5, lam: float = 0.5,
-            strength: float = 0.0, m_scale: float = 1.0, consumers: bool = False,
-            gn_reg: float = 0.0) -> tuple[nn.Module, float, Path]:
+            strength: float = 0.0, m_scale: float = 1.0, consumers: bool = False, relative: bool = False,
+            detach_scale: bool = False, gn_reg: float = 0.0) -> tuple[nn.Module, float, Path]:
     """A model trained with ``method``, from the cache when the same setting ran before."""
     setting = dict(method=method, model=args.model, dataset=args.dataset, epochs=args.epochs, lr=args.lr,
                    train_size=len(data["y"]), val_size=len(data["val_y"]), seed=args.seed)
@@ -154,6 +165,8 @@ def trained(method: str, args: argparse.Namespace, data: dict, *, alpha: float =
         setting.update(alpha=alpha, lam=lam, strength=strength, m_scale=m_scale)
         if consumers:
             setting.update(include_consumers=True)
+        if relative:  # only when set, so the keys of the earlier rows stay valid
+            setting.update(relative=True, detach_scale=detach_scale)
     elif method == "group_norm":
         setting.update(gn_reg=gn_reg)
     key = hashlib.sha1(json.dumps(setting, sort_keys=True).encode()).hexdigest()[:10]
@@ -170,7 +183,8 @@ def trained(method: str, args: argparse.Namespace, data: dict, *, alpha: float =
     regularizer, handle = None, None
     if method == "spr":
         regularizer = PerspectiveRegularizer(model, alpha=alpha, lam=lam, m_scale=m_scale, example_inputs=example,
-                                             include_consumers=consumers)
+                                             include_consumers=consumers, relative=relative,
+                                             detach_scale=detach_scale)
     elif method == "group_norm":
         head = [m for m in model.modules() if isinstance(m, nn.Linear)][-1:]
         pruner = tp.pruner.GroupNormPruner(model, example, importance=tp.importance.GroupMagnitudeImportance(p=2),
@@ -190,10 +204,14 @@ def trained(method: str, args: argparse.Namespace, data: dict, *, alpha: float =
     return model, seconds, path
 
 
-def threshold(model: nn.Module, args: argparse.Namespace, data: dict) -> ThresholdPruning:
-    """The same search for every method, on the same groups (filter + BatchNorm affine norms, or y*)."""
+def threshold(model: nn.Module, args: argparse.Namespace, data: dict,
+              reference: float | None = None) -> ThresholdPruning:
+    """The same search for every method, on the same groups (filter + BatchNorm affine norms, or y*).
+
+    ``reference``: the validation accuracy the tolerance is measured from (default: the model's own).
+    """
     example = data["val_x"][:1]
-    if args.score == "norm":
+    if args.score in ("norm", "relative_norm"):
         groups = PerspectiveRegularizer(model, alpha=0.5, lam=0.5, example_inputs=example)
     else:  # y*, with the same rule for every method
         start = model
@@ -206,7 +224,7 @@ def threshold(model: nn.Module, args: argparse.Namespace, data: dict) -> Thresho
                                         example_inputs=example).bounds_
         groups = PerspectiveRegularizer(model, alpha=a, lam=1 - a, M=bounds, example_inputs=example)
     return prune_by_threshold(model, groups, data["val_x"], data["val_y"], tolerance=args.tolerance,
-                              score=args.score)
+                              score=args.score, reference_accuracy=reference)
 
 
 def _command(argv: list[str] | None) -> str:
@@ -227,22 +245,41 @@ def _setting(args: argparse.Namespace, data: dict) -> str:
             f"{torch.get_num_threads()} torch thread(s), {platform.processor() or platform.machine()}.")
 
 
-def _row(label: str, method: str, options: dict, args: argparse.Namespace, data: dict) -> dict:
-    """Train (or load), prune by the threshold search and evaluate; cached beside the weights."""
+def _row(label: str, method: str, options: dict, args: argparse.Namespace, data: dict,
+         ref: dict | None = None) -> dict:
+    """Train (or load), prune by the threshold search and evaluate; cached beside the weights.
+
+    With ``ref`` (the pretrained model's accuracies) the search runs a second time with the tolerance
+    measured from the pretrained validation accuracy; its results are the row's ``common`` entry.
+    """
     model, seconds, path = trained(method, args, data, **options)
-    score = "" if args.score == "norm" else f"_y{args.score_alpha:g}_{args.score_m_scale:g}_{args.score_bounds}"
+    score = {"norm": "", "relative_norm": "_relnorm"}.get(
+        args.score, f"_y{args.score_alpha:g}_{args.score_m_scale:g}_{args.score_bounds}")
     cached = path.with_name(f"{path.stem}_tol{args.tolerance:g}{score}.json")
     if cached.exists():
-        return json.loads(cached.read_text())
-    res = threshold(model, args, data)
-    print(label, res.summary(), flush=True)
-    row = dict(seconds=seconds, test_trained=evaluate(model, data["test_x"], data["test_y"]),
-               test_after=evaluate(res.model, data["test_x"], data["test_y"]), removed=res.n_removed,
-               total=len(res.norms), macs=(res.macs_before, res.macs_after),
-               params=(res.params_before, res.params_after), val=(res.accuracy_before, res.accuracy_after),
-               threshold=res.threshold, norms=res.norms.tolist(), search_seconds=res.seconds,
-               scores=res.scores.tolist())
-    cached.write_text(json.dumps(row))
+        row = json.loads(cached.read_text())
+    else:
+        res = threshold(model, args, data)
+        print(label, res.summary(), flush=True)
+        row = dict(seconds=seconds, test_trained=evaluate(model, data["test_x"], data["test_y"]),
+                   test_after=evaluate(res.model, data["test_x"], data["test_y"]), removed=res.n_removed,
+                   total=len(res.norms), macs=(res.macs_before, res.macs_after),
+                   params=(res.params_before, res.params_after), val=(res.accuracy_before, res.accuracy_after),
+                   threshold=res.threshold, norms=res.norms.tolist(), search_seconds=res.seconds,
+                   scores=res.scores.tolist())
+        cached.write_text(json.dumps(row))
+    if ref is not None:
+        common = cached.with_name(f"{cached.stem}_ref{ref['val']:.4f}.json")
+        if common.exists():
+            row["common"] = json.loads(common.read_text())
+        else:
+            res = threshold(model, args, data, reference=ref["val"])
+            print(label, "(common reference)", res.summary(), flush=True)
+            row["common"] = dict(removed=res.n_removed, macs=(res.macs_before, res.macs_after),
+                                 val_after=res.accuracy_after, within=res.within_tolerance,
+                                 test_after=evaluate(res.model, data["test_x"], data["test_y"]),
+                                 threshold=res.threshold)
+            common.write_text(json.dumps(row["common"]))
     return row
 
 
@@ -252,6 +289,17 @@ def _reference(args: argparse.Namespace, data: dict) -> dict | None:
         return None
     model, _ = pretrained(args)
     return dict(val=evaluate(model, data["val_x"], data["val_y"]), test=evaluate(model, data["test_x"], data["test_y"]))
+
+
+def _common(r: dict, ref: dict) -> str:
+    """Cells of the common-reference search: groups and MACs removed, val / test accuracy after."""
+    c = r["common"]
+    (mb, ma), total = c["macs"], r["total"]
+    if not c["within"]:
+        return (f"none: trained model {(ref['val'] - r['val'][0]) * 100:.2f} points below the reference "
+                f"| - | {c['val_after']:.4f} | {c['test_after']:.4f} ")
+    return (f"{c['removed']} / {total} ({c['removed'] / total:.1%}) | {1 - ma / mb:.1%} "
+            f"| {c['val_after']:.4f} | {c['test_after']:.4f} ")
 
 
 def _drops(r: dict, ref: dict | None) -> str:
@@ -267,16 +315,18 @@ def run_comparison(args: argparse.Namespace, data: dict, argv: list[str] | None)
     runs = []
     for method in args.methods:
         if method == "spr":
-            runs += [(f"{LABELS[method]}, alpha {a:g}, strength {v:g}, M scale {ms:g}"
-                      + (", with consumer slices" if c else ""), method,
-                      dict(alpha=a, lam=1 - a, strength=v, m_scale=ms, consumers=c)) for a, v, ms, c in args.spr]
+            runs += [(f"{LABELS[method]}{', relative' if rel else ''}{' (detached scale)' if det else ''}, "
+                      f"alpha {a:g}, strength {v:g}, M scale {ms:g}" + (", with consumer slices" if c else ""),
+                      method, dict(alpha=a, lam=1 - a, strength=v, m_scale=ms, consumers=c, relative=rel,
+                                   detach_scale=det))
+                     for a, v, ms, c, rel, det in args.spr]
         elif method == "group_norm":
             runs += [(f"{LABELS[method]}, reg {v:g}", method, dict(gn_reg=v)) for v in args.gn_reg]
         else:
             runs.append((LABELS[method], method, {}))
     rows, curves = [], {}
     for label, method, options in runs:
-        r = curves[label] = _row(label, method, options, args, data)
+        r = curves[label] = _row(label, method, options, args, data, ref)
         (mb, ma), (pb, pa), (vb, va) = r["macs"], r["params"], r["val"]
         rows.append(
             f"| {label} | {r['seconds']:.0f} | {r['test_trained']:.4f} "
@@ -284,13 +334,14 @@ def run_comparison(args: argparse.Namespace, data: dict, argv: list[str] | None)
             f"| {mb / 1e6:.2f} -> {ma / 1e6:.2f} ({1 - ma / mb:.1%}) | {pb:,} -> {pa:,} ({1 - pa / pb:.1%}) "
             f"| {vb:.4f} -> {va:.4f} | {r['test_after']:.4f} "
             + (f"| {_drops(r, ref)} " if ref else "")
-            + f"| {'-' if r['threshold'] is None else format(r['threshold'], '.3g')} |")
+            + f"| {'-' if r['threshold'] is None else format(r['threshold'], '.3g')} "
+            + (f"| {_common(r, ref)}" if ref else "") + "|")
     plot = _plot(curves, args)
     params = ("SPR: loss + strength x SPR(alpha, lam = 1 - alpha, M = M scale x initial per-layer max |w|); "
               "group norm: GroupNormPruner(reg, GroupMagnitudeImportance(p=2), classifier ignored), "
               "`regularize(model)` after each backward.")
-    head = ("| training | train s | test acc (trained) | channel groups removed | MACs M (removed) "
-            "| params (removed) | val acc before -> after | test acc after | ")
+    head = ("| training | train s | test acc (trained) | [own] channel groups removed | [own] MACs M (removed) "
+            "| [own] params (removed) | [own] val acc before -> after | [own] test acc after | ")
     rule = "|---|---|---|---|---|---|---|---|---|"
     if ref:
         params = params.replace("initial per-layer max |w|", "per-layer max |w| of the pretrained weights")
@@ -299,17 +350,26 @@ def run_comparison(args: argparse.Namespace, data: dict, argv: list[str] | None)
                    f"||w||)) with alpha {args.score_alpha:g}, lam {1 - args.score_alpha:g}, M = {args.score_m_scale:g} "
                    f"x per-layer max |w| of the {'starting' if args.score_bounds == 'start' else 'trained (pruned)'} weights, "
                    "the same rule for every method (not the norm).")
+    if args.score == "relative_norm":
+        params += (" Threshold on each group's norm divided by its layer's root-mean-square group norm (the same "
+                   "rule for every method), not the raw norm.")
     if ref:
-        head += "drop vs own trained, points (val / test) | drop vs pretrained, points (val / test) | "
-        rule += "---|---|"
-        params += (f" Pretrained, unpruned: val acc {ref['val']:.4f}, test acc {ref['test']:.4f}; the threshold's "
-                   "tolerance is against each method's own trained model (val), the last column against the "
-                   "pretrained one.")
+        head += "[own] drop vs own trained, points (val / test) | [own] drop vs pretrained, points (val / test) | "
+        rule += "---|---|---|---|---|---|"
+        params += (f" Pretrained, unpruned: val acc {ref['val']:.4f}, test acc {ref['test']:.4f}. Two criteria: "
+                   "columns marked [own] come from the search whose 0.5-point tolerance is measured against each "
+                   "method's own trained model (so a method that lost accuracy in training is allowed to lose more); "
+                   f"columns marked [common] from a second search on the same trained model whose tolerance is "
+                   f"measured against the pretrained model's validation accuracy {ref['val']:.4f} for every method "
+                   f"(val acc after >= {ref['val'] - args.tolerance:.4f}): the fair comparison. A trained model "
+                   "already below that floor can remove nothing under it.")
     return "\n".join([
         f"# Training with SPR vs no regulariser vs group-norm regulariser{' from a pretrained network' if ref else ''}"
         f", pruned by one {'norm' if args.score == 'norm' else 'y*'} threshold", "",
         f"Command: `{_command(argv)}`", "", f"Setting: {_setting(args, data)}", "", params, "",
-        head + "threshold |", rule, *rows, "",
+        head + "[own] threshold |" + (" [common] channel groups removed | [common] MACs removed "
+                                      "| [common] val acc after | [common] test acc after |" if ref else ""),
+        rule, *rows, "",
         "A channel group is one output channel of a root layer with everything removed with it (coupled "
         "residual convs, BatchNorm entries, consumer input slices); its norm is that of its filters and "
         "BatchNorm affine entries. The search keeps one channel per root layer. No fine-tuning. `train s` is "

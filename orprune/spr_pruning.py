@@ -36,6 +36,8 @@ _EPS = 1e-12
 # accuracy (ResNet-20, Fashion-MNIST, 2 epochs); strength 0.05 already collapsed training there.
 _DEFAULT_STRENGTH = 0.015
 _DEFAULT_M_SCALE = 4.0
+# score name -> PerspectiveRegularizer method giving it
+_SCORES = {"norm": "group_norms", "relative_norm": "relative_norms", "optimal_y": "optimal_y"}
 
 
 @dataclass(frozen=True)
@@ -66,10 +68,14 @@ class ThresholdPruning:
         Masked accuracy evaluations made by the search.
     seconds : float
         Wall time of the search and the removal.
-    score : {"norm", "optimal_y"}
-        What the threshold was on: the group norms or the relaxed indicators :math:`y^*_j`.
+    score : {"norm", "relative_norm", "optimal_y"}
+        What the threshold was on: the group norms, the norms relative to their layer's root-mean-square
+        group norm, or the relaxed indicators :math:`y^*_j`.
     scores : ndarray
         The values thresholded, aligned with ``regularizer.groups_`` (equal to ``norms`` for ``"norm"``).
+    reference_accuracy : float
+        The accuracy the tolerance is measured from: ``accuracy_before`` unless another reference (e.g.
+        the pretrained model's) was given.
     """
 
     model: nn.Module
@@ -89,16 +95,25 @@ class ThresholdPruning:
     seconds: float
     score: str = "norm"
     scores: np.ndarray | None = None
+    reference_accuracy: float | None = None
 
     def __post_init__(self) -> None:
         if self.scores is None:
             object.__setattr__(self, "scores", self.norms)
+        if self.reference_accuracy is None:
+            object.__setattr__(self, "reference_accuracy", self.accuracy_before)
         self.norms.flags.writeable = False
         self.scores.flags.writeable = False
 
     @property
     def n_removed(self) -> int:
         return len(self.removed)
+
+    @property
+    def within_tolerance(self) -> bool:
+        """Whether ``accuracy_after >= reference_accuracy - tolerance``; ``False`` only when the input
+        model itself is already below that floor (then nothing is removed)."""
+        return self.accuracy_after >= self.reference_accuracy - self.tolerance - _EPS
 
     @property
     def macs_ratio(self) -> float:
@@ -110,7 +125,11 @@ class ThresholdPruning:
                 f"{self.threshold if self.threshold is None else f'{self.threshold:.3g}'}); MACs "
                 f"{self.macs_before / 1e6:.2f} M -> {self.macs_after / 1e6:.2f} M ({self.macs_ratio:.1%}), params "
                 f"{self.params_before:,} -> {self.params_after:,}; validation accuracy "
-                f"{self.accuracy_before:.4f} -> {self.accuracy_after:.4f} (tolerance {self.tolerance:g})")
+                f"{self.accuracy_before:.4f} -> {self.accuracy_after:.4f} (tolerance {self.tolerance:g}"
+                + ("" if self.reference_accuracy == self.accuracy_before
+                   else f" from reference {self.reference_accuracy:.4f}"
+                   + ("" if self.within_tolerance else ", not met: the input model is below it"))
+                + ")")
 
 
 def prune_by_threshold(
@@ -122,6 +141,7 @@ def prune_by_threshold(
     tolerance: float = 0.005,
     batch_size: int = 1000,
     score: str = "norm",
+    reference_accuracy: float | None = None,
 ) -> ThresholdPruning:
     r"""Remove the channel groups of smallest norm, as many as a held-out accuracy drop allows.
 
@@ -143,7 +163,14 @@ def prune_by_threshold(
     With ``score="optimal_y"`` the same search runs on the relaxed indicators
     :math:`y^*_j = \min(1, \max(r_j, \sqrt{\alpha/\lambda}\, n_j))` of ``regularizer``
     (:meth:`PerspectiveRegularizer.optimal_y`) in place of :math:`n_j`: relative to each layer's big-M
-    bound, so a layer is not emptied first only because its weights are small.
+    bound, so a layer is not emptied first only because its weights are small. ``score="relative_norm"``
+    thresholds :math:`n_j / c_{L(j)}` with :math:`c_L` the root-mean-square group norm of :math:`j`'s
+    layer (:meth:`PerspectiveRegularizer.relative_norms`), the quantity a ``relative=True`` penalty sees.
+
+    With ``reference_accuracy`` :math:`a_{\mathrm{ref}}` the constraint reads
+    :math:`\operatorname{acc}(\cdot) \ge a_{\mathrm{ref}} - \varepsilon` instead: one common floor for
+    models trained different ways (e.g. the accuracy of the model they all started from). If ``model``
+    itself is below it, nothing is removed and the result's ``within_tolerance`` is ``False``.
 
     Parameters
     ----------
@@ -157,8 +184,12 @@ def prune_by_threshold(
         Largest accepted accuracy drop, as a fraction (0.005 is half a point), ``>= 0``.
     batch_size : int
         Evaluation batch size.
-    score : {"norm", "optimal_y"}
-        The value thresholded: the group norms (default) or ``regularizer``'s relaxed indicators.
+    score : {"norm", "relative_norm", "optimal_y"}
+        The value thresholded: the group norms (default), the layer-relative norms, or ``regularizer``'s
+        relaxed indicators.
+    reference_accuracy : float or None
+        Accuracy (a fraction in [0, 1]) the tolerance is measured from; ``None``: ``model``'s own
+        validation accuracy.
 
     Returns
     -------
@@ -166,11 +197,16 @@ def prune_by_threshold(
     """
     start = time.perf_counter()
     tolerance = _check_inputs(model, regularizer, val_images, val_labels, tolerance, batch_size)
-    if score not in ("norm", "optimal_y"):
-        raise ValueError(f"`score` must be 'norm' or 'optimal_y'; got {score!r}.")
+    if score not in _SCORES:
+        raise ValueError(f"`score` must be one of {list(_SCORES)}; got {score!r}.")
+    if reference_accuracy is not None and (
+            isinstance(reference_accuracy, bool) or not isinstance(reference_accuracy, numbers.Real)
+            or not 0.0 <= reference_accuracy <= 1.0):
+        raise ValueError(f"`reference_accuracy` must be None or an accuracy fraction in [0, 1]; "
+                         f"got {reference_accuracy!r}.")
     try:
         norms = regularizer.group_norms().detach().cpu().double().numpy()
-        scores = norms if score == "norm" else regularizer.optimal_y().detach().cpu().double().numpy()
+        scores = getattr(regularizer, _SCORES[score])().detach().cpu().double().numpy()
     except RuntimeError as exc:  # the model changed shape since the regulariser was built
         raise ValueError(f"`regularizer` no longer matches `model`: {exc}") from exc
     groups = regularizer.groups_
@@ -196,8 +232,11 @@ def prune_by_threshold(
         return cache[i]
 
     base = masked_accuracy(0)
-    floor = base - tolerance - _EPS
-    lo, hi = 0, len(cuts) - 1  # invariant: cut `lo` is feasible
+    reference = base if reference_accuracy is None else float(reference_accuracy)
+    floor = reference - tolerance - _EPS
+    # invariant: cut `lo` is feasible; when even cut 0 is not (the model is below a given reference),
+    # nothing is removed
+    lo, hi = 0, (len(cuts) - 1 if base >= floor else 0)
     while lo < hi:
         mid = (lo + hi + 1) // 2
         if masked_accuracy(mid) >= floor:
@@ -226,7 +265,7 @@ def prune_by_threshold(
         params_before=params_before, params_after=params_after,
         accuracy_before=base, accuracy_after=accuracy, masked_accuracy=masked_accuracy(lo),
         tolerance=tolerance, evaluations=len(cache),
-        seconds=time.perf_counter() - start, score=score, scores=scores,
+        seconds=time.perf_counter() - start, score=score, scores=scores, reference_accuracy=reference,
     )
 
 

@@ -264,5 +264,76 @@ def test_default_score_is_the_norm(trained, digits):
     explicit = prune_by_threshold(model, reg, vx, vy, tolerance=0.02, score="norm")
     assert default.score == "norm" and default.removed == explicit.removed
     assert np.array_equal(default.scores, default.norms)
-    with pytest.raises(ValueError, match="`score` must be 'norm' or 'optimal_y'"):
+    with pytest.raises(ValueError, match=r"`score` must be one of \['norm', 'relative_norm', 'optimal_y'\]"):
         prune_by_threshold(model, reg, vx, vy, score="y")
+
+
+def _relative_norm_reference(model: nn.Module, reg: PerspectiveRegularizer) -> np.ndarray:
+    """||w_j|| / sqrt(mean of ||w_k||^2 over the groups k of j's dependency group), from producer entries."""
+    norms = []
+    for g in reg.groups_:
+        entries = {(m.module, name): param.detach()[list(m.indices)].reshape(-1).double().numpy()
+                   for m, name, param in _producer_params(model, g)}
+        norms.append(np.linalg.norm(np.concatenate(list(entries.values()))))
+    norms = np.array(norms)
+    layer = np.array([g.dependency_group for g in reg.groups_])
+    rms = {d: np.sqrt(np.mean(norms[layer == d] ** 2)) for d in set(layer.tolist())}
+    return norms / np.array([rms[d] for d in layer])
+
+
+def test_relative_norm_score_thresholds_layer_relative_norms(trained, digits):
+    model, reg = trained
+    _, _, vx, vy = digits
+    tol = 0.02
+    res = prune_by_threshold(model, reg, vx, vy, tolerance=tol, score="relative_norm")
+    np.testing.assert_allclose(res.scores, _relative_norm_reference(model, reg), rtol=1e-5)
+    rel = np.asarray(res.scores)
+    keep = {}
+    for j, g in enumerate(reg.groups_):
+        if g.dependency_group not in keep or rel[j] > rel[keep[g.dependency_group]]:
+            keep[g.dependency_group] = j
+    removable = set(range(len(rel))) - set(keep.values())
+    expected = set() if res.threshold is None else {j for j in removable if rel[j] <= res.threshold}
+    assert set(res.removed) == expected
+    assert res.accuracy_after >= res.accuracy_before - tol - 1e-12
+
+
+def test_reference_accuracy_is_a_shifted_tolerance(trained, digits):
+    """Floor ref - eps equals base - (eps + base - ref): the same search as that own-model tolerance."""
+    model, reg = trained
+    _, _, vx, vy = digits
+    base = evaluate(model, vx, vy)
+    n = len(vy)
+    default = prune_by_threshold(model, reg, vx, vy, tolerance=0.02)
+    assert default.reference_accuracy == default.accuracy_before and default.within_tolerance
+    for shift, tol in ((3, 0.03), (-4, 0.01), (0, 0.02)):  # reference base + shift / n (whole images)
+        ref = base + shift / n
+        got = prune_by_threshold(model, reg, vx, vy, tolerance=tol, reference_accuracy=ref)
+        same = prune_by_threshold(model, reg, vx, vy, tolerance=tol - shift / n)
+        assert got.removed == same.removed and got.accuracy_after == same.accuracy_after
+        assert got.reference_accuracy == ref and got.accuracy_before == base
+        assert got.within_tolerance and got.accuracy_after >= ref - tol - 1e-12
+        assert got.accuracy_after == evaluate(got.model, vx, vy)
+
+
+def test_reference_above_reach_removes_nothing(trained, digits):
+    model, reg = trained
+    _, _, vx, vy = digits
+    base = evaluate(model, vx, vy)
+    ref = min(1.0, base + 0.05)
+    res = prune_by_threshold(model, reg, vx, vy, tolerance=0.01, reference_accuracy=ref)
+    assert res.n_removed == 0 and res.threshold is None and not res.within_tolerance
+    assert res.accuracy_after == base and res.macs_after == res.macs_before
+    assert "not met" in res.summary()
+    # a larger tolerance that reaches the model again behaves as the shifted own-model tolerance
+    wide = prune_by_threshold(model, reg, vx, vy, tolerance=ref - base + 0.01, reference_accuracy=ref)
+    assert wide.within_tolerance
+    assert set(res.removed) <= set(wide.removed)
+
+
+@pytest.mark.parametrize("bad", [1.5, -0.1, True, float("nan"), "0.9"])
+def test_reference_accuracy_rejects_bad_values(trained, digits, bad):
+    model, reg = trained
+    _, _, vx, vy = digits
+    with pytest.raises(ValueError, match="`reference_accuracy` must be None or an accuracy fraction in"):
+        prune_by_threshold(model, reg, vx, vy, reference_accuracy=bad)

@@ -57,6 +57,18 @@ class PerspectiveRegularizer(nn.Module):
     include_consumers : bool
         Also penalise the input slices of consuming layers. Default ``False``, as the authors do
         (filter + BatchNorm affine); consumer slices are listed in :attr:`groups_` either way.
+    relative : bool
+        Evaluate the closed form on each group's weights divided by its layer's scale
+        :math:`c_L = (\frac{1}{|L|}\sum_{k \in L} \|w_k\|_2^2)^{1/2}` (the root-mean-square group norm of
+        its torch-pruning dependency group :math:`L`): :math:`R = \sum_j \mathrm{SPR}(w_j / c_{L(j)})`.
+        Scaling all of one layer's groups by a constant (which a BatchNorm network's function ignores)
+        then leaves the penalty unchanged, so the pull separates groups within a layer instead of
+        shrinking the layer. ``M`` is then in relative units: ``"auto"`` is ``m_scale`` times the
+        layer's largest absolute entry divided by :math:`c_L` at construction. Derivation:
+        ``formulations/perspective_regularizer.md``, section 9.
+    detach_scale : bool
+        With ``relative=True``, treat :math:`c_L` as a constant in the gradient (the value is the same).
+        By default it is differentiated, which makes the gradient orthogonal to each layer's weights.
     root_module_types : tuple of types
         Layer types whose output channels root a dependency group.
 
@@ -66,7 +78,15 @@ class PerspectiveRegularizer(nn.Module):
         Group ``j`` -> root module name and channel, every member module with its channel indices.
         Aligned with :meth:`penalties` and :meth:`group_norms`.
     bounds_ : dict of str to float
-        The bound ``M`` used for each penalised layer.
+        The bound ``M`` used for each penalised layer (in relative units when ``relative=True``).
+    scales_ : ndarray of shape (n_layers,) or None
+        With ``relative=True``, each dependency group's scale :math:`c_L` at construction (the one that
+        converts the ``"auto"`` bounds to relative units), indexed by ``ChannelGroup.dependency_group``
+        order of first appearance (see :attr:`layer_of_group_`); ``None`` otherwise.
+    layer_of_group_ : ndarray of shape (n_groups,)
+        Layer (dependency group) index ``0..n_layers-1`` of each channel group.
+    n_layers : int
+        Number of layers (torch-pruning dependency groups holding channel groups).
 
     Notes
     -----
@@ -86,6 +106,8 @@ class PerspectiveRegularizer(nn.Module):
         ignored_layers: Iterable[Union[nn.Module, str]] = (),
         include_consumers: bool = False,
         root_module_types: tuple[type, ...] = (nn.Conv2d, nn.Linear),
+        relative: bool = False,
+        detach_scale: bool = False,
     ) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
@@ -100,6 +122,10 @@ class PerspectiveRegularizer(nn.Module):
             raise ValueError("`example_inputs` is required to trace the model's channel dependencies.")
         self.M = M
         self.include_consumers = bool(include_consumers)
+        for flag, name in ((relative, "relative"), (detach_scale, "detach_scale")):
+            if not isinstance(flag, (bool, np.bool_)):
+                raise ValueError(f"`{name}` must be True or False; got {flag!r}.")
+        self.relative, self.detach_scale = bool(relative), bool(detach_scale)
         modules = dict(model.named_modules())
         ignored = []
         for layer in ignored_layers:
@@ -119,22 +145,37 @@ class PerspectiveRegularizer(nn.Module):
         penalised: dict[str, set[str]] = {}
         for name, pname in entries:
             penalised.setdefault(name, set()).add(pname)
-        self.bounds_ = self._resolve_bounds(M, modules, penalised)
+        layer_ids = {d: k for k, d in enumerate(dict.fromkeys(g.dependency_group for g in groups))}
+        layer_of_group = np.array([layer_ids[g.dependency_group] for g in groups], dtype=np.int64)
+        self.n_layers = len(layer_ids)
+        dtype = next(iter(model.parameters())).dtype
+        self.register_buffer("_layer", torch.as_tensor(layer_of_group), persistent=False)
+        layer_of_group.flags.writeable = False
+        self.layer_of_group_ = layer_of_group
+        self.register_buffer("_layer_size", torch.bincount(self._layer, minlength=self.n_layers).to(dtype),
+                             persistent=False)
 
         # Plain list (not registered): the model stays the owner of its parameters.
         self._sources: list[tuple[nn.Module, str, int]] = []
-        gids, inv_m = [], []
+        gids, modules_of_entries = [], []
         for k, ((mod_name, pname), parts) in enumerate(entries.items()):
             param = getattr(modules[mod_name], pname)
             self._sources.append((modules[mod_name], pname, param.numel()))
             flat = np.concatenate([f for _, f in parts])
             self.register_buffer(f"_index{k}", torch.as_tensor(flat, dtype=torch.long), persistent=False)
             gids.append(np.concatenate([np.full(f.size, g) for g, f in parts]))
-            inv_m.append(np.full(flat.size, 1.0 / self.bounds_[mod_name]))
-        dtype = next(iter(model.parameters())).dtype
+            modules_of_entries.append((mod_name, flat.size))
         self.register_buffer("_group_id", torch.as_tensor(np.concatenate(gids), dtype=torch.long),
                              persistent=False)
-        self.register_buffer("_inv_m", torch.as_tensor(np.concatenate(inv_m), dtype=dtype), persistent=False)
+        self.register_buffer("_inv_m", torch.ones(len(self._group_id), dtype=dtype), persistent=False)
+        self.scales_ = None
+        if self.relative:
+            with torch.no_grad():
+                self.scales_ = torch.sqrt(self._layer_scale_sq(self._stats()[0])).cpu().double().numpy()
+            self.scales_.flags.writeable = False
+        self.bounds_ = self._resolve_bounds(M, modules, penalised)
+        inv_m = np.concatenate([np.full(size, 1.0 / self.bounds_[name]) for name, size in modules_of_entries])
+        self._inv_m.copy_(torch.as_tensor(inv_m, dtype=dtype))
 
     @property
     def n_groups(self) -> int:
@@ -147,7 +188,7 @@ class PerspectiveRegularizer(nn.Module):
 
     def penalties(self) -> torch.Tensor:
         """SPR of each channel group, shape ``(n_groups,)``, aligned with :attr:`groups_`."""
-        sq, r = self._stats()
+        sq, r = self._penalised_stats()
         return spr_from_stats(sq, r, self.alpha, self.lam)
 
     @torch.no_grad()
@@ -156,9 +197,22 @@ class PerspectiveRegularizer(nn.Module):
         return torch.sqrt(self._stats()[0])
 
     @torch.no_grad()
+    def relative_norms(self) -> torch.Tensor:
+        """Group norms divided by their layer's root-mean-square group norm :math:`c_L`, detached.
+
+        Within a layer they have mean square 1; a layer with all-zero weights gives zeros. Available
+        whether or not the penalty is ``relative``.
+        """
+        sq = self._stats()[0]
+        return torch.sqrt(sq / _safe(self._layer_scale_sq(sq))[self._layer])
+
+    @torch.no_grad()
     def optimal_y(self) -> torch.Tensor:
-        """Relaxed indicator :math:`y^*_j \\in [0, 1]` of each group at the current weights, detached."""
-        sq, r = self._stats()
+        """Relaxed indicator :math:`y^*_j \\in [0, 1]` of each group at the current weights, detached.
+
+        With ``relative=True``, of the scaled weights :math:`w_j / c_L` that the penalty sees.
+        """
+        sq, r = self._penalised_stats()
         if self.lam == 0.0:
             return torch.ones_like(sq)
         return torch.clamp(torch.maximum(r, math.sqrt(self.alpha / self.lam) * torch.sqrt(sq)), max=1.0)
@@ -182,6 +236,24 @@ class PerspectiveRegularizer(nn.Module):
         r = vals.new_zeros(self.n_groups).scatter_reduce(0, gid, vals.abs() * inv_m, "amax", include_self=True)
         return sq, r
 
+    def _layer_scale_sq(self, sq: torch.Tensor) -> torch.Tensor:
+        """Mean squared group norm :math:`c_L^2` of each layer, shape ``(n_layers,)``."""
+        layer = self._layer.to(sq.device)
+        total = sq.new_zeros(self.n_layers).index_add(0, layer, sq)
+        return total / self._layer_size.to(device=sq.device, dtype=sq.dtype)
+
+    def _penalised_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(||v||^2, r(v))`` of the vectors the penalty sees: ``v = w`` or, relative, ``v = w / c_L``."""
+        sq, r = self._stats()
+        if not self.relative:
+            return sq, r
+        c_sq = self._layer_scale_sq(sq)
+        if self.detach_scale:
+            c_sq = c_sq.detach()
+        # an all-zero layer has sq = r = 0 in every group: any positive scale gives v = 0
+        c_sq = _safe(c_sq)[self._layer.to(sq.device)]
+        return sq / c_sq, r / torch.sqrt(c_sq)
+
     def _resolve_bounds(self, M: Any, modules: dict[str, nn.Module],
                         penalised: dict[str, set[str]]) -> dict[str, float]:
         names = sorted(penalised)
@@ -194,7 +266,7 @@ class PerspectiveRegularizer(nn.Module):
                 peak = max(float(getattr(modules[name], pn).detach().abs().max()) for pn in penalised[name])
                 if peak == 0.0:
                     zero.append(name)
-                bounds[name] = self.m_scale * peak if peak > 0 else math.inf
+                bounds[name] = self.m_scale * peak / self._scale_of(name) if peak > 0 else math.inf
             if zero:
                 warnings.warn(f"`M='auto'`: layers {zero} have all-zero weights; no bound (M = inf) for them.",
                               stacklevel=3)
@@ -208,6 +280,24 @@ class PerspectiveRegularizer(nn.Module):
                 raise ValueError(f"`M` must give a bound for every penalised layer; missing {missing}.")
             return {n: _check_bound(M[n], f"M[{n!r}]") for n in names}
         return {n: _check_bound(M, "M") for n in names}
+
+
+    def _scale_of(self, module: str) -> float:
+        """The construction-time :math:`c_L` of the one layer whose groups hold ``module``'s entries (1 if not relative)."""
+        if self.scales_ is None:
+            return 1.0
+        layers = {int(self.layer_of_group_[j]) for j, g in enumerate(self.groups_)
+                  if any(m.module == module and m.penalized for m in g.members)}
+        if len(layers) != 1:  # a penalised producer belongs to exactly one dependency group
+            raise ValueError(f"`relative=True`: module {module!r} has entries in {len(layers)} layers; "
+                             "give `M` explicitly (in relative units).")
+        scale = float(self.scales_[layers.pop()])
+        return scale if scale > 0 else 1.0
+
+
+def _safe(c_sq: torch.Tensor) -> torch.Tensor:
+    """Replace zero scales by 1 without routing a gradient through the replaced entries."""
+    return torch.where(c_sq > 0, c_sq, torch.ones_like(c_sq))
 
 
 def _check_bound(value: Any, name: str) -> float:
