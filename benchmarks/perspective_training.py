@@ -37,6 +37,7 @@ import platform
 import shlex
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -60,6 +61,8 @@ LABELS = {"spr": "(a) SPR regulariser", "none": "(b) no regulariser", "group_nor
 def _floats(text: str) -> list[float]:
     return [float(v) for v in text.split(",") if v.strip()]
 
+
+_SCORE_LABELS = {"norm": "norm", "relative_norm": "relative-norm", "optimal_y": "y*"}
 
 # flags after alpha/strength/m_scale -> (include_consumers, relative, detach_scale)
 _FLAGS = {"c": (True, False, False), "r": (False, True, False), "rd": (False, True, True)}
@@ -100,7 +103,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                         "(the latter makes y* relative to each layer's largest entry)")
     p.add_argument("--score-alpha", type=float, default=0.1, help="alpha of y* (lam = 1 - alpha), --score optimal_y")
     p.add_argument("--score-m-scale", type=float, default=1.5, help="M scale of y*, --score optimal_y")
-    p.add_argument("--spr", type=_triples, default=[(0.5, 0.015, 4.0, False)],
+    p.add_argument("--spr", type=_triples, default="0.5/0.015/4",
                    help="SPR settings alpha/strength/m_scale[/c], comma-separated (lam = 1 - alpha; /c: "
                         "consumer input slices in the groups too; /r: layer-relative penalty; /rd: relative "
                         "with a detached scale); one row each")
@@ -256,31 +259,37 @@ def _row(label: str, method: str, options: dict, args: argparse.Namespace, data:
     score = {"norm": "", "relative_norm": "_relnorm"}.get(
         args.score, f"_y{args.score_alpha:g}_{args.score_m_scale:g}_{args.score_bounds}")
     cached = path.with_name(f"{path.stem}_tol{args.tolerance:g}{score}.json")
-    if cached.exists():
-        row = json.loads(cached.read_text())
-    else:
+
+    def search() -> dict:
         res = threshold(model, args, data)
         print(label, res.summary(), flush=True)
-        row = dict(seconds=seconds, test_trained=evaluate(model, data["test_x"], data["test_y"]),
-                   test_after=evaluate(res.model, data["test_x"], data["test_y"]), removed=res.n_removed,
-                   total=len(res.norms), macs=(res.macs_before, res.macs_after),
-                   params=(res.params_before, res.params_after), val=(res.accuracy_before, res.accuracy_after),
-                   threshold=res.threshold, norms=res.norms.tolist(), search_seconds=res.seconds,
-                   scores=res.scores.tolist())
-        cached.write_text(json.dumps(row))
+        return dict(seconds=seconds, test_trained=evaluate(model, data["test_x"], data["test_y"]),
+                    test_after=evaluate(res.model, data["test_x"], data["test_y"]), removed=res.n_removed,
+                    total=len(res.norms), macs=(res.macs_before, res.macs_after),
+                    params=(res.params_before, res.params_after), val=(res.accuracy_before, res.accuracy_after),
+                    threshold=res.threshold, norms=res.norms.tolist(), search_seconds=res.seconds,
+                    scores=res.scores.tolist())
+
+    def common_search() -> dict:
+        res = threshold(model, args, data, reference=ref["val"])
+        print(label, "(common reference)", res.summary(), flush=True)
+        return dict(removed=res.n_removed, macs=(res.macs_before, res.macs_after), val_after=res.accuracy_after,
+                    within=res.within_tolerance, test_after=evaluate(res.model, data["test_x"], data["test_y"]),
+                    threshold=res.threshold)
+
+    row = _json_cached(cached, search)
     if ref is not None:
-        common = cached.with_name(f"{cached.stem}_ref{ref['val']:.4f}.json")
-        if common.exists():
-            row["common"] = json.loads(common.read_text())
-        else:
-            res = threshold(model, args, data, reference=ref["val"])
-            print(label, "(common reference)", res.summary(), flush=True)
-            row["common"] = dict(removed=res.n_removed, macs=(res.macs_before, res.macs_after),
-                                 val_after=res.accuracy_after, within=res.within_tolerance,
-                                 test_after=evaluate(res.model, data["test_x"], data["test_y"]),
-                                 threshold=res.threshold)
-            common.write_text(json.dumps(row["common"]))
+        row["common"] = _json_cached(cached.with_name(f"{cached.stem}_ref{ref['val']:.4f}.json"), common_search)
     return row
+
+
+def _json_cached(path: Path, make: Callable[[], dict]) -> dict:
+    """``make()``, stored as JSON at ``path`` on the first call and read back afterwards."""
+    if path.exists():
+        return json.loads(path.read_text())
+    value = make()
+    path.write_text(json.dumps(value))
+    return value
 
 
 def _reference(args: argparse.Namespace, data: dict) -> dict | None:
@@ -365,7 +374,7 @@ def run_comparison(args: argparse.Namespace, data: dict, argv: list[str] | None)
                    "already below that floor can remove nothing under it.")
     return "\n".join([
         f"# Training with SPR vs no regulariser vs group-norm regulariser{' from a pretrained network' if ref else ''}"
-        f", pruned by one {'norm' if args.score == 'norm' else 'y*'} threshold", "",
+        f", pruned by one {_SCORE_LABELS[args.score]} threshold", "",
         f"Command: `{_command(argv)}`", "", f"Setting: {_setting(args, data)}", "", params, "",
         head + "[own] threshold |" + (" [common] channel groups removed | [common] MACs removed "
                                       "| [common] val acc after | [common] test acc after |" if ref else ""),
@@ -392,8 +401,9 @@ def _plot(curves: dict[str, dict], args: argparse.Namespace) -> str:
             ax.axvline(row["removed"] + 0.5, color=line.get_color(), ls=":", lw=1)
     ax.set_yscale("log")
     ax.set_xlabel(f"channel groups, sorted by {args.score} (dotted: removed up to here)")
-    ax.set_ylabel("group norm (filter + BN affine)" if args.score == "norm" else
-                  f"SPR y* (alpha {args.score_alpha:g}, M scale {args.score_m_scale:g} of the {args.score_bounds} weights)")
+    ax.set_ylabel({"norm": "group norm (filter + BN affine)",
+                   "relative_norm": "group norm / layer's RMS group norm"}.get(
+        args.score, f"SPR y* (alpha {args.score_alpha:g}, M scale {args.score_m_scale:g} of the {args.score_bounds} weights)"))
     ax.set_title(f"{args.model} on {args.dataset}, {args.epochs:g} epochs" + (" from pretrained" if args.init == "pretrained" else ""))
     ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2)
     name = f"{_base(args)}{args.tag}.png"

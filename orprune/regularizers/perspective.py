@@ -204,7 +204,7 @@ class PerspectiveRegularizer(nn.Module):
         whether or not the penalty is ``relative``.
         """
         sq = self._stats()[0]
-        return torch.sqrt(sq / _safe(self._layer_scale_sq(sq))[self._layer])
+        return torch.sqrt(sq / self._group_scale_sq(self._layer_scale_sq(sq)))
 
     @torch.no_grad()
     def optimal_y(self) -> torch.Tensor:
@@ -250,9 +250,17 @@ class PerspectiveRegularizer(nn.Module):
         c_sq = self._layer_scale_sq(sq)
         if self.detach_scale:
             c_sq = c_sq.detach()
-        # an all-zero layer has sq = r = 0 in every group: any positive scale gives v = 0
-        c_sq = _safe(c_sq)[self._layer.to(sq.device)]
+        c_sq = self._group_scale_sq(c_sq)
         return sq / c_sq, r / torch.sqrt(c_sq)
+
+    def _group_scale_sq(self, layer_scale_sq: torch.Tensor) -> torch.Tensor:
+        """Each group's layer scale :math:`c_L^2`, shape ``(n_groups,)``.
+
+        An all-zero layer has ``sq = r = 0`` in every group, so any positive scale gives ``v = 0``: its
+        zero scale is replaced by 1 without routing a gradient through the replaced entries.
+        """
+        safe = torch.where(layer_scale_sq > 0, layer_scale_sq, torch.ones_like(layer_scale_sq))
+        return safe[self._layer.to(layer_scale_sq.device)]
 
     def _resolve_bounds(self, M: Any, modules: dict[str, nn.Module],
                         penalised: dict[str, set[str]]) -> dict[str, float]:
@@ -281,7 +289,6 @@ class PerspectiveRegularizer(nn.Module):
             return {n: _check_bound(M[n], f"M[{n!r}]") for n in names}
         return {n: _check_bound(M, "M") for n in names}
 
-
     def _scale_of(self, module: str) -> float:
         """The construction-time :math:`c_L` of the one layer whose groups hold ``module``'s entries (1 if not relative)."""
         if self.scales_ is None:
@@ -293,11 +300,6 @@ class PerspectiveRegularizer(nn.Module):
                              "give `M` explicitly (in relative units).")
         scale = float(self.scales_[layers.pop()])
         return scale if scale > 0 else 1.0
-
-
-def _safe(c_sq: torch.Tensor) -> torch.Tensor:
-    """Replace zero scales by 1 without routing a gradient through the replaced entries."""
-    return torch.where(c_sq > 0, c_sq, torch.ones_like(c_sq))
 
 
 def _check_bound(value: Any, name: str) -> float:
