@@ -13,7 +13,8 @@ from orprune.problem import LayerProblem, StatisticsAccumulator
 from orprune.regularizers import PerspectiveRegularizer, spr_optimal_y, spr_penalty
 from orprune.result import Selection
 from orprune.selection import select
-from orprune.spr_pruning import SPRTraining, ThresholdPruning, prune_by_threshold, train_with_spr
+from orprune.spr_pruning import ThresholdPruning, prune_by_threshold
+from orprune.spr_training import SPRTraining, train_with_spr
 from orprune.solvers import available_solvers, register_solver
 from orprune.solvers.greedy import greedy_path
 from orprune.solvers.local_search import backward_elimination, swap_local_search

@@ -55,7 +55,7 @@ def _parser() -> argparse.ArgumentParser:
     prune.add_argument("--evaluate", action="store_true", help="report test accuracy before and after")
     prune.add_argument("--quiet", action="store_true")
 
-    from orprune.spr_pruning import add_spr_arguments
+    from orprune.spr_training import add_spr_arguments
 
     add_spr_arguments(sub.add_parser(
         "spr", help="train with the perspective regularizer, remove channels below a threshold, save"))
@@ -109,7 +109,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return run_demo(args)
     if args.command == "spr":
-        from orprune.spr_pruning import run_spr
+        from orprune.spr_training import run_spr
 
         return run_spr(args)
     return _cmd_prune(args)

@@ -164,3 +164,20 @@ def test_bad_arrays_raise():
         StatisticsAccumulator(3, 1).to_problem()
     with pytest.raises(ValueError, match="finite"):
         StatisticsAccumulator(8, Y.shape[1]).update(X_nan, Y)
+
+
+@pytest.mark.parametrize("smallest, accepted", [(0.0, True), (-1e-9, True), (-1e-4, False), (-0.5, False)])
+def test_psd_check_follows_the_smallest_eigenvalue(smallest, accepted):
+    """The Gram check accepts eigenvalues down to rounding (-1e-6 of the largest), no further:
+    a rank-deficient Gram matrix is a Gram matrix, a clearly indefinite one is not."""
+    from orprune._validation import check_psd
+
+    rng = np.random.default_rng(3)
+    basis, _ = np.linalg.qr(rng.normal(size=(12, 12)))
+    eigenvalues = np.r_[smallest, np.linspace(0.1, 1.0, 11)]
+    gram = (basis * eigenvalues) @ basis.T
+    if accepted:
+        np.testing.assert_allclose(check_psd(gram, "gram"), gram, atol=1e-12)
+    else:
+        with pytest.raises(ValueError, match="positive semidefinite"):
+            check_psd(gram, "gram")

@@ -18,7 +18,8 @@ from torch import nn
 
 from orprune.datasets import load_digits
 from orprune.regularizers.perspective import PerspectiveRegularizer
-from orprune.spr_pruning import add_spr_arguments, prune_by_threshold, run_spr, train_with_spr
+from orprune.spr_pruning import prune_by_threshold
+from orprune.spr_training import add_spr_arguments, run_spr, train_with_spr
 from orprune.training import evaluate, train
 
 from tests.models import CifarResNet

@@ -270,11 +270,12 @@ class PerspectiveRegularizer(nn.Module):
                 raise ValueError(f"`M` must be 'auto', a positive number or a mapping; got {M!r}.")
             bounds = {}
             zero = []
+            layers = self._layers_by_module()
             for name in names:
                 peak = max(float(getattr(modules[name], pn).detach().abs().max()) for pn in penalised[name])
                 if peak == 0.0:
                     zero.append(name)
-                bounds[name] = self.m_scale * peak / self._scale_of(name) if peak > 0 else math.inf
+                bounds[name] = self.m_scale * peak / self._scale_of(name, layers) if peak > 0 else math.inf
             if zero:
                 warnings.warn(f"`M='auto'`: layers {zero} have all-zero weights; no bound (M = inf) for them.",
                               stacklevel=3)
@@ -289,16 +290,24 @@ class PerspectiveRegularizer(nn.Module):
             return {n: _check_bound(M[n], f"M[{n!r}]") for n in names}
         return {n: _check_bound(M, "M") for n in names}
 
-    def _scale_of(self, module: str) -> float:
+    def _layers_by_module(self) -> dict[str, set[int]]:
+        """Penalised module name -> the layers (dependency groups) holding its entries, in one pass."""
+        layers: dict[str, set[int]] = {}
+        for j, group in enumerate(self.groups_):
+            for m in group.members:
+                if m.penalized:
+                    layers.setdefault(m.module, set()).add(int(self.layer_of_group_[j]))
+        return layers
+
+    def _scale_of(self, module: str, layers: dict[str, set[int]]) -> float:
         """The construction-time :math:`c_L` of the one layer whose groups hold ``module``'s entries (1 if not relative)."""
         if self.scales_ is None:
             return 1.0
-        layers = {int(self.layer_of_group_[j]) for j, g in enumerate(self.groups_)
-                  if any(m.module == module and m.penalized for m in g.members)}
-        if len(layers) != 1:  # a penalised producer belongs to exactly one dependency group
-            raise ValueError(f"`relative=True`: module {module!r} has entries in {len(layers)} layers; "
+        held = layers.get(module, set())
+        if len(held) != 1:  # a penalised producer belongs to exactly one dependency group
+            raise ValueError(f"`relative=True`: module {module!r} has entries in {len(held)} layers; "
                              "give `M` explicitly (in relative units).")
-        scale = float(self.scales_[layers.pop()])
+        scale = float(self.scales_[next(iter(held))])
         return scale if scale > 0 else 1.0
 
 

@@ -33,7 +33,7 @@ from orprune.problem import LayerProblem
 from orprune.solvers._bnb import BranchAndBound
 from orprune.solvers._perspective import SPLITS
 from orprune.solvers.greedy import greedy_path
-from orprune.solvers.local_search import backward_elimination, swap_local_search
+from orprune.solvers.local_search import polished_start, swap_local_search
 from orprune.solvers.registry import make_selection, register_solver
 
 __all__ = ["solve_exact", "METHODS"]
@@ -185,23 +185,9 @@ def _solve(prob, k, start, deadline, rel_gap, method, split, pairs, relaxation, 
         better, value, _ = swap_local_search(prob, mask, deadline=deadline)
         return better, value / yy
 
-    order, _ = greedy_path(prob, k)
-    greedy_mask = np.zeros(C, dtype=bool)
-    greedy_mask[order] = True
-    info["greedy_objective"] = prob.objective(greedy_mask)
-    # Forward (greedy) and backward elimination make different mistakes: polish both.
-    starts = [greedy_mask]
-    backward = backward_elimination(prob, k)
-    if backward is not None:
-        starts.append(backward)
-    if initial is not None:
-        starts.append(initial.copy())
-    incumbent, value = None, np.inf
-    for mask in starts:
-        mask, mask_value = polish(mask) if local_search else (mask, evaluate(mask))
-        if mask_value < value:
-            incumbent, value = mask, mask_value
-    info["start_objective"] = value * yy
+    incumbent, _, greedy_mask, start_info = polished_start(prob, k, initial=initial,
+                                                           local_search=local_search, deadline=deadline)
+    info.update(start_info)
     info["heuristic_time"] = time.perf_counter() - start
 
     lam_min = float(np.linalg.eigvalsh(Hn)[0])

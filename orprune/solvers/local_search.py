@@ -24,8 +24,10 @@ import time
 import numpy as np
 
 from orprune.problem import LayerProblem
+from orprune.solvers.greedy import greedy_path
+from orprune.solvers.registry import heuristic_selection, register_solver
 
-__all__ = ["swap_local_search", "backward_elimination", "SwapEvaluator"]
+__all__ = ["swap_local_search", "backward_elimination", "polished_start", "SwapEvaluator"]
 
 
 class SwapEvaluator:
@@ -199,3 +201,53 @@ def swap_local_search(
         if not improved:
             break
     return mask, best, moves
+
+
+def polished_start(
+    prob: LayerProblem,
+    k: int,
+    *,
+    initial: np.ndarray | None = None,
+    local_search: bool = True,
+    deadline: float | None = None,
+) -> tuple[np.ndarray, float, np.ndarray, dict]:
+    """The best of greedy, backward elimination (and ``initial``), each polished by swap search.
+
+    Forward and backward selection make different mistakes, so both are polished. Returns the
+    mask, its objective, the unpolished greedy mask and ``info`` with ``greedy_objective`` and
+    ``start_objective``.
+    """
+    order, _ = greedy_path(prob, k)
+    greedy_mask = np.zeros(prob.n_channels, dtype=bool)
+    greedy_mask[order] = True
+    starts = [greedy_mask]
+    backward = backward_elimination(prob, k)
+    if backward is not None:
+        starts.append(backward)
+    if initial is not None:
+        starts.append(np.asarray(initial, dtype=bool).copy())
+    best_mask, best = greedy_mask, np.inf
+    for mask in starts:
+        if local_search:
+            mask, value, _ = swap_local_search(prob, mask, deadline=deadline)
+        else:
+            value = prob.objective(mask)
+        if value < best:
+            best_mask, best = mask, value
+    info = {"greedy_objective": prob.objective(greedy_mask), "start_objective": best}
+    return best_mask, best, greedy_mask, info
+
+
+@register_solver("swap", exact=False,
+                 description="greedy and backward elimination, each polished by 1-swap local search")
+def solve_swap(prob: LayerProblem, k: int, *, time_limit: float | None = None):
+    """The exact solver's starting point without the certificate (status ``"feasible"``).
+
+    On the trained ResNet-20's 16-channel units it already is the certified optimum in 57 of 60
+    keep counts (worst 3% above), where greedy alone is up to 13% above; see
+    ``benchmarks/results/layer_solvers_resnet20.md``. ``time_limit`` stops the swap search.
+    """
+    start = time.perf_counter()
+    deadline = None if time_limit is None else start + time_limit
+    mask, _, _, info = polished_start(prob, k, deadline=deadline)
+    return heuristic_selection(prob, mask, "swap", start, info=info)
