@@ -14,8 +14,13 @@ images) instead of a fresh initialisation, the SPR authors' protocol: the big-M 
 taken from the pretrained weights, and the table also reports each accuracy drop against the pretrained model
 and, in the columns marked ``[common]``, a second search whose tolerance is measured from the pretrained
 model's validation accuracy for every method (``prune_by_threshold(reference_accuracy=...)``), the fair
-criterion. ``--spr a/s/m/r`` trains with the layer-relative penalty (``relative=True``; ``/rd``: detached
-scale); ``--score relative_norm`` thresholds norms relative to each layer's root-mean-square group norm.
+criterion. That network saw the validation images, so its validation accuracy (the common reference) is
+inflated; ``--init pretrained-holdout`` is the clean protocol: the same recipe (``trained_model``'s call of
+``orprune.training.train``: same initialisation, epochs, seed, one thread) on the training images minus the
+benchmark's validation split (same permutation, ``--seed`` and ``--val-size``; disjointness checked), cached
+under a key hashing the held-out indices; everything else as ``--init pretrained``. ``--spr a/s/m/r`` trains
+with the layer-relative penalty (``relative=True``; ``/rd``: detached scale); ``--score relative_norm``
+thresholds norms relative to each layer's root-mean-square group norm.
 
 Each trained model is then pruned by the same search (``orprune.spr_pruning.prune_by_threshold``):
 the largest norm threshold on the channel groups' norms whose removal costs at most ``--tolerance``
@@ -25,7 +30,9 @@ validation accuracy; the table reports channels, MACs and params removed and tes
 Run ``python benchmarks/perspective_training.py --epochs 2 --train-size 20000 --spr 0.5/0.015/4,0.5/0.03/4
 --gn-reg 5e-4,1e-2`` (the exact command of each table is in its header); trained weights and search
 results are cached in ``benchmarks/cache/``; writes ``benchmarks/results/perspective_training.md`` and ``.png``
-(``perspective_training_tuning.md`` with ``--tune``; ``perspective_training_pretrained*`` with ``--init pretrained``).
+(``perspective_training_tuning.md`` with ``--tune``; ``perspective_training_pretrained*`` with
+``--init pretrained``, ``perspective_training_clean*`` with ``--init pretrained-holdout``; ``--tag`` appends a
+suffix).
 """
 
 from __future__ import annotations
@@ -55,6 +62,9 @@ from orprune.zoo import SmallCNN, resnet20
 HERE = Path(__file__).resolve().parent
 RESULTS, CACHE = HERE / "results", HERE / "cache"
 METHODS = ("spr", "none", "group_norm")
+INITS = ("scratch", "pretrained", "pretrained-holdout")
+_INIT_TITLES = {"scratch": "", "pretrained": " from pretrained",
+                "pretrained-holdout": " from pretrained (validation held out)"}
 LABELS = {"spr": "(a) SPR regulariser", "none": "(b) no regulariser", "group_norm": "(c) torch-pruning group norm"}
 
 
@@ -90,9 +100,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--epochs", type=float, default=2)
     p.add_argument("--train-size", type=int, default=20000, help="training images (a random subset)")
     p.add_argument("--val-size", type=int, default=5000, help="held-out training images for the threshold")
-    p.add_argument("--init", choices=["scratch", "pretrained"], default="scratch",
-                   help="start from a fresh initialisation or from the cached pretrained network")
-    p.add_argument("--pretrain-epochs", type=int, default=6, help="epochs of the pretrained network (--init pretrained)")
+    p.add_argument("--init", choices=list(INITS), default="scratch",
+                   help="start from a fresh initialisation, from the cached pretrained network (all training "
+                        "images), or from one pretrained the same way without the validation split (the clean "
+                        "protocol)")
+    p.add_argument("--pretrain-epochs", type=int, default=6,
+                   help="epochs of the pretrained network (--init pretrained / pretrained-holdout)")
     p.add_argument("--tolerance", type=float, default=0.005)
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--score", choices=["norm", "relative_norm", "optimal_y"], default="norm",
@@ -120,13 +133,16 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     args.methods = [m for m in args.methods.split(",") if m]
     if unknown := sorted(set(args.methods) - set(METHODS)):
         p.error(f"unknown methods {unknown}; choose from {METHODS}")
-    if args.init == "pretrained" and args.dataset != "fashion-mnist":
-        p.error("`--init pretrained` needs `--dataset fashion-mnist` (the dataset the cached network was trained on)")
+    if args.init != "scratch" and args.dataset != "fashion-mnist":
+        p.error(f"`--init {args.init}` needs `--dataset fashion-mnist` (the pretrained network's dataset)")
     return args
 
 
 def pretrained(args: argparse.Namespace) -> tuple[nn.Module, dict]:
-    """The shared starting point of ``--init pretrained`` (trained on the whole training split, cached)."""
+    """The shared starting point of ``--init pretrained`` (trained on the whole training split, cached)
+    or of ``--init pretrained-holdout`` (:func:`pretrained_holdout`)."""
+    if args.init == "pretrained-holdout":
+        return pretrained_holdout(args)
     if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
         sys.path.insert(0, str(HERE.parent))
     from benchmarks.common import trained_model
@@ -137,17 +153,67 @@ def pretrained(args: argparse.Namespace) -> tuple[nn.Module, dict]:
     return model, meta
 
 
+def pretrained_holdout(args: argparse.Namespace, log: Callable[[str], None] | None = print) -> tuple[nn.Module, dict]:
+    """``benchmarks.common.trained_model``'s recipe on the training split minus the benchmark's validation images.
+
+    Same initialisation (``torch.manual_seed(seed)`` then the constructor), the same call of
+    ``orprune.training.train`` (``--pretrain-epochs`` epochs, default max lr 0.05, ``seed``, one thread), on the
+    training images in their stored order with the :func:`split` validation indices of this ``--seed`` and
+    ``--val-size`` removed, so the threshold's validation images are unseen. Cached in ``benchmarks/cache/``
+    under a key that hashes the held-out indices.
+    """
+    x, y = _train_split(args.dataset)
+    val, _ = split(args, len(y))
+    keep = torch.ones(len(y), dtype=torch.bool)
+    keep[val] = False
+    pool = keep.nonzero().squeeze(1)
+    if set(pool.tolist()) & set(val.tolist()) or len(pool) + len(val) != len(y):
+        raise AssertionError("the pretraining images must be exactly the training split minus the validation split")
+    held_out = hashlib.sha1(val.numpy().tobytes()).hexdigest()[:10]
+    setting = dict(model=args.model, dataset=args.dataset, epochs=args.pretrain_epochs, seed=args.seed,
+                   held_out=held_out, n_held_out=len(val))
+    key = hashlib.sha1(json.dumps(setting, sort_keys=True).encode()).hexdigest()[:10]
+    path = CACHE / f"{args.model}_{args.dataset}_holdout{len(val)}_{key}.pt"
+    model = build_model(args, x.shape[1])  # seeds torch exactly as trained_model does before its constructor
+    if path.exists():
+        saved = torch.load(path, map_location="cpu")
+        model.load_state_dict(saved["state_dict"])
+        return model.eval(), saved["meta"]
+    start = time.perf_counter()
+    train(model, x[pool], y[pool], epochs=args.pretrain_epochs, seed=args.seed, threads=1, channels_last=True,
+          progress=False, log=log)  # the format of trained_model's recipe
+    seconds = time.perf_counter() - start
+    test_x, test_y = _test_split(args.dataset)
+    meta = {**setting, "test_accuracy": evaluate(model, test_x, test_y), "train_seconds": seconds,
+            "n_train": len(pool)}
+    if log:
+        log(f"{args.model} on {args.dataset} without {len(val)} validation images: "
+            f"test accuracy {meta['test_accuracy']:.4f} after {seconds:.0f} s")
+    CACHE.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": model.state_dict(), "meta": meta}, path)
+    return model.eval(), meta
+
+
+def _train_split(dataset: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return load_fashion_mnist(split="train") if dataset == "fashion-mnist" else load_digits("train")
+
+
+def _test_split(dataset: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return load_fashion_mnist(split="test") if dataset == "fashion-mnist" else load_digits("test")
+
+
+def split(args: argparse.Namespace, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices of the validation images and of the training subset among the ``n`` training-split images."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(args.seed))
+    n_val = min(args.val_size, n // 4)
+    return order[:n_val], order[n_val:n_val + args.train_size]
+
+
 def load_data(args: argparse.Namespace) -> dict[str, torch.Tensor]:
     """Train / validation (held out from the training split) / test tensors."""
-    if args.dataset == "fashion-mnist":
-        x, y = load_fashion_mnist(split="train")
-        test_x, test_y = load_fashion_mnist(split="test")
-    else:
-        x, y = load_digits("train")
-        test_x, test_y = load_digits("test")
-    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(args.seed))
-    n_val = min(args.val_size, len(y) // 4)
-    val, rest = order[:n_val], order[n_val:n_val + args.train_size]
+    x, y = _train_split(args.dataset)
+    test_x, test_y = _test_split(args.dataset)
+    val, rest = split(args, len(y))
     return {"x": x[rest], "y": y[rest], "val_x": x[val], "val_y": y[val], "test_x": test_x, "test_y": test_y}
 
 
@@ -175,12 +241,12 @@ def trained(method: str, args: argparse.Namespace, data: dict, *, alpha: float =
     key = hashlib.sha1(json.dumps(setting, sort_keys=True).encode()).hexdigest()[:10]
     path = CACHE / f"perspective_{method}_{args.model}_{args.dataset}_{key}.pt"
     model = build_model(args, data["x"].shape[1])
-    if args.init == "pretrained":
-        model.load_state_dict(pretrained(args)[0].state_dict())
     if path.exists():
         saved = torch.load(path, map_location="cpu")
         model.load_state_dict(saved["state_dict"])
         return model.eval(), saved["seconds"], path
+    if args.init != "scratch":
+        model.load_state_dict(pretrained(args)[0].state_dict())
     example = data["val_x"][:1]
     model.eval()  # tracing must not touch BatchNorm statistics; M="auto" reads the starting weights
     regularizer, handle = None, None
@@ -195,13 +261,13 @@ def trained(method: str, args: argparse.Namespace, data: dict, *, alpha: float =
         handle = register_optimizer_step_pre_hook(lambda *_: pruner.regularize(model))
     start = time.perf_counter()
     try:
-        train(model.to(memory_format=torch.channels_last), data["x"], data["y"], epochs=args.epochs, lr=args.lr,
-              seed=args.seed, regularizer=regularizer, regularizer_strength=strength, progress=False, log=print)
+        train(model, data["x"], data["y"], epochs=args.epochs, lr=args.lr, seed=args.seed, regularizer=regularizer,
+              regularizer_strength=strength, channels_last=True, progress=False, log=print)  # as the tables ran
     finally:
         if handle is not None:
             handle.remove()
     seconds = time.perf_counter() - start
-    model = model.to(memory_format=torch.contiguous_format).eval()
+    model = model.eval()
     CACHE.mkdir(parents=True, exist_ok=True)
     torch.save({"state_dict": model.state_dict(), "seconds": seconds, "setting": setting}, path)
     return model, seconds, path
@@ -220,7 +286,7 @@ def threshold(model: nn.Module, args: argparse.Namespace, data: dict,
         start = model
         if args.score_bounds == "start":
             start = build_model(args, data["x"].shape[1])
-            if args.init == "pretrained":
+            if args.init != "scratch":
                 start.load_state_dict(pretrained(args)[0].state_dict())
         a = args.score_alpha
         bounds = PerspectiveRegularizer(start.eval(), alpha=a, lam=1 - a, m_scale=args.score_m_scale,
@@ -241,6 +307,12 @@ def _setting(args: argparse.Namespace, data: dict) -> str:
         start = (f"every method starts from the same pretrained {args.model} ({meta['epochs']} epochs on all 60000 "
                  f"training images, max lr 0.05; test acc {meta['test_accuracy']:.4f}; the validation images of the "
                  "threshold were part of its training set), then trains each method on ")
+    elif args.init == "pretrained-holdout":
+        _, meta = pretrained(args)
+        start = (f"every method starts from the same pretrained {args.model} ({meta['epochs']} epochs on the "
+                 f"{meta['n_train']} training images outside the {meta['n_held_out']} validation images, max lr 0.05, "
+                 f"otherwise the recipe of `benchmarks.common.trained_model`; test acc {meta['test_accuracy']:.4f}; "
+                 "it never saw the validation images of the threshold), then trains each method on ")
     return (f"{args.model} on {args.dataset}: {start}{len(data['y'])} training images, {args.epochs:g} epochs "
             f"(batch 128, SGD Nesterov, one-cycle max lr {args.lr:g}, weight decay 5e-4, flips), "
             f"{len(data['val_y'])} held-out validation images for the threshold, {len(data['test_y'])} test images; "
@@ -294,7 +366,7 @@ def _json_cached(path: Path, make: Callable[[], dict]) -> dict:
 
 def _reference(args: argparse.Namespace, data: dict) -> dict | None:
     """Validation and test accuracy of the pretrained, unpruned model (``--init pretrained``)."""
-    if args.init != "pretrained":
+    if args.init == "scratch":
         return None
     model, _ = pretrained(args)
     return dict(val=evaluate(model, data["val_x"], data["val_y"]), test=evaluate(model, data["test_x"], data["test_y"]))
@@ -404,7 +476,7 @@ def _plot(curves: dict[str, dict], args: argparse.Namespace) -> str:
     ax.set_ylabel({"norm": "group norm (filter + BN affine)",
                    "relative_norm": "group norm / layer's RMS group norm"}.get(
         args.score, f"SPR y* (alpha {args.score_alpha:g}, M scale {args.score_m_scale:g} of the {args.score_bounds} weights)"))
-    ax.set_title(f"{args.model} on {args.dataset}, {args.epochs:g} epochs" + (" from pretrained" if args.init == "pretrained" else ""))
+    ax.set_title(f"{args.model} on {args.dataset}, {args.epochs:g} epochs{_INIT_TITLES[args.init]}")
     ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2)
     name = f"{_base(args)}{args.tag}.png"
     fig.tight_layout()
@@ -441,7 +513,7 @@ def run_tuning(args: argparse.Namespace, data: dict, argv: list[str] | None) -> 
 
 def _base(args: argparse.Namespace) -> str:
     """Output file stem: the from-scratch tables keep their old names."""
-    return "perspective_training" + ("_pretrained" if args.init == "pretrained" else "")
+    return "perspective_training" + {"scratch": "", "pretrained": "_pretrained"}.get(args.init, "_clean")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -10,6 +10,7 @@ from orprune.surgery import ConsumerUpdate, PruningPlan, apply_pruning, masked_c
 from orprune.milp_model import solve_scip, write_model
 from orprune.pipeline import Pruner, PruneResult, prune
 from orprune.problem import LayerProblem, StatisticsAccumulator
+from orprune.residual_targets import ResidualTarget, Tap, TargetOffset, find_residual_targets
 from orprune.regularizers import PerspectiveRegularizer, spr_optimal_y, spr_penalty
 from orprune.result import Selection
 from orprune.selection import select
@@ -41,10 +42,13 @@ __all__ = [
     "Pruner",
     "PruningGraph",
     "PruningPlan",
+    "ResidualTarget",
     "SPRTraining",
     "Selection",
     "StatisticsAccumulator",
     "TIME_LIMIT",
+    "Tap",
+    "TargetOffset",
     "ThresholdPruning",
     "allocate",
     "allocate_uniform",
@@ -56,6 +60,7 @@ __all__ = [
     "error_curve",
     "join_curves",
     "find_groups",
+    "find_residual_targets",
     "greedy_path",
     "masked_copy",
     "min_cost",

@@ -14,64 +14,32 @@ number of samples. Convolutions contribute ``positions_per_image`` random output
 
 Sequential pruning (``shared/design.md`` section 3, step 2) takes the inputs from a partially pruned
 model and the targets from the original one (``reference``): both run on the same batch and the same
-positions, so errors of earlier layers are compensated instead of accumulated.
+positions, so errors of earlier layers are compensated instead of accumulated. With ``offsets``,
+a consumer's targets also gain a scaled difference of tensors tapped in both models (the other
+operand of a residual addition, :mod:`orprune.residual_targets`).
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
 from orprune.graph import Consumer, call_model
 from orprune.problem import StatisticsAccumulator
+from orprune.patches import conv_patches, sampled_patches
+from orprune.residual_targets import PassTaps, TargetOffset
 
-__all__ = ["collect_statistics", "TargetCache", "conv_patches", "sampled_patches", "DEFAULT_POSITIONS_PER_IMAGE"]
+__all__ = ["collect_statistics", "TargetCache", "DEFAULT_POSITIONS_PER_IMAGE"]
 
 #: Output positions sampled per image for a convolution consumer.
 DEFAULT_POSITIONS_PER_IMAGE = 32
 # Unfold at most this many elements at once (about 64 MB in float32); larger batches are chunked.
 _UNFOLD_CHUNK = 1 << 24
-
-
-def _padded(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """``x`` padded as ``conv`` pads it (numeric or string padding, every ``padding_mode``)."""
-    mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
-    return F.pad(x, conv._reversed_padding_repeated_twice, mode=mode)
-
-
-def conv_patches(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """Unfolded input patches of ``conv``: shape ``(B, C*kh*kw, H_out*W_out)``, channel-major.
-
-    Handles stride, dilation, numeric or string padding and every ``padding_mode``
-    (``groups`` must be 1), so that ``weight_matrix(conv).T @ patches + bias`` is the conv output.
-    """
-    return F.unfold(_padded(conv, x), conv.kernel_size, dilation=conv.dilation, stride=conv.stride)
-
-
-def sampled_patches(conv: nn.Conv2d, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """The rows of :func:`conv_patches` at ``positions`` only: shape ``(B*P, C*kh*kw)``.
-
-    ``positions`` (B, P) indexes each image's flattened output grid. Gathering the ``kh*kw``
-    shifted pixels of the sampled positions costs ``P/(H_out*W_out)`` of a full unfold (32 of 784
-    positions on a 28x28 layer).
-    """
-    xp = _padded(conv, x)
-    (kh, kw), (sh, sw), (dh, dw) = conv.kernel_size, conv.stride, conv.dilation
-    wp = xp.shape[3]
-    w_out = (wp - dw * (kw - 1) - 1) // sw + 1
-    top = (positions // w_out) * sh * wp + (positions % w_out) * sw  # (B, P) corner in the padded grid
-    offsets = (torch.arange(kh, device=x.device)[:, None] * dh * wp
-               + torch.arange(kw, device=x.device)[None, :] * dw).reshape(-1)  # (K,)
-    index = (top[:, None, :] + offsets[None, :, None]).reshape(x.shape[0], 1, -1)  # (B, 1, K*P)
-    cols = xp.flatten(2).gather(2, index.expand(-1, x.shape[1], -1))  # (B, C, K*P)
-    n_pos = positions.shape[1]
-    return cols.reshape(x.shape[0], -1, n_pos).transpose(1, 2).reshape(-1, cols.shape[1] * kh * kw)
 
 
 def _batch_input(batch: Any) -> Any:
@@ -109,6 +77,15 @@ class _ConsumerStream:
         self.batch = -1
         self.calls = 0  # calls in the current batch's pass
         self.cache: TargetCache | None = None
+        self.offset: TargetOffset | None = None  # set when this pass applies or records an offset
+        self.taps: PassTaps | None = None
+        self.ref_offset: torch.Tensor | None = None  # the reference's tapped rows of this batch
+
+    def begin(self, batch: int) -> None:
+        """A new forward pass over calibration batch ``batch``."""
+        self.batch, self.calls = batch, 0
+        if self.offset is not None:
+            self.taps = PassTaps(self.name, self.offset, self.sample)
 
     # -- positions and targets
     def _draw(self, n_images: int, n_positions: int, device: torch.device) -> torch.Tensor | None:
@@ -158,8 +135,9 @@ class _ConsumerStream:
             cols = conv_patches(self.module, x[start : start + step])  # (b, F, L)
             yield slice(start, start + step), cols.transpose(1, 2).reshape(-1, cols.shape[1])
 
-    def update(self, x: torch.Tensor, sampled: torch.Tensor, idx: torch.Tensor | None) -> None:
-        y_all = self.targets(sampled)
+    def update(self, x: torch.Tensor, sampled: torch.Tensor, idx: torch.Tensor | None,
+               offset: torch.Tensor | None = None) -> None:
+        y_all = self.targets(sampled) if offset is None else self.targets(sampled) + offset
         per_image = y_all.shape[0] // max(x.shape[0], 1)
         for images, rows in self.rows(x, idx):
             start = 0 if images.start is None else images.start * per_image
@@ -186,12 +164,14 @@ class TargetCache:
     Filled by :func:`collect_statistics` (``cache=``) and read back as its ``reference``: a later
     pass of a partially pruned model then needs neither the original model's forward pass nor a new
     draw of positions. It holds ``n_samples * positions_per_image * out_channels`` values per conv
-    consumer in the layer's dtype (:attr:`nbytes`).
+    consumer in the layer's dtype (:attr:`nbytes`), and as many again per consumer given an offset
+    (the reference's tapped tensors at the same positions).
     """
 
     def __init__(self) -> None:
         self._rows: dict[str, dict[int, list[tuple[int, torch.Tensor | None, torch.Tensor]]]] = {}
         self._bias: dict[str, torch.Tensor | None] = {}
+        self._offsets: dict[str, dict[int, torch.Tensor]] = {}
 
     def __contains__(self, name: object) -> bool:
         return name in self._rows
@@ -202,8 +182,9 @@ class TargetCache:
 
     @property
     def nbytes(self) -> int:
-        return sum(y.element_size() * y.numel() + (0 if idx is None else idx.element_size() * idx.numel())
+        rows = sum(y.element_size() * y.numel() + (0 if idx is None else idx.element_size() * idx.numel())
                    for batches in self._rows.values() for calls in batches.values() for _, idx, y in calls)
+        return rows + sum(t.element_size() * t.numel() for batches in self._offsets.values() for t in batches.values())
 
     def _add(self, stream: _ConsumerStream, entry: tuple[int, torch.Tensor | None, torch.Tensor]) -> None:
         if stream.name not in self._rows:
@@ -217,6 +198,16 @@ class TargetCache:
             raise ValueError(f"the target cache holds {len(calls)} call(s) of consumer {stream.name!r} in "
                              f"batch {stream.batch}; `model` made more: give the batches the cache was made from.")
         return calls[stream.calls]
+
+    def _add_offset(self, stream: _ConsumerStream, rows: torch.Tensor, dtype: torch.dtype) -> None:
+        self._offsets.setdefault(stream.name, {})[stream.batch] = rows.to(dtype)
+
+    def _get_offset(self, stream: _ConsumerStream) -> torch.Tensor:
+        rows = self._offsets.get(stream.name, {}).get(stream.batch)
+        if rows is None:
+            raise ValueError(f"the target cache holds no tapped rows of consumer {stream.name!r} in batch "
+                             f"{stream.batch}: fill it with the same `offsets`.")
+        return rows
 
 
 def _module(model: nn.Module, name: str, what: str) -> nn.Module:
@@ -233,6 +224,7 @@ def collect_statistics(
     *,
     reference: nn.Module | TargetCache | None = None,
     cache: TargetCache | None = None,
+    offsets: Mapping[str, TargetOffset] | None = None,
     positions_per_image: int | None = DEFAULT_POSITIONS_PER_IMAGE,
     seed: int = 0,
     max_batches: int | None = None,
@@ -254,6 +246,13 @@ def collect_statistics(
         same batches replaces the original model's pass (and its positions). Default: ``model``.
     cache : TargetCache, optional
         Filled with the sampled targets of this call, for later calls' ``reference``.
+    offsets : mapping of str -> TargetOffset, optional
+        Per consumer, targets ``y + scale * (sum of taps in reference - sum of taps in model)``
+        (:mod:`orprune.residual_targets`), the taps sampled at the consumer's positions; each such
+        consumer and tapped module must run once per pass. Without ``reference`` the offset is zero
+        and the taps only go into ``cache``; with a :class:`TargetCache` reference, its tapped rows
+        (filled with the same offsets) replace the reference's. Costs a copy of the consumer's input
+        and of each tapped tensor per batch.
     positions_per_image : int or None, default 32
         Random output positions per image for conv consumers (all when None or when the layer has
         fewer).
@@ -283,6 +282,9 @@ def collect_statistics(
                          f"got {type(reference).__name__}.")
     if cache is not None and (not isinstance(cache, TargetCache) or cache is reference):
         raise ValueError("`cache` must be a TargetCache other than `reference`.")
+    offsets = dict(offsets or {})
+    if not all(isinstance(o, TargetOffset) for o in offsets.values()):
+        raise ValueError("`offsets` must map consumer names to TargetOffset.")
     for arg, value in (("positions_per_image", positions_per_image), ("max_batches", max_batches)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ValueError(f"`{arg}` must be a positive integer or None, got {value!r}.")
@@ -293,6 +295,21 @@ def collect_statistics(
     streams = {n: _ConsumerStream(n, _module(model, n, "model"), positions_per_image, gen) for n in names}
     for stream in streams.values():
         stream.cache = cache
+    for name, offset in offsets.items():
+        if name not in streams:
+            raise ValueError(f"`offsets` names {name!r}, which is not one of `consumers`.")
+        n_out = streams[name].module.weight.shape[0]
+        if offset.scale is not None and offset.scale.numel() != n_out:
+            raise ValueError(f"`offsets[{name!r}].scale` has {offset.scale.numel()} entries; the consumer has "
+                             f"{n_out} outputs.")
+        for tap in offset.taps:
+            for what, m in (("model", model), ("reference", reference)):
+                if isinstance(m, nn.Module):
+                    _module(m, tap.module, what)
+        if isinstance(reference, TargetCache) and name not in reference._offsets:
+            raise ValueError(f"the target cache has no tapped rows of consumer {name!r}: fill it with `offsets`.")
+        if reference is not None or cache is not None:  # else the offset is zero and nothing is stored
+            streams[name].offset = offset
     if isinstance(reference, TargetCache):
         missing = [n for n in names if n not in reference]
         if missing:
@@ -316,21 +333,15 @@ def collect_statistics(
             if max_batches is not None and n_batches >= max_batches:
                 break
             inputs = _to(_batch_input(batch), device)
-            for s in streams.values():
-                s.batch, s.calls = n_batches, 0
             if reference is None:
-                with _hooks(model, streams, _record_own):
-                    _forward(model, inputs)
+                _pass(model, inputs, streams, _record_own, n_batches)
             elif isinstance(reference, TargetCache):
                 if n_batches >= reference.n_batches:
                     raise ValueError(f"the target cache holds {reference.n_batches} batches; `batches` has more.")
-                with _hooks(model, streams, lambda st, args, out: _record_cached(st, args, out, reference)):
-                    _forward(model, inputs)
+                _pass(model, inputs, streams, lambda st, args, out: _record_cached(st, args, out, reference), n_batches)
             else:
-                with _hooks(reference, streams, _record_targets):
-                    _forward(reference, inputs)
-                with _hooks(model, streams, _record_inputs):
-                    _forward(model, inputs)
+                _pass(reference, inputs, streams, _record_targets, n_batches)
+                _pass(model, inputs, streams, _record_inputs, n_batches)
                 left = [n for n, s in streams.items() if s.pending]
                 if left:
                     raise ValueError(f"consumers {left} ran more often in `reference` than in `model`.")
@@ -345,12 +356,23 @@ def collect_statistics(
 
 
 # ------------------------------------------------------------------------------------ hooks
+def _keep_taps(stream: _ConsumerStream, output: torch.Tensor, idx: torch.Tensor | None) -> None:
+    """The reference's tapped rows: for this batch's model pass and for the cache."""
+    def then(rows: torch.Tensor) -> None:
+        stream.ref_offset = rows
+        if stream.cache is not None:
+            stream.cache._add_offset(stream, rows, output.dtype)
+    stream.taps.expect(output, idx, then)
+
+
 def _record_own(stream: _ConsumerStream, inputs: tuple, output: torch.Tensor) -> None:
     idx = stream.draw(output)
     rows = stream.sample(output, idx)
     if stream.cache is not None:
         stream.cache._add(stream, (_n_positions(output), idx, rows))
-    stream.update(inputs[0], rows, idx)
+    stream.update(inputs[0], rows, idx)  # the reference is the model itself: a zero offset
+    if stream.offset is not None:
+        _keep_taps(stream, output, idx)
 
 
 def _record_targets(stream: _ConsumerStream, inputs: tuple, output: torch.Tensor) -> None:
@@ -359,27 +381,40 @@ def _record_targets(stream: _ConsumerStream, inputs: tuple, output: torch.Tensor
     if stream.cache is not None:
         stream.cache._add(stream, entry)
     stream.pending.append(entry)
+    if stream.offset is not None:
+        _keep_taps(stream, output, idx)
 
 
 def _record_inputs(stream: _ConsumerStream, inputs: tuple, output: torch.Tensor) -> None:
     if not stream.pending:
         raise ValueError(f"consumer {stream.name!r} ran in `model` but not in `reference`.")
-    _update_from(stream, inputs, output, stream.pending.pop(0), "`reference`")
+    _update_from(stream, inputs, output, stream.pending.pop(0), "`reference`", stream.ref_offset)
 
 
 def _record_cached(stream: _ConsumerStream, inputs: tuple, output: torch.Tensor, cache: TargetCache) -> None:
     entry = cache._get(stream)
     stream.calls += 1
-    _update_from(stream, inputs, output, entry, "the target cache")
+    _update_from(stream, inputs, output, entry, "the target cache",
+                 None if stream.offset is None else cache._get_offset(stream))
 
 
 def _update_from(stream: _ConsumerStream, inputs: tuple, output: torch.Tensor,
-                 entry: tuple[int, torch.Tensor | None, torch.Tensor], source: str) -> None:
+                 entry: tuple[int, torch.Tensor | None, torch.Tensor], source: str,
+                 reference_taps: torch.Tensor | None = None) -> None:
     n_pos, idx, rows = entry
     if _n_positions(output) != n_pos:
         raise ValueError(f"consumer {stream.name!r} has output shape {tuple(output.shape)} in `model`, "
                          f"which does not match its {n_pos} rows per sample in {source}.")
-    stream.update(inputs[0], rows, idx)
+    if stream.offset is None:
+        stream.update(inputs[0], rows, idx)
+        return
+    x = inputs[0].detach().clone()  # waits for the taps; a later in-place op must not change it
+    scale = stream.offset.scale
+
+    def then(model_taps: torch.Tensor) -> None:
+        diff = reference_taps.double() - model_taps
+        stream.update(x, rows, idx, diff if scale is None else diff * scale.to(diff))
+    stream.taps.expect(output, idx, then)
 
 
 def _n_positions(output: torch.Tensor) -> int:
@@ -399,6 +434,17 @@ def _forward(model: nn.Module, inputs: Any) -> None:
         pass
 
 
+def _pass(model: nn.Module, inputs: Any, streams: dict[str, _ConsumerStream], record: Any, batch: int) -> None:
+    """One forward pass of ``model`` recording every stream; offsets must complete within it."""
+    for s in streams.values():
+        s.begin(batch)
+    with _hooks(model, streams, record):
+        _forward(model, inputs)
+    late = [n for n, s in streams.items() if s.taps is not None and s.taps.late]
+    if late:
+        raise ValueError(f"consumers {late} ran but a tapped module of their offset did not.")
+
+
 @contextlib.contextmanager
 def _hooks(model: nn.Module, streams: dict[str, _ConsumerStream], record: Any) -> Iterator[None]:
     """Forward hooks recording every stream; once all have fired, the pass stops early.
@@ -409,17 +455,33 @@ def _hooks(model: nn.Module, streams: dict[str, _ConsumerStream], record: Any) -
     """
     handles, fired = [], set()
 
-    def hook(stream: _ConsumerStream, args: tuple, out: torch.Tensor) -> None:
-        record(stream, args, out)
+    def done(stream: _ConsumerStream) -> None:
+        if stream.taps is not None and stream.taps.waiting:  # its tapped tensors are still to come
+            return
         fired.add(stream.name)
         if len(fired) == len(streams):
             fired.clear()
             raise _AllRecorded
 
+    def hook(stream: _ConsumerStream, args: tuple, out: torch.Tensor) -> None:
+        record(stream, args, out)
+        done(stream)
+
+    def tap(stream: _ConsumerStream, i: int, args: tuple, out: Any) -> None:
+        value = out if stream.offset.taps[i].port == "output" else (args[0] if args else None)
+        if not torch.is_tensor(value):
+            raise ValueError(f"consumer {stream.name!r}: tapped module {stream.offset.taps[i].module!r} "
+                             "gave no tensor.")
+        stream.taps.tap(i, value)
+        done(stream)
+
     try:
         for name, stream in streams.items():
             module = model.get_submodule(name)
             handles.append(module.register_forward_hook(lambda _m, args, out, s=stream: hook(s, args, out)))
+            for i, t in enumerate(stream.offset.taps if stream.offset is not None else ()):
+                handles.append(model.get_submodule(t.module).register_forward_hook(
+                    lambda _m, args, out, s=stream, i=i: tap(s, i, args, out)))
         yield
     finally:
         for h in handles:

@@ -36,6 +36,7 @@ from orprune.costs import network_costs
 from orprune.curves import ErrorCurve, error_curve, join_curves
 from orprune.graph import DEFAULT_MAX_FEATURES, Consumer, call_model, find_groups, weight_matrix
 from orprune.problem import LayerProblem, StatisticsAccumulator
+from orprune.residual_targets import ResidualTarget, find_residual_targets
 from orprune.selection import resolve_solver
 from orprune.surgery import ConsumerUpdate, PruningPlan, apply_pruning, masked_copy
 from orprune.uniform_allocation import allocate_uniform
@@ -166,8 +167,9 @@ class Pruner:
         Fewest channels a unit may keep.
     round_to : int, default 1
         Keep counts are multiples of this (or the full width): CPU and GPU kernels run channel counts
-        that are multiples of their vector width (8 floats with AVX2) markedly faster, so rounding turns
-        saved MACs into measured speed.
+        that are multiples of their vector width (8 floats with AVX2, 16 with AVX-512) markedly faster,
+        so rounding turns saved MACs into measured speed. A unit narrower than ``2 * round_to`` cannot
+        be pruned at all, which bounds the reachable budget.
     ignored_layers : iterable of nn.Module or str
         Left untouched, with everything coupled to them.
     max_features : int
@@ -182,14 +184,26 @@ class Pruner:
         :meth:`fit` (``TargetCache``: calibration images x ``positions_per_image`` x output channels,
         float32) so that each refit pass runs only the pruned model; False saves that memory and runs
         both models per refit pass.
+    residual_targets : bool, default True
+        In sequential mode, a consumer whose output (after its BatchNorm) is added to a residual
+        stream or shortcut is refitted to reproduce the original *sum*: its target gains the other
+        operand's error ``(s_orig - s_pruned) / a`` (``a`` the BatchNorm's per-channel gain), so it
+        absorbs the error the stream carries instead of passing it on
+        (``formulations/least_squares_reconstruction.md``, section 6). Found with ``torch.fx``;
+        models it cannot trace get no correction. With ``cache_targets``, the cache also holds the
+        original other operand at the sampled positions (as much again per such consumer).
     executor : concurrent.futures.Executor, optional
         Solves the units' curves in parallel (a process pool, ``dask.distributed``'s
         ``Client.get_executor()``); serial when None.
     n_jobs : int, optional
         Without ``executor``: solve the curves in a pool of this many processes (spawned, one BLAS
         thread each; scripts need the ``if __name__ == "__main__":`` guard). Serial when None or 1.
-    time_limit : float, optional
-        Seconds per exact solve inside the curves.
+    time_limit : float, optional, default 1.0
+        Seconds per exact solve inside the curves. The exact solver starts from greedy and backward
+        elimination polished by swap search, which already is the best mask at 57 of 60 keep counts of
+        ResNet-20's 16-channel units; the rest of its time proves it
+        (``benchmarks/results/heuristic_curves.md``). Past the limit the curve keeps that mask with its
+        proven bound and gap (the report's status), so a short limit costs certificates, not accuracy.
     progress : bool, default True
     seed : int, default 0
 
@@ -201,6 +215,9 @@ class Pruner:
         Each unit's channel-selection problem (its consumers' problems joined, each relative to its
         own ``||Y||^2``): what the curves solve, ready for :func:`orprune.select` with any solver.
     curves_ : dict unit -> ErrorCurve
+    residual_targets_ : dict consumer -> ResidualTarget
+        The consumers whose refit targets get the residual correction (empty when
+        ``residual_targets`` or ``sequential`` is False, or fx cannot trace the model).
     """
 
     def __init__(
@@ -217,9 +234,10 @@ class Pruner:
         residual: bool = True,
         sequential: bool = True,
         cache_targets: bool = True,
+        residual_targets: bool = True,
         executor: Executor | None = None,
         n_jobs: int | None = None,
-        time_limit: float | None = 10.0,
+        time_limit: float | None = 1.0,
         progress: bool = True,
         seed: int = 0,
     ) -> None:
@@ -234,6 +252,7 @@ class Pruner:
         self.residual = residual
         self.sequential = sequential
         self.cache_targets = cache_targets
+        self.residual_targets = residual_targets
         self.executor = executor
         self.n_jobs = n_jobs
         self.time_limit = time_limit
@@ -250,6 +269,9 @@ class Pruner:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+        for name in ("residual", "sequential", "cache_targets", "residual_targets"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"`{name}` must be True or False, got {getattr(self, name)!r}.")
         if self.executor is not None and not hasattr(self.executor, "map"):
             raise ValueError("`executor` must be a concurrent.futures.Executor (with a `map` method).")
         if self.n_jobs is not None and (isinstance(self.n_jobs, bool) or not isinstance(self.n_jobs, int)
@@ -296,7 +318,12 @@ class Pruner:
         self.costs_ = network_costs(self.model_, self.graph_, self.example_inputs_)
         self.macs_before_, self.params_before_ = count_macs_params(self.model_, self.example_inputs_)
         self.targets_ = TargetCache() if self.sequential and self.cache_targets else None
-        stats = collect_statistics(self.model_, self.graph_.consumers, batches, cache=self.targets_,
+        found = (find_residual_targets(self.model_, self.graph_.consumers, self.example_inputs_)
+                 if self.sequential and self.residual_targets else {})
+        self.residual_targets_: dict[str, ResidualTarget] = found
+        # the cache keeps the original other operands at the sampled positions for the refit passes
+        offsets = {n: t.offset(self.model_) for n, t in found.items()} if self.targets_ is not None else None
+        stats = collect_statistics(self.model_, self.graph_.consumers, batches, cache=self.targets_, offsets=offsets,
                                    positions_per_image=self.positions_per_image, seed=self.seed,
                                    progress=self.progress)
         self.statistics_ = stats
@@ -400,10 +427,14 @@ class Pruner:
             # Consumers in the order they run: each refits on inputs from the network with every
             # earlier consumer already refitted and every dropped channel zero (the masked model),
             # so a residual stream's readers each see the stream as pruned up to their own depth.
+            # A consumer feeding a residual add also absorbs the other operand's error as the masked
+            # network has it now: of two consumers on one add, the later absorbs what the first left.
             reference = self.model_ if self.targets_ is None else self.targets_
             for consumer in tqdm(consumers, desc="refit", disable=not self.progress, leave=False):
                 working = masked_copy(self.model_, self.graph_, PruningPlan(pruned_keep, updates))
-                stats = collect_statistics(working, [consumer], self.batches_, reference=reference,
+                target = self.residual_targets_.get(consumer.name)
+                offsets = None if target is None else {consumer.name: target.offset(self.model_)}
+                stats = collect_statistics(working, [consumer], self.batches_, reference=reference, offsets=offsets,
                                            positions_per_image=self.positions_per_image, seed=self.seed, progress=False)
                 updates[consumer.name] = self._update(consumer, keep[consumer.unit], stats[consumer.name])
         else:

@@ -76,7 +76,7 @@ def train_with_spr(
     weight_decay: float = 5e-4,
     batch_size: int = 128,
     seed: int = 0,
-    channels_last: bool = True,
+    channels_last: bool = False,
     progress: bool = False,
     log: Callable[[str], None] | None = None,
     **regularizer_options: Any,
@@ -90,7 +90,7 @@ def train_with_spr(
     Fine-tuning (``finetune_epochs > 0``) uses the same loop without the regulariser.
 
     ``regularizer_options`` go to :class:`PerspectiveRegularizer` (``ignored_layers``,
-    ``include_consumers``, ...). ``channels_last`` trains in that memory format (faster on CPU);
+    ``include_consumers``, ...). ``channels_last`` trains in that memory format (see :func:`orprune.training.train`);
     the returned models are in the default format. The input ``model`` is not modified.
     """
     if not isinstance(model, nn.Module):
@@ -102,23 +102,22 @@ def train_with_spr(
     trained = copy.deepcopy(model)
     regularizer = PerspectiveRegularizer(trained.eval(), alpha=alpha, lam=lam, m_scale=m_scale,
                                          example_inputs=val_images[:1], **regularizer_options)
-    options = dict(batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed, progress=progress, log=log)
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    options = dict(batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed, channels_last=channels_last,
+                   progress=progress, log=log)
     start = time.perf_counter()
-    train(trained.to(memory_format=fmt), images, labels, epochs=epochs, regularizer=regularizer,
+    train(trained, images, labels, epochs=epochs, regularizer=regularizer,
           regularizer_strength=float(strength), **options)
     train_seconds = time.perf_counter() - start
-    trained.to(memory_format=torch.contiguous_format)
     pruning = prune_by_threshold(trained, regularizer, val_images, val_labels, tolerance=tolerance)
     if log:
         log(pruning.summary())
     final, accuracy, finetune_seconds = pruning.model, None, 0.0
     if finetune_epochs > 0:
-        final = copy.deepcopy(pruning.model).to(memory_format=fmt)
+        final = copy.deepcopy(pruning.model)
         start = time.perf_counter()
         train(final, images, labels, epochs=finetune_epochs, **options)
         finetune_seconds = time.perf_counter() - start
-        final = final.to(memory_format=torch.contiguous_format).eval()
+        final = final.eval()
         accuracy = evaluate(final, val_images, val_labels)
     return SPRTraining(final, trained.eval(), regularizer, pruning, accuracy, train_seconds, finetune_seconds)
 

@@ -11,7 +11,8 @@ import torch
 from models import one_thread, small_model  # noqa: F401
 from torch import nn
 
-from orprune.calibration import TargetCache, collect_statistics, conv_patches, sampled_patches
+from orprune.calibration import TargetCache, collect_statistics
+from orprune.patches import conv_patches, sampled_patches
 from orprune.graph import find_groups, weight_matrix
 
 

@@ -338,3 +338,15 @@ def test_reference_accuracy_rejects_bad_values(trained, digits, bad):
     _, _, vx, vy = digits
     with pytest.raises(ValueError, match="`reference_accuracy` must be None or an accuracy fraction in"):
         prune_by_threshold(model, reg, vx, vy, reference_accuracy=bad)
+
+
+def test_train_memory_format_is_opt_in_and_restored(digits):
+    x, y, _, _ = digits
+    torch.manual_seed(0)
+    model = FlatNet()
+    with pytest.raises(ValueError, match="`channels_last` must be True or False"):
+        train(model, x[:64], y[:64], epochs=1, channels_last="yes", progress=False)
+    for channels_last in (False, True):
+        trained = train(FlatNet(), x[:256], y[:256], epochs=1, channels_last=channels_last, progress=False)
+        weights = [m.weight for m in trained.modules() if isinstance(m, nn.Conv2d) and m.in_channels > 1]
+        assert weights and all(w.is_contiguous() for w in weights) and not trained.training

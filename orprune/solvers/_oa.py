@@ -97,7 +97,8 @@ class OuterApproximation:
         C, k = self.C, self.k
         highs = highspy.Highs()
         highs.setOptionValue("output_flag", False)
-        highs.setOptionValue("threads", 1)
+        # No "threads" option: HiGHS's thread scheduler is global per process, and from highspy 1.16 a
+        # count that differs from the one it was first started with makes run() fail.
         highs.setOptionValue("mip_rel_gap", self.rel_gap / 4)
         highs.addVars(C + 1, np.zeros(C + 1), np.append(np.ones(C), np.inf))
         highs.changeColsIntegrality(C, np.arange(C, dtype=np.int32),

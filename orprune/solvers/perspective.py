@@ -126,8 +126,11 @@ def separable_part(prob: LayerProblem, kind: str | np.ndarray = "uniform") -> np
     # Make every block PSD, then shrink D by the largest t with H - t D PSD (generalised eigenvalue).
     values, vectors = np.linalg.eigh(0.5 * (D + D.transpose(0, 2, 1)))
     D = np.einsum("cij,cj,ckj->cik", vectors, np.clip(values, 0.0, None), vectors)
-    full = scipy.linalg.block_diag(*D)
-    top = float(scipy.linalg.eigh(full, H, eigvals_only=True, subset_by_index=[C * g - 1, C * g - 1])[0])
+    # Largest eigenvalue of the pencil (blockdiag(D), H) as that of L^-1 blockdiag(D) L^-T, H = L L^T:
+    # LAPACK's generalised drivers fail to converge on degenerate pencils (D = H = a I).
+    L = scipy.linalg.cholesky(H, lower=True)
+    half = scipy.linalg.solve_triangular(L, scipy.linalg.block_diag(*D), lower=True)
+    top = float(np.linalg.eigvalsh(scipy.linalg.solve_triangular(L, half.T, lower=True))[-1])
     return D * (min(1.0, 1.0 / top) * (1 - 1e-9) if top > 0 else 0.0)
 
 
