@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from orprune._highs import quiet_highs
 from orprune._status import INFEASIBLE, OPTIMAL, TIME_LIMIT
 
 #: Relative tolerance with which an allocation must meet a budget when re-evaluated exactly.
@@ -175,8 +176,7 @@ def solve_milp(
     model = _Model(vals, pairs, formulation)
     for expr, budget in rows:
         model.add_budget(expr, budget)
-    h = highspy.Highs()
-    h.setOptionValue("output_flag", False)
+    h = quiet_highs()
     h.passModel(model.lp(objective))
     if relax:
         h.changeColsIntegrality(model.ncol, np.arange(model.ncol, dtype=np.int32),

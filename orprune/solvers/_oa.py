@@ -25,6 +25,7 @@ from collections.abc import Callable
 import numpy as np
 import scipy.linalg
 
+from orprune._highs import quiet_highs
 from orprune.solvers._nodes import columns
 from orprune.solvers._perspective import block_quadratic, perspective_relaxation, perspective_split
 
@@ -95,8 +96,7 @@ class OuterApproximation:
         import highspy
 
         C, k = self.C, self.k
-        highs = highspy.Highs()
-        highs.setOptionValue("output_flag", False)
+        highs = quiet_highs()
         # No "threads" option: HiGHS's thread scheduler is global per process, and from highspy 1.16 a
         # count that differs from the one it was first started with makes run() fail.
         highs.setOptionValue("mip_rel_gap", self.rel_gap / 4)
