@@ -74,21 +74,23 @@ def _floats(text: str) -> list[float]:
 
 _SCORE_LABELS = {"norm": "norm", "relative_norm": "relative-norm", "optimal_y": "y*"}
 
-# flags after alpha/strength/m_scale -> (include_consumers, relative, detach_scale)
-_FLAGS = {"c": (True, False, False), "r": (False, True, False), "rd": (False, True, True)}
+# flags after alpha/strength/m_scale -> (include_consumers, relative, detach_scale, MACs-priced)
+_FLAGS = {"c": (True, False, False, False), "r": (False, True, False, False), "rd": (False, True, True, False),
+          "m": (False, False, False, True)}
 
 
-def _triples(text: str) -> list[tuple[float, float, float, bool, bool, bool]]:
+def _triples(text: str) -> list[tuple[float, float, float, bool, bool, bool, bool]]:
     """``alpha/strength/m_scale`` items; ``/c`` appended penalises consumer input slices too, ``/r`` makes
-    the penalty layer-relative (``relative=True``), ``/rd`` relative with a detached scale."""
+    the penalty layer-relative (``relative=True``), ``/rd`` relative with a detached scale, ``/m`` prices
+    each group's indicator by the MACs its channel saves (``costs="macs"``)."""
     out = []
     for item in text.split(","):
         parts = item.split("/")
-        flags = [False, False, False]
+        flags = [False, False, False, False]
         while parts and parts[-1] in _FLAGS:
             flags = [a or b for a, b in zip(flags, _FLAGS[parts.pop()])]
         if len(parts) != 3:
-            raise argparse.ArgumentTypeError(f"expected alpha/strength/m_scale[/c][/r|/rd], got {item!r}")
+            raise argparse.ArgumentTypeError(f"expected alpha/strength/m_scale[/c][/r|/rd][/m], got {item!r}")
         out.append((*(float(v) for v in parts), *flags))
     return out
 
@@ -117,9 +119,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--score-alpha", type=float, default=0.1, help="alpha of y* (lam = 1 - alpha), --score optimal_y")
     p.add_argument("--score-m-scale", type=float, default=1.5, help="M scale of y*, --score optimal_y")
     p.add_argument("--spr", type=_triples, default="0.5/0.015/4",
-                   help="SPR settings alpha/strength/m_scale[/c], comma-separated (lam = 1 - alpha; /c: "
-                        "consumer input slices in the groups too; /r: layer-relative penalty; /rd: relative "
-                        "with a detached scale); one row each")
+                   help="SPR settings alpha/strength/m_scale[/c][/r|/rd][/m], comma-separated (lam = 1 - alpha; "
+                        "/c: consumer input slices in the groups too; /r: layer-relative penalty; /rd: relative "
+                        "with a detached scale; /m: indicators priced by MACs); one row each")
     p.add_argument("--gn-reg", type=_floats, default=[5e-4], help="GroupNormPruner's reg value(s), one row each")
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared machine)")
@@ -224,7 +226,7 @@ def build_model(args: argparse.Namespace, in_channels: int) -> nn.Module:
 
 def trained(method: str, args: argparse.Namespace, data: dict, *, alpha: float = 0.5, lam: float = 0.5,
             strength: float = 0.0, m_scale: float = 1.0, consumers: bool = False, relative: bool = False,
-            detach_scale: bool = False, gn_reg: float = 0.0) -> tuple[nn.Module, float, Path]:
+            detach_scale: bool = False, macs_priced: bool = False, gn_reg: float = 0.0) -> tuple[nn.Module, float, Path]:
     """A model trained with ``method``, from the cache when the same setting ran before."""
     setting = dict(method=method, model=args.model, dataset=args.dataset, epochs=args.epochs, lr=args.lr,
                    train_size=len(data["y"]), val_size=len(data["val_y"]), seed=args.seed)
@@ -236,6 +238,8 @@ def trained(method: str, args: argparse.Namespace, data: dict, *, alpha: float =
             setting.update(include_consumers=True)
         if relative:  # only when set, so the keys of the earlier rows stay valid
             setting.update(relative=True, detach_scale=detach_scale)
+        if macs_priced:
+            setting.update(costs="macs")
     elif method == "group_norm":
         setting.update(gn_reg=gn_reg)
     key = hashlib.sha1(json.dumps(setting, sort_keys=True).encode()).hexdigest()[:10]
@@ -253,7 +257,7 @@ def trained(method: str, args: argparse.Namespace, data: dict, *, alpha: float =
     if method == "spr":
         regularizer = PerspectiveRegularizer(model, alpha=alpha, lam=lam, m_scale=m_scale, example_inputs=example,
                                              include_consumers=consumers, relative=relative,
-                                             detach_scale=detach_scale)
+                                             detach_scale=detach_scale, costs="macs" if macs_priced else None)
     elif method == "group_norm":
         head = [m for m in model.modules() if isinstance(m, nn.Linear)][-1:]
         pruner = tp.pruner.GroupNormPruner(model, example, importance=tp.importance.GroupMagnitudeImportance(p=2),
@@ -396,11 +400,12 @@ def run_comparison(args: argparse.Namespace, data: dict, argv: list[str] | None)
     runs = []
     for method in args.methods:
         if method == "spr":
-            runs += [(f"{LABELS[method]}{', relative' if rel else ''}{' (detached scale)' if det else ''}, "
-                      f"alpha {a:g}, strength {v:g}, M scale {ms:g}" + (", with consumer slices" if c else ""),
+            runs += [(f"{LABELS[method]}{', relative' if rel else ''}{' (detached scale)' if det else ''}"
+                      f"{', MACs-priced' if mp else ''}, alpha {a:g}, strength {v:g}, M scale {ms:g}"
+                      + (", with consumer slices" if c else ""),
                       method, dict(alpha=a, lam=1 - a, strength=v, m_scale=ms, consumers=c, relative=rel,
-                                   detach_scale=det))
-                     for a, v, ms, c, rel, det in args.spr]
+                                   detach_scale=det, macs_priced=mp))
+                     for a, v, ms, c, rel, det, mp in args.spr]
         elif method == "group_norm":
             runs += [(f"{LABELS[method]}, reg {v:g}", method, dict(gn_reg=v)) for v in args.gn_reg]
         else:

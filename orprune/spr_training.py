@@ -140,6 +140,9 @@ def add_spr_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     parser.add_argument("--strength", type=float, default=_DEFAULT_STRENGTH, help="multiplier of the SPR term")
     parser.add_argument("--m-scale", type=float, default=_DEFAULT_M_SCALE,
                         help="big-M = this x each layer's initial max |w|")
+    parser.add_argument("--costs", choices=["macs", "params"], default=None,
+                        help="price each channel group's indicator by the MACs / params it saves "
+                             "(PerspectiveRegularizer costs=); default: one price for all, as in the paper")
     parser.add_argument("--tolerance", type=float, default=0.005, help="accepted validation accuracy drop (fraction)")
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--seed", type=int, default=0)
@@ -175,12 +178,12 @@ def run_spr(args: argparse.Namespace) -> int:
         model, x[rest], y[rest], x[val], y[val], alpha=args.alpha,
         lam=1.0 - args.alpha if args.lam is None else args.lam, strength=args.strength, m_scale=args.m_scale,
         tolerance=args.tolerance, epochs=args.epochs, finetune_epochs=args.finetune_epochs, lr=args.lr,
-        seed=args.seed, progress=not args.quiet, log=None if args.quiet else print)
+        seed=args.seed, progress=not args.quiet, log=None if args.quiet else print, costs=args.costs)
     p = result.pruning
     report = {
         "dataset": name, "train_images": len(rest), "val_images": n_val, "epochs": args.epochs,
         "finetune_epochs": args.finetune_epochs, "alpha": args.alpha, "lam": result.regularizer.lam,
-        "strength": args.strength, "m_scale": args.m_scale, "tolerance": p.tolerance, "threshold": p.threshold,
+        "strength": args.strength, "m_scale": args.m_scale, "costs": args.costs, "tolerance": p.tolerance, "threshold": p.threshold,
         "groups": len(p.norms), "groups_removed": p.n_removed,
         "removed_per_layer": {n: [r, t] for n, r, t in p.removed_per_layer},
         "macs_before": p.macs_before, "macs_after": p.macs_after,

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from orprune.regularizers.group_costs import channel_group_costs
 from orprune.regularizers.groups import ChannelGroup, GroupMember, trace_channel_groups
 from orprune.regularizers.perspective import PerspectiveRegularizer
 from orprune.regularizers.spr import spr_optimal_y, spr_penalty
 
 __all__ = [
     "ChannelGroup",
+    "channel_group_costs",
     "GroupMember",
     "PerspectiveRegularizer",
     "spr_optimal_y",

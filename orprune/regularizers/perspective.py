@@ -5,13 +5,14 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Union
 
 import numpy as np
 import torch
 from torch import nn
 
+from orprune.regularizers.group_costs import channel_group_costs
 from orprune.regularizers.groups import ChannelGroup, trace_channel_groups
 from orprune.regularizers.spr import _check_scalar, spr_from_stats
 
@@ -71,6 +72,14 @@ class PerspectiveRegularizer(nn.Module):
         By default it is differentiated, which makes the gradient orthogonal to each layer's weights.
     root_module_types : tuple of types
         Layer types whose output channels root a dependency group.
+    costs : None, "macs", "params" or array of shape (n_groups,)
+        Price the indicator of each group by what keeping it costs: group :math:`j` pays
+        :math:`\lambda \kappa_j` instead of :math:`\lambda`, with :math:`\kappa_j` its cost divided by
+        the mean cost (so ``lam`` keeps its scale). ``"macs"`` / ``"params"``: the MACs / parameters
+        its channel saves at full width (:func:`~orprune.regularizers.channel_group_costs`), the
+        Lagrangian of a MACs (params) budget on the indicator MIP
+        (``formulations/perspective_regularizer.md``, section 10). ``None`` (default): every group
+        pays :math:`\lambda`, as in the paper. Costs must be finite and ``> 0``.
 
     Attributes
     ----------
@@ -83,6 +92,8 @@ class PerspectiveRegularizer(nn.Module):
         With ``relative=True``, each dependency group's scale :math:`c_L` at construction (the one that
         converts the ``"auto"`` bounds to relative units), indexed by ``ChannelGroup.dependency_group``
         order of first appearance (see :attr:`layer_of_group_`); ``None`` otherwise.
+    cost_weights_ : ndarray of shape (n_groups,) or None
+        :math:`\kappa_j` of each group (mean 1) when ``costs`` is given.
     layer_of_group_ : ndarray of shape (n_groups,)
         Layer (dependency group) index ``0..n_layers-1`` of each channel group.
     n_layers : int
@@ -108,6 +119,7 @@ class PerspectiveRegularizer(nn.Module):
         root_module_types: tuple[type, ...] = (nn.Conv2d, nn.Linear),
         relative: bool = False,
         detach_scale: bool = False,
+        costs: Union[None, str, np.ndarray, Sequence[float]] = None,
     ) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
@@ -176,6 +188,9 @@ class PerspectiveRegularizer(nn.Module):
         self.bounds_ = self._resolve_bounds(M, modules, penalised)
         inv_m = np.concatenate([np.full(size, 1.0 / self.bounds_[name]) for name, size in modules_of_entries])
         self._inv_m.copy_(torch.as_tensor(inv_m, dtype=dtype))
+        self.cost_weights_ = self._cost_weights(costs, model, example_inputs)
+        self.register_buffer("_lam_weight", None if self.cost_weights_ is None
+                             else torch.tensor(self.cost_weights_, dtype=dtype), persistent=False)
 
     @property
     def n_groups(self) -> int:
@@ -189,7 +204,32 @@ class PerspectiveRegularizer(nn.Module):
     def penalties(self) -> torch.Tensor:
         """SPR of each channel group, shape ``(n_groups,)``, aligned with :attr:`groups_`."""
         sq, r = self._penalised_stats()
-        return spr_from_stats(sq, r, self.alpha, self.lam)
+        return spr_from_stats(sq, r, self.alpha, self._group_lam(sq))
+
+    def _group_lam(self, like: torch.Tensor) -> Union[float, torch.Tensor]:
+        """``lam``, or each group's ``lam * kappa_j`` with cost weights (a float when ``lam`` is 0)."""
+        if self._lam_weight is None or self.lam == 0.0:
+            return self.lam
+        return self.lam * self._lam_weight.to(device=like.device, dtype=like.dtype)
+
+    def _cost_weights(self, costs: Any, model: nn.Module, example_inputs: Any) -> np.ndarray | None:
+        if costs is None:
+            return None
+        if isinstance(costs, str):
+            values = channel_group_costs(model, self.groups_, example_inputs, kind=costs)
+        else:
+            try:
+                values = np.asarray(costs, dtype=np.float64)
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"`costs` must be None, 'macs', 'params' or an array of numbers; got {costs!r}.") from exc
+            if values.shape != (self.n_groups,):
+                raise ValueError(f"`costs` must have shape ({self.n_groups},), one per channel group; "
+                                 f"got shape {values.shape}.")
+        if not np.all(np.isfinite(values)) or np.any(values <= 0):
+            raise ValueError("`costs` must be finite and > 0 for every channel group.")
+        weights = values / values.mean()
+        weights.flags.writeable = False
+        return weights
 
     @torch.no_grad()
     def group_norms(self) -> torch.Tensor:
@@ -215,7 +255,8 @@ class PerspectiveRegularizer(nn.Module):
         sq, r = self._penalised_stats()
         if self.lam == 0.0:
             return torch.ones_like(sq)
-        return torch.clamp(torch.maximum(r, math.sqrt(self.alpha / self.lam) * torch.sqrt(sq)), max=1.0)
+        ratio = torch.as_tensor(self.alpha / self._group_lam(sq), dtype=sq.dtype, device=sq.device)
+        return torch.clamp(torch.maximum(r, torch.sqrt(ratio * sq)), max=1.0)
 
     def _stats(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-group ``||w||_2^2`` and ``max_i |w_i| / M_i`` by segment reductions over gathered entries."""

@@ -99,27 +99,34 @@ def group_stats(dense: torch.Tensor, inv_m: torch.Tensor) -> tuple[torch.Tensor,
     return sq, (dense.abs() * inv_m).amax(dim=1)
 
 
-def spr_from_stats(sq: torch.Tensor, r: torch.Tensor, alpha: float, lam: float) -> torch.Tensor:
+def spr_from_stats(sq: torch.Tensor, r: torch.Tensor, alpha: float,
+                   lam: Union[float, torch.Tensor]) -> torch.Tensor:
     """SPR from per-group ``sq = ||w||_2^2`` and ``r = max_i |w_i|/M_i`` (no validation).
 
-    Shared by :func:`spr_penalty` and :class:`~orprune.regularizers.PerspectiveRegularizer`. Every branch
-    is evaluated on safe inputs so that :func:`torch.where` never routes a NaN or inf gradient.
+    ``lam`` is a float or a tensor of per-group indicator costs, all ``> 0`` (the cost-weighted
+    penalty). Shared by :func:`spr_penalty` and :class:`~orprune.regularizers.PerspectiveRegularizer`.
+    Every branch is evaluated on safe inputs so that :func:`torch.where` never routes a NaN or inf
+    gradient.
     """
-    if lam == 0.0:  # y* = 1 for every w: plain weight decay (also covers alpha = lam = 0)
-        return alpha * sq
+    if not isinstance(lam, torch.Tensor) and lam == 0.0:
+        return alpha * sq  # y* = 1 for every w: plain weight decay (also covers alpha = lam = 0)
     pos = sq > 0
     # sqrt has an infinite derivative at 0; the double where gives the zero subgradient there.
     norm = torch.where(pos, torch.sqrt(torch.where(pos, sq, torch.ones_like(sq))), torch.zeros_like(sq))
-    t = math.sqrt(alpha / lam) * norm
+    t = _sqrt(alpha / lam) * norm
     with torch.no_grad():
         at_one = torch.maximum(r, t) >= 1.0
         interior = ~at_one & (r <= t)
         at_bound = ~at_one & ~interior  # t < r < 1, so r > 0 here
     v_one = alpha * sq + lam
-    v_interior = (2.0 * math.sqrt(alpha * lam)) * norm
+    v_interior = (2.0 * _sqrt(alpha * lam)) * norm
     r_safe = torch.where(at_bound, r, torch.ones_like(r))
     v_bound = alpha * sq / r_safe + lam * r_safe
     return torch.where(at_one, v_one, torch.where(interior, v_interior, v_bound))
+
+
+def _sqrt(value: Union[float, torch.Tensor]) -> Union[float, torch.Tensor]:
+    return torch.sqrt(value) if isinstance(value, torch.Tensor) else math.sqrt(value)
 
 
 # ---------------------------------------------------------------------------------------------------
