@@ -301,6 +301,14 @@ if __name__ == "__main__":
         print(f"{layer.name}: {p!r}, N={layer.n_samples}, f(all)/yy={p.full_objective / p.yy:.2e} ({layer.source})")
 
 
+def calibration_batches(images: torch.Tensor, n_images: int, seed: int, batch_size: int = 128) -> list[torch.Tensor]:
+    """``n_images`` of ``images`` drawn with ``randperm(seed)``, in batches: the benchmarks' calibration set."""
+    from orprune.training import batches
+
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:n_images]
+    return list(batches(images[order], batch_size))
+
+
 def network_unit_problems(
     model_name: str = "resnet20",
     *,
@@ -317,14 +325,13 @@ def network_unit_problems(
     import warnings
 
     from orprune.pipeline import Pruner
-    from orprune.training import batches
 
     model, meta = trained_model(model_name, epochs=epochs, seed=seed, log=log)
     images, _, _ = load_default("train")
-    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:n_images]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # excluded groups (residual stream) are expected
-        pruner = Pruner(solver="magnitude", progress=False, cache_targets=False).fit(model, list(batches(images[order], 128)))
+        pruner = Pruner(solver="magnitude", progress=False, cache_targets=False).fit(
+            model, calibration_batches(images, n_images, seed))
     source = (f"{model_name} on {meta['dataset']}, test acc {meta['test_accuracy']:.4f}, {n_images} calibration "
               f"images x {pruner.positions_per_image} positions")
     return [RealLayer(f"{model_name}.{unit}", problem, n_images * pruner.positions_per_image, source)

@@ -27,15 +27,10 @@ from datetime import date
 import torch
 
 import orprune
-from benchmarks.common import RESULTS_DIR, trained_model
+from benchmarks.common import RESULTS_DIR, calibration_batches, trained_model
 from orprune.baselines import count_macs_params, recalibrate_batchnorm, torch_pruning_baseline
 from orprune.datasets import load_default
-from orprune.training import batches, evaluate
-
-
-def calibration_batches(train_x: torch.Tensor, n: int, seed: int) -> list[torch.Tensor]:
-    order = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(seed))[:n]
-    return list(batches(train_x[order], 128))
+from orprune.training import evaluate
 
 
 def mean_std(values: list[float]) -> str:

@@ -183,7 +183,8 @@ def run_spr(args: argparse.Namespace) -> int:
     report = {
         "dataset": name, "train_images": len(rest), "val_images": n_val, "epochs": args.epochs,
         "finetune_epochs": args.finetune_epochs, "alpha": args.alpha, "lam": result.regularizer.lam,
-        "strength": args.strength, "m_scale": args.m_scale, "costs": args.costs, "tolerance": p.tolerance, "threshold": p.threshold,
+        "strength": args.strength, "m_scale": args.m_scale, "costs": args.costs, "tolerance": p.tolerance,
+        "threshold": p.threshold,
         "groups": len(p.norms), "groups_removed": p.n_removed,
         "removed_per_layer": {n: [r, t] for n, r, t in p.removed_per_layer},
         "macs_before": p.macs_before, "macs_after": p.macs_after,

@@ -131,3 +131,14 @@ def test_bad_costs_are_clear_errors(costs, match):
         costs = np.where(np.arange(n) == n // 2, costs, 1.0)
     with pytest.raises(ValueError, match=match):
         PerspectiveRegularizer(model, alpha=0.1, lam=0.9, example_inputs=x[:1], costs=costs)
+
+
+def test_costs_leave_every_module_mode_and_statistic_as_it_was():
+    model, x = small_model("resnet20")
+    model.train()
+    model.layer1.eval()  # mixed modes, e.g. a partly frozen network
+    modes = {n: m.training for n, m in model.named_modules()}
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    PerspectiveRegularizer(model, alpha=0.1, lam=0.9, example_inputs=x[:1], costs="macs")
+    assert {n: m.training for n, m in model.named_modules()} == modes
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())

@@ -38,15 +38,11 @@ def channel_group_costs(model: nn.Module, groups: Sequence[ChannelGroup], exampl
     """
     if kind not in COST_KINDS:
         raise ValueError(f"`costs` must be one of {COST_KINDS}, an array or None; got {kind!r}.")
-    was_training = model.training
-    model.eval()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # excluded groups: handled below
-            graph = find_groups(model, example_inputs, max_features=sys.maxsize, residual=True)
-        cost_model = getattr(network_costs(model, graph, example_inputs), kind)
-    finally:
-        model.train(was_training)
+    # both trace through build_dependency_graph: eval mode, every module's training flag restored
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # excluded groups: handled below
+        graph = find_groups(model, example_inputs, max_features=sys.maxsize, residual=True)
+    cost_model = getattr(network_costs(model, graph, example_inputs), kind)
     full = dict(graph.n_channels)
     base = cost_model.evaluate(full)
     saving = {u: base - cost_model.evaluate({**full, u: full[u] - 1}) for u in full}

@@ -14,10 +14,11 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch_pruning as tp
 from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 from torch.nn.modules.conv import _ConvNd
+
+from orprune.graph import build_dependency_graph
 
 __all__ = ["ChannelGroup", "GroupMember", "trace_channel_groups"]
 
@@ -91,16 +92,12 @@ def trace_channel_groups(
 
     A dependency group with no consumer (no layer takes its channels as input) feeds the model's
     output, e.g. the classifier's logits; it is skipped, as are groups touching ``ignored_layers``.
-    The model is traced in eval mode (so BatchNorm statistics are untouched) and its mode restored.
+    The model is traced in eval mode (so BatchNorm statistics are untouched) and every module's
+    training flag restored (:func:`orprune.graph.build_dependency_graph`).
     """
-    was_training = model.training
-    model.eval()
-    try:
-        dg = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs)
-        dep_groups = list(dg.get_all_groups(ignored_layers=list(ignored_layers),
-                                            root_module_types=list(root_module_types)))
-    finally:
-        model.train(was_training)
+    dg, _ = build_dependency_graph(model, example_inputs)
+    dep_groups = list(dg.get_all_groups(ignored_layers=list(ignored_layers),
+                                        root_module_types=list(root_module_types)))
 
     names = {m: n for n, m in model.named_modules()}
     flat_cache: dict[tuple[str, str], np.ndarray] = {}

@@ -14,7 +14,7 @@ from torch import nn
 
 from orprune.regularizers.group_costs import channel_group_costs
 from orprune.regularizers.groups import ChannelGroup, trace_channel_groups
-from orprune.regularizers.spr import _check_scalar, spr_from_stats
+from orprune.regularizers.spr import _check_scalar, optimal_y_from_stats, spr_from_stats
 
 __all__ = ["PerspectiveRegularizer"]
 
@@ -253,10 +253,7 @@ class PerspectiveRegularizer(nn.Module):
         With ``relative=True``, of the scaled weights :math:`w_j / c_L` that the penalty sees.
         """
         sq, r = self._penalised_stats()
-        if self.lam == 0.0:
-            return torch.ones_like(sq)
-        ratio = torch.as_tensor(self.alpha / self._group_lam(sq), dtype=sq.dtype, device=sq.device)
-        return torch.clamp(torch.maximum(r, torch.sqrt(ratio * sq)), max=1.0)
+        return optimal_y_from_stats(sq, r, self.alpha, self._group_lam(sq))
 
     def _stats(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-group ``||w||_2^2`` and ``max_i |w_i| / M_i`` by segment reductions over gathered entries."""

@@ -84,11 +84,7 @@ def spr_optimal_y(weights: Weights, alpha: float, lam: float, M: Bound) -> torch
     lam = _check_scalar(lam, "lam")
     dense, inv_m = _check_weights_and_bound(weights, M)
     with torch.no_grad():
-        sq, r = group_stats(dense, inv_m)
-        if lam == 0.0:
-            return torch.ones_like(sq)
-        t = math.sqrt(alpha / lam) * torch.sqrt(sq)
-        return torch.clamp(torch.maximum(r, t), max=1.0)
+        return optimal_y_from_stats(*group_stats(dense, inv_m), alpha, lam)
 
 
 def group_stats(dense: torch.Tensor, inv_m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -123,6 +119,15 @@ def spr_from_stats(sq: torch.Tensor, r: torch.Tensor, alpha: float,
     r_safe = torch.where(at_bound, r, torch.ones_like(r))
     v_bound = alpha * sq / r_safe + lam * r_safe
     return torch.where(at_one, v_one, torch.where(interior, v_interior, v_bound))
+
+
+def optimal_y_from_stats(sq: torch.Tensor, r: torch.Tensor, alpha: float,
+                         lam: Union[float, torch.Tensor]) -> torch.Tensor:
+    """:math:`y^* = \\min(1, \\max(r, \\sqrt{\\alpha/\\lambda}\\|w\\|))` from per-group ``sq`` and ``r``, as
+    :func:`spr_from_stats` takes them (``lam`` a float or per-group tensor); 1 when ``lam`` is 0."""
+    if not isinstance(lam, torch.Tensor) and lam == 0.0:
+        return torch.ones_like(sq)
+    return torch.clamp(torch.maximum(r, _sqrt(alpha / lam) * torch.sqrt(sq)), max=1.0)
 
 
 def _sqrt(value: Union[float, torch.Tensor]) -> Union[float, torch.Tensor]:
