@@ -29,17 +29,15 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from orprune._consumer_stream import ConsumerStream, TargetCache
 from orprune.graph import Consumer, call_model
 from orprune.problem import StatisticsAccumulator
-from orprune.patches import conv_patches, sampled_patches
-from orprune.residual_targets import PassTaps, TargetOffset
+from orprune.residual_targets import TargetOffset
 
 __all__ = ["collect_statistics", "TargetCache", "DEFAULT_POSITIONS_PER_IMAGE"]
 
 #: Output positions sampled per image for a convolution consumer.
 DEFAULT_POSITIONS_PER_IMAGE = 32
-# Unfold at most this many elements at once (about 64 MB in float32); larger batches are chunked.
-_UNFOLD_CHUNK = 1 << 24
 
 
 def _batch_input(batch: Any) -> Any:
@@ -59,155 +57,6 @@ def _to(value: Any, device: torch.device) -> Any:
     if isinstance(value, dict):
         return {k: _to(v, device) for k, v in value.items()}
     return value
-
-
-class _ConsumerStream:
-    """Hooks of one consumer: draws positions, extracts rows, updates the accumulator."""
-
-    def __init__(self, name: str, module: nn.Module, positions: int | None, gen: torch.Generator):
-        if not (isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and module.groups == 1)):
-            raise ValueError(
-                f"`consumers` entry {name!r} is a {type(module).__name__}; a consumer must be a "
-                "Linear or a Conv2d with groups=1."
-            )
-        self.name, self.module, self.positions, self.gen = name, module, positions, gen
-        self.bias = module.bias  # of the layer giving the targets (the reference's in sequential mode)
-        self.acc: StatisticsAccumulator | None = None
-        self.pending: list[tuple[int, torch.Tensor | None, torch.Tensor]] = []  # (L, positions, rows)
-        self.batch = -1
-        self.calls = 0  # calls in the current batch's pass
-        self.cache: TargetCache | None = None
-        self.offset: TargetOffset | None = None  # set when this pass applies or records an offset
-        self.taps: PassTaps | None = None
-        self.ref_offset: torch.Tensor | None = None  # the reference's tapped rows of this batch
-
-    def begin(self, batch: int) -> None:
-        """A new forward pass over calibration batch ``batch``."""
-        self.batch, self.calls = batch, 0
-        if self.offset is not None:
-            self.taps = PassTaps(self.name, self.offset, self.sample)
-
-    # -- positions and targets
-    def _draw(self, n_images: int, n_positions: int, device: torch.device) -> torch.Tensor | None:
-        if self.positions is None or n_positions <= self.positions:
-            return None
-        scores = torch.rand(n_images, n_positions, generator=self.gen)
-        return scores.argsort(dim=1)[:, : self.positions].to(device)
-
-    def sample(self, output: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
-        """Rows of the output at the sampled positions: a copy, in the layer's dtype, bias included.
-
-        A copy because in sequential mode the rows wait for the other model's pass (or a later
-        one, cached), and an in-place op after the layer must not change them.
-        """
-        out = output.detach()
-        if isinstance(self.module, nn.Linear):
-            return out.reshape(-1, out.shape[-1]).clone()
-        y = out.flatten(2)  # (B, O, L)
-        if idx is not None:
-            y = y.gather(2, idx[:, None, :].expand(-1, y.shape[1], -1))
-        return y.transpose(1, 2).reshape(-1, y.shape[1]).clone()
-
-    def targets(self, rows: torch.Tensor) -> torch.Tensor:
-        """Least-squares targets from sampled output rows: float64, without the bias."""
-        y = rows.to(torch.float64)
-        return y if self.bias is None else y - self.bias.detach().double()
-
-    def draw(self, output: torch.Tensor) -> torch.Tensor | None:
-        if isinstance(self.module, nn.Linear):
-            return None
-        return self._draw(output.shape[0], output.shape[2] * output.shape[3], output.device)
-
-    # -- inputs
-    def rows(self, x: torch.Tensor, idx: torch.Tensor | None) -> Iterator[tuple[slice, torch.Tensor]]:
-        """Design-matrix rows, yielded per chunk of images (bounded memory)."""
-        x = x.detach()
-        if isinstance(self.module, nn.Linear):
-            yield slice(None), x.reshape(-1, x.shape[-1])
-            return
-        if idx is not None:
-            yield slice(None), sampled_patches(self.module, x, idx)
-            return
-        n_feat = x.shape[1] * int(torch.tensor(self.module.kernel_size).prod())
-        per_image = n_feat * max(1, x.shape[2] * x.shape[3])
-        step = max(1, _UNFOLD_CHUNK // per_image)
-        for start in range(0, x.shape[0], step):
-            cols = conv_patches(self.module, x[start : start + step])  # (b, F, L)
-            yield slice(start, start + step), cols.transpose(1, 2).reshape(-1, cols.shape[1])
-
-    def update(self, x: torch.Tensor, sampled: torch.Tensor, idx: torch.Tensor | None,
-               offset: torch.Tensor | None = None) -> None:
-        y_all = self.targets(sampled) if offset is None else self.targets(sampled) + offset
-        per_image = y_all.shape[0] // max(x.shape[0], 1)
-        for images, rows in self.rows(x, idx):
-            start = 0 if images.start is None else images.start * per_image
-            y = y_all[start : start + rows.shape[0]]
-            if rows.shape[0] != y.shape[0]:
-                raise ValueError(
-                    f"consumer {self.name!r}: the input gives {rows.shape[0]} rows but the target "
-                    f"{y.shape[0]}; the two models disagree on the layer's spatial shape."
-                )
-            for what, value in (("input", rows), ("original output", y)):
-                if not bool(torch.isfinite(value).all()):
-                    raise ValueError(
-                        f"calibration batch {self.batch}: the {what} of consumer {self.name!r} holds "
-                        "NaN or inf values; check the data and the model's numerical stability."
-                    )
-            if self.acc is None:
-                self.acc = StatisticsAccumulator(rows.shape[1], y.shape[1])
-            self.acc.update(rows, y)
-
-
-class TargetCache:
-    """The original model's sampled outputs of each consumer, per calibration batch and call.
-
-    Filled by :func:`collect_statistics` (``cache=``) and read back as its ``reference``: a later
-    pass of a partially pruned model then needs neither the original model's forward pass nor a new
-    draw of positions. It holds ``n_samples * positions_per_image * out_channels`` values per conv
-    consumer in the layer's dtype (:attr:`nbytes`), and as many again per consumer given an offset
-    (the reference's tapped tensors at the same positions).
-    """
-
-    def __init__(self) -> None:
-        self._rows: dict[str, dict[int, list[tuple[int, torch.Tensor | None, torch.Tensor]]]] = {}
-        self._bias: dict[str, torch.Tensor | None] = {}
-        self._offsets: dict[str, dict[int, torch.Tensor]] = {}
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._rows
-
-    @property
-    def n_batches(self) -> int:
-        return max((len(b) for b in self._rows.values()), default=0)
-
-    @property
-    def nbytes(self) -> int:
-        rows = sum(y.element_size() * y.numel() + (0 if idx is None else idx.element_size() * idx.numel())
-                   for batches in self._rows.values() for calls in batches.values() for _, idx, y in calls)
-        return rows + sum(t.element_size() * t.numel() for batches in self._offsets.values() for t in batches.values())
-
-    def _add(self, stream: _ConsumerStream, entry: tuple[int, torch.Tensor | None, torch.Tensor]) -> None:
-        if stream.name not in self._rows:
-            self._rows[stream.name] = {}
-            self._bias[stream.name] = None if stream.bias is None else stream.bias.detach().clone()
-        self._rows[stream.name].setdefault(stream.batch, []).append(entry)
-
-    def _get(self, stream: _ConsumerStream) -> tuple[int, torch.Tensor | None, torch.Tensor]:
-        calls = self._rows[stream.name].get(stream.batch, [])
-        if stream.calls >= len(calls):
-            raise ValueError(f"the target cache holds {len(calls)} call(s) of consumer {stream.name!r} in "
-                             f"batch {stream.batch}; `model` made more: give the batches the cache was made from.")
-        return calls[stream.calls]
-
-    def _add_offset(self, stream: _ConsumerStream, rows: torch.Tensor, dtype: torch.dtype) -> None:
-        self._offsets.setdefault(stream.name, {})[stream.batch] = rows.to(dtype)
-
-    def _get_offset(self, stream: _ConsumerStream) -> torch.Tensor:
-        rows = self._offsets.get(stream.name, {}).get(stream.batch)
-        if rows is None:
-            raise ValueError(f"the target cache holds no tapped rows of consumer {stream.name!r} in batch "
-                             f"{stream.batch}: fill it with the same `offsets`.")
-        return rows
 
 
 def _module(model: nn.Module, name: str, what: str) -> nn.Module:
@@ -292,7 +141,7 @@ def collect_statistics(
     if not names or not all(isinstance(n, str) for n in names):
         raise ValueError("`consumers` must be a non-empty iterable of Consumer or module names.")
     gen = torch.Generator().manual_seed(int(seed))
-    streams = {n: _ConsumerStream(n, _module(model, n, "model"), positions_per_image, gen) for n in names}
+    streams = {n: ConsumerStream(n, _module(model, n, "model"), positions_per_image, gen) for n in names}
     for stream in streams.values():
         stream.cache = cache
     for name, offset in offsets.items():
@@ -356,7 +205,7 @@ def collect_statistics(
 
 
 # ------------------------------------------------------------------------------------ hooks
-def _keep_taps(stream: _ConsumerStream, output: torch.Tensor, idx: torch.Tensor | None) -> None:
+def _keep_taps(stream: ConsumerStream, output: torch.Tensor, idx: torch.Tensor | None) -> None:
     """The reference's tapped rows: for this batch's model pass and for the cache."""
     def then(rows: torch.Tensor) -> None:
         stream.ref_offset = rows
@@ -365,7 +214,7 @@ def _keep_taps(stream: _ConsumerStream, output: torch.Tensor, idx: torch.Tensor 
     stream.taps.expect(output, idx, then)
 
 
-def _record_own(stream: _ConsumerStream, inputs: tuple, output: torch.Tensor) -> None:
+def _record_own(stream: ConsumerStream, inputs: tuple, output: torch.Tensor) -> None:
     idx = stream.draw(output)
     rows = stream.sample(output, idx)
     if stream.cache is not None:
@@ -375,7 +224,7 @@ def _record_own(stream: _ConsumerStream, inputs: tuple, output: torch.Tensor) ->
         _keep_taps(stream, output, idx)
 
 
-def _record_targets(stream: _ConsumerStream, inputs: tuple, output: torch.Tensor) -> None:
+def _record_targets(stream: ConsumerStream, inputs: tuple, output: torch.Tensor) -> None:
     idx = stream.draw(output)
     entry = (_n_positions(output), idx, stream.sample(output, idx))
     if stream.cache is not None:
@@ -385,20 +234,20 @@ def _record_targets(stream: _ConsumerStream, inputs: tuple, output: torch.Tensor
         _keep_taps(stream, output, idx)
 
 
-def _record_inputs(stream: _ConsumerStream, inputs: tuple, output: torch.Tensor) -> None:
+def _record_inputs(stream: ConsumerStream, inputs: tuple, output: torch.Tensor) -> None:
     if not stream.pending:
         raise ValueError(f"consumer {stream.name!r} ran in `model` but not in `reference`.")
     _update_from(stream, inputs, output, stream.pending.pop(0), "`reference`", stream.ref_offset)
 
 
-def _record_cached(stream: _ConsumerStream, inputs: tuple, output: torch.Tensor, cache: TargetCache) -> None:
+def _record_cached(stream: ConsumerStream, inputs: tuple, output: torch.Tensor, cache: TargetCache) -> None:
     entry = cache._get(stream)
     stream.calls += 1
     _update_from(stream, inputs, output, entry, "the target cache",
                  None if stream.offset is None else cache._get_offset(stream))
 
 
-def _update_from(stream: _ConsumerStream, inputs: tuple, output: torch.Tensor,
+def _update_from(stream: ConsumerStream, inputs: tuple, output: torch.Tensor,
                  entry: tuple[int, torch.Tensor | None, torch.Tensor], source: str,
                  reference_taps: torch.Tensor | None = None) -> None:
     n_pos, idx, rows = entry
@@ -434,7 +283,7 @@ def _forward(model: nn.Module, inputs: Any) -> None:
         pass
 
 
-def _pass(model: nn.Module, inputs: Any, streams: dict[str, _ConsumerStream], record: Any, batch: int) -> None:
+def _pass(model: nn.Module, inputs: Any, streams: dict[str, ConsumerStream], record: Any, batch: int) -> None:
     """One forward pass of ``model`` recording every stream; offsets must complete within it."""
     for s in streams.values():
         s.begin(batch)
@@ -446,7 +295,7 @@ def _pass(model: nn.Module, inputs: Any, streams: dict[str, _ConsumerStream], re
 
 
 @contextlib.contextmanager
-def _hooks(model: nn.Module, streams: dict[str, _ConsumerStream], record: Any) -> Iterator[None]:
+def _hooks(model: nn.Module, streams: dict[str, ConsumerStream], record: Any) -> Iterator[None]:
     """Forward hooks recording every stream; once all have fired, the pass stops early.
 
     Stopping is what makes the sequential refit affordable: a unit early in the network needs only
@@ -455,7 +304,7 @@ def _hooks(model: nn.Module, streams: dict[str, _ConsumerStream], record: Any) -
     """
     handles, fired = [], set()
 
-    def done(stream: _ConsumerStream) -> None:
+    def done(stream: ConsumerStream) -> None:
         if stream.taps is not None and stream.taps.waiting:  # its tapped tensors are still to come
             return
         fired.add(stream.name)
@@ -463,11 +312,11 @@ def _hooks(model: nn.Module, streams: dict[str, _ConsumerStream], record: Any) -
             fired.clear()
             raise _AllRecorded
 
-    def hook(stream: _ConsumerStream, args: tuple, out: torch.Tensor) -> None:
+    def hook(stream: ConsumerStream, args: tuple, out: torch.Tensor) -> None:
         record(stream, args, out)
         done(stream)
 
-    def tap(stream: _ConsumerStream, i: int, args: tuple, out: Any) -> None:
+    def tap(stream: ConsumerStream, i: int, args: tuple, out: Any) -> None:
         value = out if stream.offset.taps[i].port == "output" else (args[0] if args else None)
         if not torch.is_tensor(value):
             raise ValueError(f"consumer {stream.name!r}: tapped module {stream.offset.taps[i].module!r} "

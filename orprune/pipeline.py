@@ -20,7 +20,6 @@ import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Executor, ProcessPoolExecutor
-from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -29,73 +28,20 @@ import torch.nn as nn
 from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
-from orprune.allocation import Allocation, AllocationProblem, allocate
+from orprune.allocation import AllocationProblem, allocate
 from orprune.baselines import count_macs_params
 from orprune.calibration import DEFAULT_POSITIONS_PER_IMAGE, TargetCache, collect_statistics
 from orprune.costs import network_costs
 from orprune.curves import ErrorCurve, error_curve, join_curves
 from orprune.graph import DEFAULT_MAX_FEATURES, Consumer, call_model, find_groups, weight_matrix
 from orprune.problem import LayerProblem, StatisticsAccumulator
+from orprune.prune_result import PruneResult, UnitReport
 from orprune.residual_targets import ResidualTarget, find_residual_targets
 from orprune.selection import resolve_solver
 from orprune.surgery import ConsumerUpdate, PruningPlan, apply_pruning, masked_copy
 from orprune.uniform_allocation import allocate_uniform
 
 __all__ = ["Pruner", "PruneResult", "UnitReport", "prune"]
-
-
-@dataclass(frozen=True)
-class UnitReport:
-    """What happened to one channel group."""
-
-    unit: str
-    channels_before: int
-    channels_after: int
-    solver: str
-    relative_error: float  # summed over consumers, each relative to its ||Y||^2
-    bound: float
-    status: str
-    solve_time: float  # the whole curve of this unit
-
-
-@dataclass(frozen=True)
-class PruneResult:
-    """A pruned model with its costs and the per-unit report."""
-
-    model: nn.Module
-    macs_before: int
-    macs_after: int
-    params_before: int
-    params_after: int
-    report: tuple[UnitReport, ...]
-    allocation: Allocation
-    plan: PruningPlan
-    prune_time: float
-
-    def summary(self) -> str:
-        lines = [
-            f"MACs {self.macs_before:,} -> {self.macs_after:,} ({self.macs_after / self.macs_before:.3f}); "
-            f"params {self.params_before:,} -> {self.params_after:,} ({self.params_after / self.params_before:.3f}); "
-            f"allocation {self.allocation.status}, {self.prune_time:.1f} s",
-            f"{'unit':<32} {'channels':>10} {'solver':>10} {'rel. error':>11} {'status':>10}",
-        ]
-        lines += [
-            f"{r.unit:<32} {r.channels_before:>4} -> {r.channels_after:<3} {r.solver:>10} {r.relative_error:>11.4g} {r.status:>10}"
-            for r in self.report
-        ]
-        return "\n".join(lines)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "macs_before": self.macs_before,
-            "macs_after": self.macs_after,
-            "params_before": self.params_before,
-            "params_after": self.params_after,
-            "allocation_status": self.allocation.status,
-            "allocation_gap": self.allocation.gap,
-            "prune_time": self.prune_time,
-            "units": [asdict(r) for r in self.report],
-        }
 
 
 def _curve_task(problem: LayerProblem, keep_counts: np.ndarray, solver: str, time_limit: float | None) -> ErrorCurve:

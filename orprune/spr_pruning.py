@@ -24,12 +24,12 @@ from orprune.regularizers.groups import _param_slices
 from orprune.regularizers.perspective import PerspectiveRegularizer
 from orprune.training import evaluate
 
-__all__ = ["ThresholdPruning", "prune_by_threshold"]
+__all__ = ["SCORES", "ThresholdPruning", "prune_by_threshold"]
 
 # Accuracies are ratios of counts; this absorbs the rounding of `base - tolerance`.
 _EPS = 1e-12
-# score name -> PerspectiveRegularizer method giving it
-_SCORES = {"norm": "group_norms", "relative_norm": "relative_norms", "optimal_y": "optimal_y"}
+#: Threshold scores: name -> the PerspectiveRegularizer method giving them.
+SCORES = {"norm": "group_norms", "relative_norm": "relative_norms", "optimal_y": "optimal_y"}
 
 
 @dataclass(frozen=True)
@@ -189,8 +189,8 @@ def prune_by_threshold(
     """
     start = time.perf_counter()
     tolerance = _check_inputs(model, regularizer, val_images, val_labels, tolerance, batch_size)
-    if score not in _SCORES:
-        raise ValueError(f"`score` must be one of {list(_SCORES)}; got {score!r}.")
+    if score not in SCORES:
+        raise ValueError(f"`score` must be one of {list(SCORES)}; got {score!r}.")
     if reference_accuracy is not None and (
             isinstance(reference_accuracy, bool) or not isinstance(reference_accuracy, numbers.Real)
             or not 0.0 <= reference_accuracy <= 1.0):
@@ -198,7 +198,7 @@ def prune_by_threshold(
                          f"got {reference_accuracy!r}.")
     try:
         norms = regularizer.group_norms().detach().cpu().double().numpy()
-        scores = getattr(regularizer, _SCORES[score])().detach().cpu().double().numpy()
+        scores = getattr(regularizer, SCORES[score])().detach().cpu().double().numpy()
     except RuntimeError as exc:  # the model changed shape since the regulariser was built
         raise ValueError(f"`regularizer` no longer matches `model`: {exc}") from exc
     groups = regularizer.groups_

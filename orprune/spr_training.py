@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from orprune.regularizers.perspective import PerspectiveRegularizer
-from orprune.spr_pruning import ThresholdPruning, prune_by_threshold
+from orprune.spr_pruning import SCORES, ThresholdPruning, prune_by_threshold
 from orprune.training import evaluate, train
 
 __all__ = ["SPRTraining", "add_spr_arguments", "run_spr", "train_with_spr"]
@@ -70,6 +70,7 @@ def train_with_spr(
     strength: float = _DEFAULT_STRENGTH,
     m_scale: float = _DEFAULT_M_SCALE,
     tolerance: float = 0.005,
+    score: str = "norm",
     epochs: float = 2,
     finetune_epochs: float = 0,
     lr: float = 0.05,
@@ -87,7 +88,9 @@ def train_with_spr(
     :class:`~orprune.regularizers.PerspectiveRegularizer` (``alpha``, ``lam``, ``M="auto"`` with
     ``m_scale`` taken at the start of training) and :math:`s` = ``strength``; the optimiser is
     :func:`orprune.training.train`'s (SGD Nesterov, one-cycle, weight decay ``weight_decay``).
-    Fine-tuning (``finetune_epochs > 0``) uses the same loop without the regulariser.
+    Fine-tuning (``finetune_epochs > 0``) uses the same loop without the regulariser. ``score`` is the
+    value the threshold runs on (:func:`prune_by_threshold`): with ``relative=True`` (a regulariser
+    option) ``score="relative_norm"`` thresholds what the penalty sees.
 
     ``regularizer_options`` go to :class:`PerspectiveRegularizer` (``ignored_layers``,
     ``include_consumers``, ...). ``channels_last`` trains in that memory format (see :func:`orprune.training.train`);
@@ -97,6 +100,8 @@ def train_with_spr(
         raise ValueError(f"`model` must be a torch.nn.Module; got {type(model).__name__}.")
     if isinstance(strength, bool) or not isinstance(strength, numbers.Real) or not strength >= 0:
         raise ValueError(f"`strength` must be a number >= 0; got {strength!r}.")
+    if score not in SCORES:  # checked before training, not after
+        raise ValueError(f"`score` must be one of {list(SCORES)}; got {score!r}.")
     if not isinstance(finetune_epochs, numbers.Real) or finetune_epochs < 0:
         raise ValueError(f"`finetune_epochs` must be >= 0; got {finetune_epochs!r}.")
     trained = copy.deepcopy(model)
@@ -108,7 +113,7 @@ def train_with_spr(
     train(trained, images, labels, epochs=epochs, regularizer=regularizer,
           regularizer_strength=float(strength), **options)
     train_seconds = time.perf_counter() - start
-    pruning = prune_by_threshold(trained, regularizer, val_images, val_labels, tolerance=tolerance)
+    pruning = prune_by_threshold(trained, regularizer, val_images, val_labels, tolerance=tolerance, score=score)
     if log:
         log(pruning.summary())
     final, accuracy, finetune_seconds = pruning.model, None, 0.0
@@ -143,6 +148,11 @@ def add_spr_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     parser.add_argument("--costs", choices=["macs", "params"], default=None,
                         help="price each channel group's indicator by the MACs / params it saves "
                              "(PerspectiveRegularizer costs=); default: one price for all, as in the paper")
+    parser.add_argument("--relative", action="store_true",
+                        help="layer-relative penalty: each group's weights divided by its layer's RMS group norm "
+                             "(PerspectiveRegularizer relative=True)")
+    parser.add_argument("--score", choices=["norm", "relative_norm", "optimal_y"], default=None,
+                        help="what the threshold runs on (default: relative_norm with --relative, else norm)")
     parser.add_argument("--tolerance", type=float, default=0.005, help="accepted validation accuracy drop (fraction)")
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--seed", type=int, default=0)
@@ -174,16 +184,19 @@ def run_spr(args: argparse.Namespace) -> int:
             raise SystemExit(f"orprune spr: {args.init} does not hold a whole nn.Module")
     else:
         model = (resnet20 if args.model == "resnet20" else SmallCNN)(in_channels=x.shape[1])
+    score = args.score or ("relative_norm" if args.relative else "norm")
     result = train_with_spr(
         model, x[rest], y[rest], x[val], y[val], alpha=args.alpha,
         lam=1.0 - args.alpha if args.lam is None else args.lam, strength=args.strength, m_scale=args.m_scale,
-        tolerance=args.tolerance, epochs=args.epochs, finetune_epochs=args.finetune_epochs, lr=args.lr,
-        seed=args.seed, progress=not args.quiet, log=None if args.quiet else print, costs=args.costs)
+        tolerance=args.tolerance, score=score, epochs=args.epochs, finetune_epochs=args.finetune_epochs, lr=args.lr,
+        seed=args.seed, progress=not args.quiet, log=None if args.quiet else print, costs=args.costs,
+        relative=args.relative)
     p = result.pruning
     report = {
         "dataset": name, "train_images": len(rest), "val_images": n_val, "epochs": args.epochs,
         "finetune_epochs": args.finetune_epochs, "alpha": args.alpha, "lam": result.regularizer.lam,
-        "strength": args.strength, "m_scale": args.m_scale, "costs": args.costs, "tolerance": p.tolerance,
+        "strength": args.strength, "m_scale": args.m_scale, "costs": args.costs, "relative": args.relative,
+        "score": score, "tolerance": p.tolerance,
         "threshold": p.threshold,
         "groups": len(p.norms), "groups_removed": p.n_removed,
         "removed_per_layer": {n: [r, t] for n, r, t in p.removed_per_layer},

@@ -55,14 +55,15 @@ def test_demo_runs_end_to_end_on_digits(tmp_path, capsys):
     assert pruned and all(r["macs_fraction"] <= 0.5 for r in pruned)
 
 
-@pytest.mark.parametrize("costs", [None, "macs"])
-def test_spr_command_trains_thresholds_and_saves(tmp_path, costs):
+@pytest.mark.parametrize("costs, relative", [(None, False), ("macs", False), (None, True)])
+def test_spr_command_trains_thresholds_and_saves(tmp_path, costs, relative):
     out = tmp_path / "spr.pt"
-    priced = [] if costs is None else ["--costs", costs]
+    priced = ([] if costs is None else ["--costs", costs]) + (["--relative"] if relative else [])
     assert main(["spr", "--model", "small_cnn", "--dataset", "digits", "--epochs", "1", "--val-size", "200",
                  "--tolerance", "0.02", "-o", str(out), "--quiet", *priced]) == 0
     report = json.loads(out.with_suffix(".json").read_text())
     assert report["costs"] == costs
+    assert report["relative"] is relative and report["score"] == ("relative_norm" if relative else "norm")
     assert report["macs_after"] <= report["macs_before"]
     assert report["val_accuracy_after"] >= report["val_accuracy_before"] - 0.02 - 1e-12
     assert torch.load(out, weights_only=False)(torch.zeros(1, 1, 8, 8)).shape == (1, 10)

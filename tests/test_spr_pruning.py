@@ -208,6 +208,19 @@ def test_train_with_spr_end_to_end(digits):
     assert [p.shape for p in out.model.parameters()] == [p.shape for p in out.pruning.model.parameters()]
     with pytest.raises(ValueError, match="`strength`"):
         train_with_spr(model, x, y, vx, vy, strength=-1.0)
+    with pytest.raises(ValueError, match="`score`"):
+        train_with_spr(model, x, y, vx, vy, score="size")
+
+
+def test_train_with_relative_spr_thresholds_relative_norms(digits):
+    x, y, vx, vy = digits
+    torch.manual_seed(0)
+    out = train_with_spr(FlatNet(), x, y, vx, vy, epochs=1, tolerance=0.02, relative=True, score="relative_norm")
+    assert out.regularizer.relative and out.pruning.score == "relative_norm"
+    # the scores are the trained model's layer-relative norms, not its raw norms
+    np.testing.assert_allclose(out.pruning.scores, out.regularizer.relative_norms().double().numpy(), rtol=1e-6)
+    assert not np.allclose(out.pruning.scores, out.pruning.norms)
+    assert out.pruning.accuracy_after >= out.pruning.accuracy_before - 0.02 - 1e-12
 
 
 def test_cli_function_writes_model_and_report(tmp_path):

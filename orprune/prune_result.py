@@ -1,0 +1,67 @@
+"""What :meth:`orprune.Pruner.prune` returns: the pruned model, its costs and a per-unit report."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch.nn as nn
+
+from orprune.allocation import Allocation
+from orprune.surgery import PruningPlan
+
+__all__ = ["PruneResult", "UnitReport"]
+
+
+@dataclass(frozen=True)
+class UnitReport:
+    """What happened to one channel group."""
+
+    unit: str
+    channels_before: int
+    channels_after: int
+    solver: str
+    relative_error: float  # summed over consumers, each relative to its ||Y||^2
+    bound: float
+    status: str
+    solve_time: float  # the whole curve of this unit
+
+
+@dataclass(frozen=True)
+class PruneResult:
+    """A pruned model with its costs and the per-unit report."""
+
+    model: nn.Module
+    macs_before: int
+    macs_after: int
+    params_before: int
+    params_after: int
+    report: tuple[UnitReport, ...]
+    allocation: Allocation
+    plan: PruningPlan
+    prune_time: float
+
+    def summary(self) -> str:
+        lines = [
+            f"MACs {self.macs_before:,} -> {self.macs_after:,} ({self.macs_after / self.macs_before:.3f}); "
+            f"params {self.params_before:,} -> {self.params_after:,} ({self.params_after / self.params_before:.3f}); "
+            f"allocation {self.allocation.status}, {self.prune_time:.1f} s",
+            f"{'unit':<32} {'channels':>10} {'solver':>10} {'rel. error':>11} {'status':>10}",
+        ]
+        lines += [
+            f"{r.unit:<32} {r.channels_before:>4} -> {r.channels_after:<3} {r.solver:>10} {r.relative_error:>11.4g} {r.status:>10}"
+            for r in self.report
+        ]
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "macs_before": self.macs_before,
+            "macs_after": self.macs_after,
+            "params_before": self.params_before,
+            "params_after": self.params_after,
+            "allocation_status": self.allocation.status,
+            "allocation_gap": self.allocation.gap,
+            "prune_time": self.prune_time,
+            "units": [asdict(r) for r in self.report],
+        }
