@@ -55,7 +55,7 @@ def _parameters(args: argparse.Namespace, ref: dict | None) -> str:
               "`regularize(model)` after each backward.")
     if ref:
         params = params.replace("initial per-layer max |w|", "per-layer max |w| of the pretrained weights")
-    if args.score != "norm":
+    if args.score == "optimal_y":
         params += (f" Threshold on SPR's relaxed indicator y* = min(1, max(max_i |w_i| / M_i, sqrt(alpha / lam) "
                    f"||w||)) with alpha {args.score_alpha:g}, lam {1 - args.score_alpha:g}, M = {args.score_m_scale:g} "
                    f"x per-layer max |w| of the {'starting' if args.score_bounds == 'start' else 'trained (pruned)'} weights, "

@@ -124,6 +124,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                         "with a detached scale; /m: indicators priced by MACs); one row each")
     p.add_argument("--gn-reg", type=_floats, default=[5e-4], help="GroupNormPruner's reg value(s), one row each")
     p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--reg-until", type=float, default=1.0,
+                   help="both regularisers act during this fraction of the steps; the rest trains the task loss "
+                        "alone (the same for every method)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared machine)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tune", action="store_true", help="grid over the SPR parameters instead")
@@ -228,6 +231,8 @@ def trained(method: str, args: argparse.Namespace, data: dict, *, alpha: float =
                    train_size=len(data["y"]), val_size=len(data["val_y"]), seed=args.seed)
     if args.init != "scratch":  # scratch keys stay as they were, so the old tables regenerate from cache
         setting.update(init=args.init, pretrain_epochs=args.pretrain_epochs)
+    if args.reg_until != 1.0 and method != "none":  # likewise only when set
+        setting.update(reg_until=args.reg_until)
     if method == "spr":
         setting.update(alpha=alpha, lam=lam, strength=strength, m_scale=m_scale)
         if consumers:
@@ -258,11 +263,21 @@ def trained(method: str, args: argparse.Namespace, data: dict, *, alpha: float =
         head = [m for m in model.modules() if isinstance(m, nn.Linear)][-1:]
         pruner = tp.pruner.GroupNormPruner(model, example, importance=tp.importance.GroupMagnitudeImportance(p=2),
                                            reg=gn_reg, ignored_layers=head)
-        handle = register_optimizer_step_pre_hook(lambda *_: pruner.regularize(model))
+        # the same steps as train()'s `regularizer_until`: the hook runs once before each step
+        per_epoch = -(-len(data["y"]) // 128)
+        limit = round(args.reg_until * max(1, round(args.epochs * per_epoch)))
+        done = [0]
+
+        def regularize(*_) -> None:
+            if done[0] < limit:
+                pruner.regularize(model)
+            done[0] += 1
+
+        handle = register_optimizer_step_pre_hook(regularize)
     start = time.perf_counter()
     try:
         train(model, data["x"], data["y"], epochs=args.epochs, lr=args.lr, seed=args.seed, regularizer=regularizer,
-              regularizer_strength=strength, channels_last=True, progress=False, log=print)  # as the tables ran
+              regularizer_strength=strength, regularizer_until=args.reg_until, channels_last=True, progress=False, log=print)  # as the tables ran
     finally:
         if handle is not None:
             handle.remove()
@@ -316,7 +331,9 @@ def _setting(args: argparse.Namespace, data: dict) -> str:
     return (f"{args.model} on {args.dataset}: {start}{len(data['y'])} training images, {args.epochs:g} epochs "
             f"(batch 128, SGD Nesterov, one-cycle max lr {args.lr:g}, weight decay 5e-4, flips), "
             f"{len(data['val_y'])} held-out validation images for the threshold, {len(data['test_y'])} test images; "
-            f"tolerance {args.tolerance * 100:g} points of validation accuracy; seed {args.seed}; "
+            + (f"the regularisers act during the first {args.reg_until:.0%} of the steps, the rest trains the task "
+               "loss alone; " if args.reg_until != 1.0 else "")
+            + f"tolerance {args.tolerance * 100:g} points of validation accuracy; seed {args.seed}; "
             f"{torch.get_num_threads()} torch thread(s), {platform.processor() or platform.machine()}.")
 
 

@@ -1,0 +1,52 @@
+"""The training loop's regularizer window (``train(regularizer_until=...)``)."""
+
+import pytest
+import torch
+from torch import nn
+
+from orprune.training import train
+
+
+class CountingPenalty:
+    """A regularizer that records how often the loop asks for it (the squared norm of a weight)."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        self.weight, self.calls = weight, 0
+
+    def __call__(self) -> torch.Tensor:
+        self.calls += 1
+        return self.weight.pow(2).sum()
+
+
+def _setup(n: int = 50):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
+    return model, torch.randn(n, 1, 4, 4), torch.randint(0, 3, (n,))
+
+
+@pytest.mark.parametrize("until, expected", [(1.0, 12), (0.5, 6), (0.67, 8), (0.01, 0)])
+def test_the_regularizer_acts_on_the_first_fraction_of_the_steps(until, expected):
+    model, x, y = _setup()  # 50 images, batch 16: 4 steps per epoch, 3 epochs = 12 steps
+    penalty = CountingPenalty(model[1].weight)
+    train(model, x, y, epochs=3, batch_size=16, regularizer=penalty, regularizer_strength=1.0,
+          regularizer_until=until, progress=False)
+    assert penalty.calls == expected
+
+
+def test_a_strong_penalty_moves_the_weights_only_inside_its_window():
+    model_a, x, y = _setup()
+    model_b, _, _ = _setup()
+    train(model_a, x, y, epochs=2, batch_size=16, regularizer=CountingPenalty(model_a[1].weight),
+          regularizer_strength=10.0, regularizer_until=1.0, progress=False, flip=False)
+    train(model_b, x, y, epochs=2, batch_size=16, regularizer=CountingPenalty(model_b[1].weight),
+          regularizer_strength=10.0, regularizer_until=0.5, progress=False, flip=False)
+    # the penalty shrinks the weight; without it for the last half, the weight regrows
+    assert model_a[1].weight.norm() < model_b[1].weight.norm()
+
+
+@pytest.mark.parametrize("until", [0.0, -0.5, 1.5, float("nan")])
+def test_a_window_outside_zero_one_is_an_error(until):
+    model, x, y = _setup()
+    with pytest.raises(ValueError, match="regularizer_until"):
+        train(model, x, y, epochs=1, batch_size=16, regularizer=CountingPenalty(model[1].weight),
+              regularizer_strength=1.0, regularizer_until=until, progress=False)
