@@ -55,7 +55,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from orprune.datasets import load_digits, load_fashion_mnist
 from orprune.regularizers import PerspectiveRegularizer
 from orprune.spr_pruning import ThresholdPruning, prune_by_threshold
-from orprune.training import evaluate, train
+from orprune.training import evaluate, step_counts, train
 from orprune.zoo import SmallCNN, resnet20
 
 if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
@@ -263,9 +263,8 @@ def trained(method: str, args: argparse.Namespace, data: dict, *, alpha: float =
         head = [m for m in model.modules() if isinstance(m, nn.Linear)][-1:]
         pruner = tp.pruner.GroupNormPruner(model, example, importance=tp.importance.GroupMagnitudeImportance(p=2),
                                            reg=gn_reg, ignored_layers=head)
-        # the same steps as train()'s `regularizer_until`: the hook runs once before each step
-        per_epoch = -(-len(data["y"]) // 128)
-        limit = round(args.reg_until * max(1, round(args.epochs * per_epoch)))
+        # the steps train() regularizes with `regularizer_until`: the hook runs once before each step
+        _, limit = step_counts(len(data["y"]), args.epochs, regularizer_until=args.reg_until)
         done = [0]
 
         def regularize(*_) -> None:
@@ -277,7 +276,8 @@ def trained(method: str, args: argparse.Namespace, data: dict, *, alpha: float =
     start = time.perf_counter()
     try:
         train(model, data["x"], data["y"], epochs=args.epochs, lr=args.lr, seed=args.seed, regularizer=regularizer,
-              regularizer_strength=strength, regularizer_until=args.reg_until, channels_last=True, progress=False, log=print)  # as the tables ran
+              regularizer_strength=strength, regularizer_until=args.reg_until, channels_last=True,
+              progress=False, log=print)  # as the tables ran
     finally:
         if handle is not None:
             handle.remove()

@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-__all__ = ["train", "evaluate", "batches"]
+__all__ = ["train", "evaluate", "batches", "step_counts"]
 
 Regularizer = Callable[[], torch.Tensor]
 
@@ -69,6 +69,14 @@ def train(
         torch.set_num_threads(previous)
 
 
+def step_counts(n_images: int, epochs: float, batch_size: int = 128,
+                regularizer_until: float = 1.0) -> tuple[int, int]:
+    """``(total, regularized)``: the optimizer steps :func:`train` takes, and how many of the first ones
+    carry the regularizer (for code that regularizes outside the loss, e.g. through an optimizer hook)."""
+    total = max(1, round(epochs * -(-n_images // batch_size)))
+    return total, round(regularizer_until * total)
+
+
 def _train(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, epochs: float, batch_size: int,
            lr: float, weight_decay: float, seed: int, flip: bool, regularizer: Regularizer | None,
            regularizer_strength: float, regularizer_until: float, channels_last: bool, progress: bool,
@@ -85,9 +93,7 @@ def _train(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, epoc
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model.to(memory_format=fmt).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
-    per_epoch = (len(labels) + batch_size - 1) // batch_size
-    total_steps = max(1, round(epochs * per_epoch))
-    regularized_steps = round(regularizer_until * total_steps)
+    total_steps, regularized_steps = step_counts(len(labels), epochs, batch_size, regularizer_until)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=total_steps)
     step, start = 0, time.perf_counter()
     bar = tqdm(total=total_steps, desc="train", disable=not progress, leave=False)

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from orprune.training import train
+from orprune.training import step_counts, train
 
 
 class CountingPenalty:
@@ -31,6 +31,7 @@ def test_the_regularizer_acts_on_the_first_fraction_of_the_steps(until, expected
     train(model, x, y, epochs=3, batch_size=16, regularizer=penalty, regularizer_strength=1.0,
           regularizer_until=until, progress=False)
     assert penalty.calls == expected
+    assert step_counts(len(y), 3, 16, until) == (12, expected)  # what optimizer-hook regularizers use
 
 
 def test_a_strong_penalty_moves_the_weights_only_inside_its_window():
