@@ -161,6 +161,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--macs", default="0.5,0.33,0.25", help="MACs fractions to keep")
     parser.add_argument("--solvers", default="auto,greedy", help="orprune layer solvers to compare")
     parser.add_argument("--allocations", default="milp,uniform", help="orprune allocations (Pruner.prune)")
+    parser.add_argument("--errors", default="layer",
+                        help="what the allocation sums (Pruner errors): layer, output, or both comma-separated")
     parser.add_argument("--round-to", default="1,16",
                         help="Pruner round_to values, one fit each (16 floats: an AVX-512 vector; 8 for AVX2)")
     parser.add_argument("--latency-repeats", type=int, default=20, help="timed calls of each model per mode")
@@ -222,12 +224,14 @@ def main(argv: list[str] | None = None) -> None:
         rows.append(Row(name, macs / base_macs, macs, params, evaluate(pruned, test_x, test_y), seconds, speedup))
         models[name] = pruned
 
-    for solver, round_to in itertools.product(args.solvers.split(","), [int(r) for r in args.round_to.split(",")]):
+    for solver, round_to, errors in itertools.product(args.solvers.split(","), [int(r) for r in args.round_to.split(",")],
+                                                      args.errors.split(",")):
         name = solver if round_to == 1 else f"{solver}, round to {round_to}"
+        name += ", output errors" if errors == "output" else ""
         with warnings.catch_warnings(), PeakMemory() as memory:
             warnings.simplefilter("ignore", UserWarning)
             start = time.perf_counter()
-            pruner = orprune.Pruner(solver=solver, round_to=round_to, progress=False, n_jobs=args.jobs)
+            pruner = orprune.Pruner(solver=solver, round_to=round_to, errors=errors, progress=False, n_jobs=args.jobs)
             pruner.fit(model, calibration)
             fit_seconds = time.perf_counter() - start
             results = {}
@@ -376,7 +380,9 @@ def report(args, command, dataset, meta, base_acc, base_macs, base_params, cost_
         f"{1e3 * base_seconds['optimised']:.0f} ms optimised. Ideal = 1 / MACs kept. "
         "\"round to r\": keep counts in multiples of r (`Pruner(round_to=r)`; CPU kernels work in vectors of 16 "
         "floats with AVX-512, 8 with AVX2); \"uniform rates\": one keep fraction for every unit "
-        "(`prune(allocation=\"uniform\")`).",
+        "(`prune(allocation=\"uniform\")`); \"output errors\": the allocation sums each unit's error of the "
+        "network's output when it alone is pruned (`Pruner(errors=\"output\")`, measured in the fit on 512 of the "
+        "calibration images) instead of its layer's relative reconstruction error.",
         "",
         "| method | MACs kept | MACs | params | test accuracy | fine-tuned | pruning time (s) | speed-up eager "
         "| / ideal eager | speed-up optimised | / ideal optimised |",

@@ -49,6 +49,9 @@ def _parser() -> argparse.ArgumentParser:
     prune.add_argument("--allocation", choices=["milp", "uniform"], default="milp",
                        help="keep counts from the MILP, or one keep fraction for every layer")
     prune.add_argument("--round-to", type=int, default=1, help="keep counts in multiples of this (8: CPU speed)")
+    prune.add_argument("--errors", choices=["layer", "output"], default="layer",
+                       help="what the allocation sums: layer reconstruction errors, or each unit's error of the "
+                            "network output (slower fit, usually more accurate without fine-tuning)")
     prune.add_argument("--jobs", type=int, default=None, help="processes for the error curves")
     prune.add_argument("--output", "-o", required=True, help="where to save the pruned model")
     prune.add_argument("--report", default=None, help="JSON report path (default: OUTPUT with .json)")
@@ -86,11 +89,12 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     if not isinstance(model, torch.nn.Module):
         raise SystemExit(f"orprune prune: {args.model} does not hold a whole nn.Module (save it with torch.save(model, path))")
     images, labels, _ = _load_data(args.dataset, args.data_root, "train")
-    pruner = orprune.Pruner(solver=args.solver, round_to=args.round_to, n_jobs=args.jobs, progress=not args.quiet)
+    pruner = orprune.Pruner(solver=args.solver, round_to=args.round_to, errors=args.errors, n_jobs=args.jobs,
+                            progress=not args.quiet)
     pruner.fit(model, list(batches(images, 128, args.calibration)))
     result = pruner.prune(macs=args.macs, params=args.params, allocation=args.allocation)
     torch.save(result.model, args.output)
-    report = result.to_dict()
+    report = {**result.to_dict(), "allocation_errors": args.errors, "allocation_objective": result.allocation.objective}
     if args.evaluate:
         test_x, test_y, _ = _load_data(args.dataset, args.data_root, "test")
         report["accuracy_before"] = evaluate(model, test_x, test_y)

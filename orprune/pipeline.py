@@ -34,6 +34,7 @@ from orprune.calibration import DEFAULT_POSITIONS_PER_IMAGE, TargetCache, collec
 from orprune.costs import network_costs
 from orprune.curves import ErrorCurve, error_curve, join_curves
 from orprune.graph import DEFAULT_MAX_FEATURES, Consumer, call_model, find_groups, weight_matrix
+from orprune.output_errors import output_error_curves, probe_batches
 from orprune.problem import LayerProblem, StatisticsAccumulator
 from orprune.prune_result import PruneResult, UnitReport
 from orprune.residual_targets import ResidualTarget, find_residual_targets
@@ -109,6 +110,13 @@ class Pruner:
         Sampled spatial positions per image for conv consumers.
     max_options : int, default 32
         Keep counts per unit offered to the allocation (a grid for wider units).
+    errors : {"layer", "output"}, default "layer"
+        What the allocation MILP sums: ``"layer"``, each unit's reconstruction error relative to its
+        own output; ``"output"``, each unit's error of the network's output when it alone is pruned to
+        each keep count (``output_errors_``; one forward pass of ``probe_images`` images per unit and
+        count, in :meth:`fit`), which weighs a unit by how far its error travels.
+    probe_images : int, default 512
+        Calibration images (the first batches) on which ``errors="output"`` is measured.
     min_channels : int, default 1
         Fewest channels a unit may keep.
     round_to : int, default 1
@@ -161,6 +169,8 @@ class Pruner:
         Each unit's channel-selection problem (its consumers' problems joined, each relative to its
         own ``||Y||^2``): what the curves solve, ready for :func:`orprune.select` with any solver.
     curves_ : dict unit -> ErrorCurve
+    output_errors_ : dict unit -> array or None
+        With ``errors="output"``: each unit's relative output error at its curve's keep counts.
     residual_targets_ : dict consumer -> ResidualTarget
         The consumers whose refit targets get the residual correction (empty when
         ``residual_targets`` or ``sequential`` is False, or fx cannot trace the model).
@@ -173,6 +183,8 @@ class Pruner:
         ridge: float = 1e-4,
         positions_per_image: int | None = DEFAULT_POSITIONS_PER_IMAGE,
         max_options: int = 32,
+        errors: str = "layer",
+        probe_images: int = 512,
         min_channels: int = 1,
         round_to: int = 1,
         ignored_layers: Iterable[nn.Module | str] = (),
@@ -191,6 +203,8 @@ class Pruner:
         self.ridge = ridge
         self.positions_per_image = positions_per_image
         self.max_options = max_options
+        self.errors = errors
+        self.probe_images = probe_images
         self.min_channels = min_channels
         self.round_to = round_to
         self.ignored_layers = ignored_layers
@@ -215,6 +229,10 @@ class Pruner:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+        if self.errors not in ("layer", "output"):
+            raise ValueError(f"`errors` must be 'layer' or 'output', got {self.errors!r}.")
+        if isinstance(self.probe_images, bool) or not isinstance(self.probe_images, int) or self.probe_images < 1:
+            raise ValueError(f"`probe_images` must be a positive integer, got {self.probe_images!r}.")
         for name in ("residual", "sequential", "cache_targets", "residual_targets"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"`{name}` must be True or False, got {getattr(self, name)!r}.")
@@ -301,7 +319,15 @@ class Pruner:
                                                  disable=not self.progress, leave=False)):
                 parts[i].append(curve)
         self.curves_ = {unit.name: join_curves(parts[i]) for i, unit in enumerate(self.graph_.units)}
+        self.output_errors_ = None if self.errors == "layer" else output_error_curves(
+            self.model_, self.graph_, self.curves_, self._unit_updates, probe_batches(batches, self.probe_images),
+            progress=self.progress)
         return self
+
+    def _unit_updates(self, unit: str, kept: np.ndarray) -> dict[str, ConsumerUpdate]:
+        """The refit of one unit's consumers on ``kept``, from the original statistics."""
+        return {c.name: self._update(c, kept, self.statistics_[c.name], self.problems_[c.name])
+                for c in self.graph_[unit].consumers}
 
     # ------------------------------------------------------------------ prune
     def _check_fitted(self) -> None:
@@ -338,7 +364,8 @@ class Pruner:
         time_limit : float, optional
             Seconds for the allocation MILP.
         allocation : {"milp", "uniform"}, default "milp"
-            ``"milp"``: keep counts minimising the summed relative errors (:func:`orprune.allocate`);
+            ``"milp"``: keep counts minimising the summed errors (:func:`orprune.allocate`; which
+            errors: the ``errors`` parameter);
             ``"uniform"``: the same keep fraction in every unit (:func:`orprune.allocate_uniform`),
             the per-layer-rate baseline. Either way the channels are the curves' best for the count.
         """
@@ -354,7 +381,7 @@ class Pruner:
                    if fraction is not None}
         problem = AllocationProblem(
             options={u: c.keep_counts for u, c in self.curves_.items()},
-            errors={u: c.errors for u, c in self.curves_.items()},
+            errors={u: c.errors for u, c in self.curves_.items()} if self.output_errors_ is None else self.output_errors_,
         )
         costs = {"macs": self.costs_.macs, "params": self.costs_.params}
         try:

@@ -335,3 +335,16 @@ def one_thread() -> Iterator[None]:
     with limits:
         yield
     torch.set_num_threads(n)
+
+
+class TinyNet(nn.Module):
+    """Three convs, two prunable units of four channels: small enough to enumerate every allocation."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(2, 4, 3, padding=1)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.conv3 = nn.Conv2d(4, 3, 1)
+
+    def forward(self, x):
+        return self.conv3(torch.relu(self.conv2(torch.relu(self.conv1(x)))))

@@ -30,6 +30,13 @@ def test_prune_command_writes_a_smaller_model_and_a_report(tmp_path, capsys):
     report = json.loads(out4.with_suffix(".json").read_text())
     assert report["macs_after"] <= 0.5 * report["macs_before"]
     assert all(u["channels_after"] % 4 == 0 for u in report["units"])
+    # the allocation on output errors: its objective is the sum of the units' relative output errors
+    out_o = tmp_path / "pruned_output.pt"
+    assert main(["prune", str(path), "--dataset", "digits", "--macs", "0.5", "--calibration", "64", "--solver",
+                 "greedy", "--errors", "output", "-o", str(out_o), "--quiet"]) == 0
+    report = json.loads(out_o.with_suffix(".json").read_text())
+    assert report["allocation_errors"] == "output" and report["macs_after"] <= 0.5 * report["macs_before"]
+    assert report["allocation_objective"] > 0
 
 
 def test_prune_command_needs_a_budget(tmp_path):

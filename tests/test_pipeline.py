@@ -12,7 +12,7 @@ import torch.nn as nn
 import orprune
 from orprune.baselines import count_macs_params
 from orprune.surgery import masked_copy
-from models import calibrate_batchnorm, one_thread, resnet18, small_model  # noqa: F401  (one_thread: module fixture)
+from models import TinyNet, calibrate_batchnorm, one_thread, resnet18, small_model  # noqa: F401  (one_thread: module fixture)
 
 ARCHITECTURES = ["resnet20", "resnet18", "vgg11_bn", "mobilenet_v2"]
 
@@ -148,17 +148,6 @@ def test_params_budget_and_both_budgets(fitted):
     assert result.params_after <= 0.6 * result.params_before
     both = pruner.prune(macs=0.6, params=0.7)
     assert both.macs_after <= 0.6 * both.macs_before and both.params_after <= 0.7 * both.params_before
-
-
-class TinyNet(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv1 = nn.Conv2d(2, 4, 3, padding=1)
-        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
-        self.conv3 = nn.Conv2d(4, 3, 1)
-
-    def forward(self, x):
-        return self.conv3(torch.relu(self.conv2(torch.relu(self.conv1(x)))))
 
 
 def test_allocation_is_the_brute_force_optimum_of_the_curves_on_a_tiny_network():
