@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import platform
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -62,6 +63,13 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
 #: Benchmarks train in channels_last, as the committed tables were (``orprune.training.train``'s default is
 #: off since that format aborted training of a small ResNet on an AVX2 CPU; the benchmark networks ran fine).
 CHANNELS_LAST = True
+
+
+def machine() -> str:
+    """The architecture and the instruction set torch's CPU kernels use (``AVX2``, ``AVX512``): float
+    results, hence trained networks and their accuracies, differ between instruction sets."""
+    capability = getattr(torch.backends.cpu, "get_cpu_capability", lambda: "unknown ISA")()
+    return f"{platform.machine()} {capability}"
 
 
 def _key(**parts: object) -> str:

@@ -16,7 +16,6 @@ Run from the repository root::
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 import time
 import warnings
@@ -27,7 +26,7 @@ import numpy as np
 if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import RESULTS_DIR, network_unit_problems  # noqa: E402
+from benchmarks.common import RESULTS_DIR, machine, network_unit_problems  # noqa: E402
 from orprune import select  # noqa: E402
 from orprune.selection import AUTO_EXACT_MAX_CHANNELS  # noqa: E402
 
@@ -92,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         "# Heuristics along whole error curves",
         "",
-        f"Produced by `{command.strip()}` on {time.strftime('%Y-%m-%d')} ({platform.machine()}, one BLAS "
+        f"Produced by `{command.strip()}` on {time.strftime('%Y-%m-%d')} ({machine()}, one BLAS "
         "thread, machine shared with other jobs: times are indicative).",
         "",
         f"Every unit of the trained {args.model} with at most {AUTO_EXACT_MAX_CHANNELS} channels (those "

@@ -26,7 +26,7 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import orprune  # noqa: E402
-from benchmarks.common import RESULTS_DIR, network_unit_problems, real_layer_problems  # noqa: E402
+from benchmarks.common import RESULTS_DIR, machine, network_unit_problems, real_layer_problems  # noqa: E402
 from orprune.problem import LayerProblem  # noqa: E402
 
 
@@ -187,7 +187,7 @@ def write(path: Path, command: str, args, sections: list[str]) -> None:
         "# Layer solvers on real layers",
         "",
         f"Produced by `{command.strip()}` on {time.strftime('%Y-%m-%d')} "
-        f"({platform.machine()}, {platform.python_version()}, orprune {orprune.__version__}, "
+        f"({machine()}, {platform.python_version()}, orprune {orprune.__version__}, "
         "one BLAS thread, machine shared with other jobs: times are indicative).",
         "",
         f"Each solver keeps k = C/2 channels; exact solvers and SCIP get {args.time_limit:g} s. "

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import copy
 import itertools
-import platform
 import shlex
 import sys
 import threading
@@ -36,7 +35,7 @@ from datetime import date
 import torch
 
 import orprune
-from benchmarks.common import CHANNELS_LAST, RESULTS_DIR, group_norm_trained, trained_model
+from benchmarks.common import CHANNELS_LAST, RESULTS_DIR, group_norm_trained, machine, trained_model
 from orprune.baselines import count_macs_params, recalibrate_batchnorm, torch_pruning_baseline
 from orprune.datasets import load_default
 from orprune.training import batches, evaluate, train
@@ -347,7 +346,7 @@ def report(args, command, dataset, meta, base_acc, base_macs, base_params, cost_
     lines = [
         f"# Whole-network pruning: {args.model} on {dataset}",
         "",
-        f"Produced by `{command.strip()}` on {date.today()} ({platform.machine()}, "
+        f"Produced by `{command.strip()}` on {date.today()} ({machine()}, "
         f"{torch.get_num_threads()} torch threads; the machine may be shared, compare ratios within the table).",
         "",
         f"Unpruned: test accuracy {base_acc:.4f} after {meta.get('epochs', args.epochs)} epochs; "

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import platform
 import shlex
 import statistics
 import sys
@@ -27,7 +26,7 @@ from datetime import date
 import torch
 
 import orprune
-from benchmarks.common import RESULTS_DIR, calibration_batches, trained_model
+from benchmarks.common import RESULTS_DIR, calibration_batches, machine, trained_model
 from orprune.baselines import count_macs_params, recalibrate_batchnorm, torch_pruning_baseline
 from orprune.datasets import load_default
 from orprune.training import evaluate
@@ -96,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
 
     limits = {0.5: 0.5, 0.33: 1.0}  # issue 5: drop at 2x / 3x MACs reduction, no fine-tuning
     lines = [f"# Seed spread of whole-network pruning: {args.model} on {dataset}", "",
-             f"Produced by `{command}` on {date.today().isoformat()} ({platform.machine()}, "
+             f"Produced by `{command}` on {date.today().isoformat()} ({machine()}, "
              f"{torch.get_num_threads()} torch threads, {minutes:.0f} min).", "",
              f"Unpruned: test accuracy {base_acc:.4f} ({meta.get('epochs', args.epochs)} epochs). Seed s draws the "
              f"{args.calibration} calibration images with `randperm(seed=s)` and the patch positions with "

@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import platform
 import shlex
 import sys
 import time
@@ -61,7 +60,7 @@ from orprune.zoo import SmallCNN, resnet20
 if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks import perspective_report as report  # noqa: E402
-from benchmarks.common import trained_model  # noqa: E402
+from benchmarks.common import machine, trained_model  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 RESULTS, CACHE = HERE / "results", HERE / "cache"
@@ -334,7 +333,7 @@ def _setting(args: argparse.Namespace, data: dict) -> str:
             + (f"the regularisers act during the first {args.reg_until:.0%} of the steps, the rest trains the task "
                "loss alone; " if args.reg_until != 1.0 else "")
             + f"tolerance {args.tolerance * 100:g} points of validation accuracy; seed {args.seed}; "
-            f"{torch.get_num_threads()} torch thread(s), {platform.processor() or platform.machine()}.")
+            f"{torch.get_num_threads()} torch thread(s), {machine()}.")
 
 
 def _row(label: str, method: str, options: dict, args: argparse.Namespace, data: dict,
