@@ -94,7 +94,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     pruner.fit(model, list(batches(images, 128, args.calibration)))
     result = pruner.prune(macs=args.macs, params=args.params, allocation=args.allocation)
     torch.save(result.model, args.output)
-    report = {**result.to_dict(), "allocation_errors": args.errors, "allocation_objective": result.allocation.objective}
+    report = {**result.to_dict(), "allocation_errors": args.errors}
     if args.evaluate:
         test_x, test_y, _ = _load_data(args.dataset, args.data_root, "test")
         report["accuracy_before"] = evaluate(model, test_x, test_y)

@@ -76,7 +76,7 @@ def output_error_curves(
     Parameters
     ----------
     model : nn.Module
-        The unpruned model (not modified).
+        The unpruned model (put in eval mode, otherwise not modified).
     graph : PruningGraph
         Its prunable units.
     curves : mapping unit name -> ErrorCurve
@@ -96,18 +96,19 @@ def output_error_curves(
     if not reference or scale <= 0.0 or not np.isfinite(scale):
         raise ValueError("the model's output on the probe inputs is empty, zero or not finite: "
                          "output errors cannot be relative to it.")
-    tasks = [(unit, int(k)) for unit in graph.units for k in curves[unit.name].keep_counts]
-    errors = {unit.name: np.zeros(curves[unit.name].keep_counts.size) for unit in graph.units}
-    bar = tqdm(total=sum(k < unit.n_channels for unit, k in tasks), desc="output errors",
-               disable=not progress, leave=False)
-    for unit, k in tasks:
-        if k >= unit.n_channels:
-            continue
-        kept = np.flatnonzero(curves[unit.name].mask_for(k))
-        masked = masked_copy(model, graph, PruningPlan({unit.name: kept}, dict(updates(unit.name, kept))))
-        out = _outputs(masked.eval(), batches)
-        index = int(np.flatnonzero(curves[unit.name].keep_counts == k)[0])
-        errors[unit.name][index] = sum(float(((o - r) ** 2).sum()) for o, r in zip(out, reference)) / scale
-        bar.update()
+    errors = {}
+    bar = tqdm(total=sum(int((curves[u.name].keep_counts < u.n_channels).sum()) for u in graph.units),
+               desc="output errors", disable=not progress, leave=False)
+    for unit in graph.units:
+        counts = curves[unit.name].keep_counts
+        errors[unit.name] = np.zeros(counts.size)
+        for i, k in enumerate(counts):
+            if k >= unit.n_channels:
+                continue
+            kept = np.flatnonzero(curves[unit.name].mask_for(int(k)))
+            masked = masked_copy(model, graph, PruningPlan({unit.name: kept}, dict(updates(unit.name, kept))))
+            out = _outputs(masked.eval(), batches)
+            errors[unit.name][i] = sum(float(((o - r) ** 2).sum()) for o, r in zip(out, reference)) / scale
+            bar.update()
     bar.close()
     return errors

@@ -394,9 +394,9 @@ class Pruner:
         keep = {u: np.flatnonzero(self.curves_[u].mask_for(k)) for u, k in chosen.keep.items()}
         pruned_units = [u.name for u in self.graph_.units if keep[u.name].size < u.n_channels]
         pruned_keep = {u: keep[u] for u in pruned_units}
-        consumers = [c for c in self.consumer_order_ if c.unit in pruned_keep]
         updates: dict[str, ConsumerUpdate] = {}
         if self.sequential:
+            consumers = [c for c in self.consumer_order_ if c.unit in pruned_keep]
             # Consumers in the order they run: each refits on inputs from the network with every
             # earlier consumer already refitted and every dropped channel zero (the masked model),
             # so a residual stream's readers each see the stream as pruned up to their own depth.
@@ -411,10 +411,9 @@ class Pruner:
                                            positions_per_image=self.positions_per_image, seed=self.seed, progress=False)
                 updates[consumer.name] = self._update(consumer, keep[consumer.unit], stats[consumer.name])
         else:
-            for consumer in consumers:
-                updates[consumer.name] = self._update(consumer, keep[consumer.unit], self.statistics_[consumer.name],
-                                                      self.problems_[consumer.name])
-        plan = PruningPlan({u: keep[u] for u in pruned_units}, updates)
+            for unit in pruned_units:
+                updates.update(self._unit_updates(unit, keep[unit]))
+        plan = PruningPlan(pruned_keep, updates)
         model = apply_pruning(self.model_, self.graph_, plan, self.example_inputs_)
         macs_after, params_after = count_macs_params(model, self.example_inputs_)
         for name, budget in budgets.items():

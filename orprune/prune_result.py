@@ -62,6 +62,7 @@ class PruneResult:
             "params_after": self.params_after,
             "allocation_status": self.allocation.status,
             "allocation_gap": self.allocation.gap,
+            "allocation_objective": self.allocation.objective,
             "prune_time": self.prune_time,
             "units": [asdict(r) for r in self.report],
         }
