@@ -94,8 +94,9 @@ def _triples(text: str) -> list[tuple[float, float, float, bool, bool, bool, boo
     return out
 
 
-def parse(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def parser(description: str = __doc__.split("\n")[0]) -> argparse.ArgumentParser:
+    """The options of this benchmark (``benchmarks/perspective_finetune.py`` adds its own to them)."""
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("--model", choices=["resnet20", "small_cnn"], default="resnet20")
     p.add_argument("--dataset", choices=["fashion-mnist", "digits"], default="fashion-mnist")
     p.add_argument("--epochs", type=float, default=2)
@@ -133,6 +134,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--grid-strength", type=_floats, default=[1e-3, 3e-3, 1e-2])
     p.add_argument("--grid-m-scale", type=_floats, default=[1.5, 4.0])
     p.add_argument("--tag", default="", help="suffix of the output file names")
+    return p
+
+
+def parse(argv: list[str] | None = None, p: argparse.ArgumentParser | None = None) -> argparse.Namespace:
+    p = parser() if p is None else p
     args = p.parse_args(argv)
     args.methods = [m for m in args.methods.split(",") if m]
     if unknown := sorted(set(args.methods) - set(METHODS)):
@@ -388,22 +394,27 @@ def _reference(args: argparse.Namespace, data: dict) -> dict | None:
     return dict(val=evaluate(model, data["val_x"], data["val_y"]), test=evaluate(model, data["test_x"], data["test_y"]))
 
 
-def run_comparison(args: argparse.Namespace, data: dict, argv: list[str] | None) -> str:
-    ref = _reference(args, data)
-    runs = []
+def runs(args: argparse.Namespace) -> list[tuple[str, str, dict]]:
+    """``(label, method, options of trained())`` of every row the options ask for."""
+    out = []
     for method in args.methods:
         if method == "spr":
-            runs += [(f"{LABELS[method]}{', relative' if rel else ''}{' (detached scale)' if det else ''}"
-                      f"{', MACs-priced' if mp else ''}, alpha {a:g}, strength {v:g}, M scale {ms:g}"
-                      + (", with consumer slices" if c else ""),
-                      method, dict(alpha=a, lam=1 - a, strength=v, m_scale=ms, consumers=c, relative=rel,
-                                   detach_scale=det, macs_priced=mp))
-                     for a, v, ms, c, rel, det, mp in args.spr]
+            out += [(f"{LABELS[method]}{', relative' if rel else ''}{' (detached scale)' if det else ''}"
+                     f"{', MACs-priced' if mp else ''}, alpha {a:g}, strength {v:g}, M scale {ms:g}"
+                     + (", with consumer slices" if c else ""),
+                     method, dict(alpha=a, lam=1 - a, strength=v, m_scale=ms, consumers=c, relative=rel,
+                                  detach_scale=det, macs_priced=mp))
+                    for a, v, ms, c, rel, det, mp in args.spr]
         elif method == "group_norm":
-            runs += [(f"{LABELS[method]}, reg {v:g}", method, dict(gn_reg=v)) for v in args.gn_reg]
+            out += [(f"{LABELS[method]}, reg {v:g}", method, dict(gn_reg=v)) for v in args.gn_reg]
         else:
-            runs.append((LABELS[method], method, {}))
-    curves = {label: _row(label, method, options, args, data, ref) for label, method, options in runs}
+            out.append((LABELS[method], method, {}))
+    return out
+
+
+def run_comparison(args: argparse.Namespace, data: dict, argv: list[str] | None) -> str:
+    ref = _reference(args, data)
+    curves = {label: _row(label, method, options, args, data, ref) for label, method, options in runs(args)}
     plot = f"{_base(args)}{args.tag}.png"
     report.plot_scores(curves, args, RESULTS / plot)
     return report.comparison_text(args, ref, [report.comparison_row(label, r, ref) for label, r in curves.items()],

@@ -13,7 +13,7 @@ RESULTS = sorted((ROOT / "benchmarks" / "results").glob("*.md"))
 # A repository path written out in a doc: `orprune/x.py`, `benchmarks/results/y.md`, `formulations/z.md`.
 REPO_PATH = re.compile(r"`((?:orprune|benchmarks|formulations|notebooks|tests)/[\w./-]+\.(?:py|md|png|ipynb))`")
 # A results file named by its bare name (the README abbreviates the directory).
-RESULT_NAME = re.compile(r"\b((?:perspective_training|network_pruning|layer_solvers|network_seeds"
+RESULT_NAME = re.compile(r"\b((?:perspective_training|perspective_finetune|network_pruning|layer_solvers|network_seeds"
                          r"|heuristic_curves|allocation_milp)\w*\.(?:md|png))")
 
 
