@@ -140,7 +140,8 @@ def report(args: argparse.Namespace, data: dict, ref: dict, rows: list[str], arg
         f">= {floor:.4f} ({100 * args.tolerance:g} points below the pretrained model). Each trained model is "
         f"thresholded at a removal tolerance measured from its own val acc (searched: "
         f"{100 * args.finetune_low:g} points first, halved while it fails; then {100 * args.finetune_high:g}; then "
-        f"{args.finetune_steps} bisections), the groups below it removed, then fine-tuned {args.finetune_epochs:g} epoch(s) on the same training images (task loss "
+        f"{args.finetune_steps} bisection(s)), the groups below it removed, then fine-tuned "
+        f"{args.finetune_epochs:g} epoch(s) on the same training images (task loss "
         f"only, one-cycle max lr {args.finetune_lr:g}); the answer is the largest removal whose fine-tuned val "
         "acc meets the floor (the validation split chooses, the test column reports). `[common], no fine-tune` "
         "is `perspective_training.py`'s answer on the same trained model.", "",
