@@ -99,10 +99,9 @@ def test_one_thread_runs_the_work_on_the_calling_thread():
     with torch_threads(1), torch.no_grad():
         conv(x)
         thread, process = time.thread_time(), time.process_time()
-        for _ in range(20):
+        while time.process_time() - process < 0.2:  # enough work to measure, however fast the machine
             conv(x)
         thread, process = time.thread_time() - thread, time.process_time() - process
-    assert process > 0.05
     assert thread >= 0.9 * process
 
 
