@@ -29,7 +29,6 @@ benchmarks/perspective_finetune.py --init pretrained-holdout --epochs 3 --train-
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -78,17 +77,16 @@ def rung(model: torch.nn.Module, tolerance: float, args: argparse.Namespace, dat
 
 def recovered(label: str, method: str, options: dict, args: argparse.Namespace, data: dict, ref: dict) -> dict:
     """The removal-tolerance search for one trained model, each rung cached beside its weights."""
-    row = base._row(label, method, options, args, data, ref)  # trains or loads; the no-fine-tune searches
-    model, _, path = base.trained(method, args, data, **options)
+    model, seconds, path = base.trained(method, args, data, **options)
+    row = base._searches(label, model, seconds, path, args, data, ref)  # the no-fine-tune searches
     floor = ref["val"] - args.tolerance
-    score = {"norm": "", "relative_norm": "_relnorm"}.get(args.score, f"_{args.score}")
     rungs: dict[float, dict] = {}
 
     def passes(tolerance: float) -> bool:
         tolerance = round(tolerance, 6)
         if tolerance not in rungs:
-            cached = path.with_name(f"{path.stem}{score}_ft{args.finetune_epochs:g}_lr{args.finetune_lr:g}"
-                                    f"_tol{tolerance:g}.json")
+            cached = path.with_name(f"{path.stem}{base.score_suffix(args)}_ft{args.finetune_epochs:g}"
+                                    f"_lr{args.finetune_lr:g}_tol{tolerance:g}.json")
             r = rungs[tolerance] = base._json_cached(cached, lambda: rung(model, tolerance, args, data))
             print(f"{label}: tolerance {tolerance:g}, {r['removed']} groups, val {r['val_pruned']:.4f} -> "
                   f"{r['val_tuned']:.4f} (floor {floor:.4f})", flush=True)
@@ -130,7 +128,7 @@ def table_row(label: str, r: dict, ref: dict, high: float) -> str:
 
 
 def report(args: argparse.Namespace, data: dict, ref: dict, rows: list[str], argv: list[str] | None) -> str:
-    command = "python benchmarks/perspective_finetune.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    command = base._command(argv, "perspective_finetune.py")
     floor = ref["val"] - args.tolerance
     return "\n".join([
         "# Threshold, remove, fine-tune: SPR vs no regulariser vs group norm after the same recovery", "",

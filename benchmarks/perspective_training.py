@@ -316,8 +316,8 @@ def threshold(model: nn.Module, args: argparse.Namespace, data: dict,
                               score=args.score, reference_accuracy=reference)
 
 
-def _command(argv: list[str] | None) -> str:
-    return "python benchmarks/perspective_training.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+def _command(argv: list[str] | None, script: str = "perspective_training.py") -> str:
+    return f"python benchmarks/{script} " + shlex.join(sys.argv[1:] if argv is None else argv)
 
 
 def _setting(args: argparse.Namespace, data: dict) -> str:
@@ -344,15 +344,25 @@ def _setting(args: argparse.Namespace, data: dict) -> str:
 
 def _row(label: str, method: str, options: dict, args: argparse.Namespace, data: dict,
          ref: dict | None = None) -> dict:
-    """Train (or load), prune by the threshold search and evaluate; cached beside the weights.
+    """Train (or load), then :func:`_searches`."""
+    return _searches(label, *trained(method, args, data, **options), args, data, ref)
+
+
+def score_suffix(args: argparse.Namespace) -> str:
+    """The part of a cached search's file name that names what was thresholded (``--score`` and y*'s options)."""
+    if args.score in ("norm", "relative_norm"):
+        return {"norm": "", "relative_norm": "_relnorm"}[args.score]
+    return f"_y{args.score_alpha:g}_{args.score_m_scale:g}_{args.score_bounds}"
+
+
+def _searches(label: str, model: nn.Module, seconds: float, path: Path, args: argparse.Namespace, data: dict,
+              ref: dict | None = None) -> dict:
+    """Prune the trained ``model`` (weights at ``path``) by the threshold search and evaluate; cached beside it.
 
     With ``ref`` (the pretrained model's accuracies) the search runs a second time with the tolerance
     measured from the pretrained validation accuracy; its results are the row's ``common`` entry.
     """
-    model, seconds, path = trained(method, args, data, **options)
-    score = {"norm": "", "relative_norm": "_relnorm"}.get(
-        args.score, f"_y{args.score_alpha:g}_{args.score_m_scale:g}_{args.score_bounds}")
-    cached = path.with_name(f"{path.stem}_tol{args.tolerance:g}{score}.json")
+    cached = path.with_name(f"{path.stem}_tol{args.tolerance:g}{score_suffix(args)}.json")
 
     def search() -> dict:
         res = threshold(model, args, data)

@@ -17,7 +17,7 @@ def search(monkeypatch, tmp_path):
     fine-tunes to ``val[0](t)``; ``calls`` records the tolerances tried."""
     calls: list[float] = []
     val = [lambda t: 0.93]
-    monkeypatch.setattr(ft.base, "_row", lambda *a, **k: {"common": {}})
+    monkeypatch.setattr(ft.base, "_searches", lambda *a, **k: {"common": {}})
     monkeypatch.setattr(ft.base, "trained", lambda *a, **k: (None, 0.0, Path(tmp_path / "m.pt")))
 
     def rung(model, tolerance, args, data):
