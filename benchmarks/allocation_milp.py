@@ -23,7 +23,7 @@ from pathlib import Path
 import highspy
 import numpy as np
 
-from orprune.allocation import (
+from orprune.budget.allocation import (
     FORMULATIONS,
     AllocationProblem,
     CostModel,

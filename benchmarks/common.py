@@ -29,10 +29,10 @@ import torch.nn.functional as F
 import torch_pruning as tp
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from orprune.datasets import fashion_mnist_available, load_default
-from orprune.problem import LayerProblem, StatisticsAccumulator
+from orprune.examples.datasets import fashion_mnist_available, load_default
+from orprune.examples.zoo import SmallCNN, resnet20, vgg_small
+from orprune.layer.problem import LayerProblem, StatisticsAccumulator
 from orprune.training import evaluate, train
-from orprune.zoo import SmallCNN, resnet20, vgg_small
 
 __all__ = [
     "CACHE_DIR",

@@ -28,7 +28,7 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
 
 from benchmarks.common import RESULTS_DIR, machine, network_unit_problems  # noqa: E402
 from orprune import select  # noqa: E402
-from orprune.selection import AUTO_EXACT_MAX_CHANNELS  # noqa: E402
+from orprune.layer.selection import AUTO_EXACT_MAX_CHANNELS  # noqa: E402
 
 
 def unit_rows(prob, time_limit: float) -> list[dict]:

@@ -3,7 +3,7 @@
 For the convs of the trained small CNN whose input has C = 16, 32, 64 channels (g = 9), keep
 k = C/2 channels with every registered solver, plus the perspective solver with the precision
 split, its unpolished top-k rounding, and SCIP solving the indicator MIQP of
-:mod:`orprune.milp_model` (warm-started with greedy, same time limit). Writes
+:mod:`orprune.layer.milp_model` (warm-started with greedy, same time limit). Writes
 ``benchmarks/results/layer_solvers.md``.
 
 Run from the repository root::
@@ -21,13 +21,12 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
-
 if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import orprune  # noqa: E402
 from benchmarks.common import RESULTS_DIR, machine, network_unit_problems, real_layer_problems  # noqa: E402
-from orprune.problem import LayerProblem  # noqa: E402
+from orprune.layer.problem import LayerProblem  # noqa: E402
 
 
 @dataclass
@@ -71,8 +70,8 @@ def solve_layer(prob: LayerProblem, k: int, time_limit: float, scip_max_terms: f
         rows.append(Row("SCIP (MIQP)", "not run", None, None, 0.0,
                         f"{terms / 1e6:.1f} M quadratic terms: model too large to build in Python"))
     else:
-        from orprune.milp_model import solve_scip
-        from orprune.solvers.greedy import greedy_path
+        from orprune.layer.milp_model import solve_scip
+        from orprune.layer.solvers.greedy import greedy_path
 
         log("  SCIP ...")
         warm = greedy_path(prob, k)[0]
@@ -83,8 +82,8 @@ def solve_layer(prob: LayerProblem, k: int, time_limit: float, scip_max_terms: f
 
 
 def _backward(prob: LayerProblem, k: int):
-    from orprune.solvers.local_search import backward_elimination
-    from orprune.solvers.registry import heuristic_selection
+    from orprune.layer.solvers.local_search import backward_elimination
+    from orprune.layer.solvers.registry import heuristic_selection
 
     start = time.perf_counter()
     return heuristic_selection(prob, backward_elimination(prob, k), "backward", start)
@@ -160,8 +159,8 @@ def main(argv: list[str] | None = None) -> int:
 
     # One BLAS / torch thread: on a shared 2-core machine, threads contending for busy cores
     # made dense factorisations up to 100x slower; SCIP and HiGHS are single-threaded anyway.
-    from threadpoolctl import threadpool_limits
     import torch
+    from threadpoolctl import threadpool_limits
 
     torch.set_num_threads(1)
     log = lambda message: print(message, flush=True)  # noqa: E731

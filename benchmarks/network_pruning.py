@@ -36,8 +36,9 @@ import torch
 
 import orprune
 from benchmarks.common import CHANNELS_LAST, RESULTS_DIR, group_norm_trained, machine, trained_model
-from orprune.baselines import count_macs_params, recalibrate_batchnorm, torch_pruning_baseline
-from orprune.datasets import load_default
+from orprune.examples.baselines import recalibrate_batchnorm, torch_pruning_baseline
+from orprune.examples.datasets import load_default
+from orprune.network.costs import count_macs_params
 from orprune.training import batches, evaluate, train
 
 

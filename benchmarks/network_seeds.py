@@ -27,8 +27,9 @@ import torch
 
 import orprune
 from benchmarks.common import RESULTS_DIR, calibration_batches, machine, trained_model
-from orprune.baselines import count_macs_params, recalibrate_batchnorm, torch_pruning_baseline
-from orprune.datasets import load_default
+from orprune.examples.baselines import recalibrate_batchnorm, torch_pruning_baseline
+from orprune.examples.datasets import load_default
+from orprune.network.costs import count_macs_params
 from orprune.training import evaluate
 
 

@@ -1,6 +1,6 @@
 """Threshold, remove, fine-tune: the models of ``perspective_training.py`` recovered after removal.
 
-The pipeline of issue 4 ends with an optional fine-tune (``orprune.spr_training.train_with_spr``,
+The pipeline of issue 4 ends with an optional fine-tune (``orprune.spr.training.train_with_spr``,
 ``orprune spr --finetune-epochs``). ``perspective_training.py`` measures what each regulariser lets the
 threshold remove *without* it, against a common floor (the pretrained model's validation accuracy minus
 ``--tolerance``); a regulariser that costs accuracy while training then removes nothing, however cleanly

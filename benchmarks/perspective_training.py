@@ -22,7 +22,7 @@ under a key hashing the held-out indices; everything else as ``--init pretrained
 with the layer-relative penalty (``relative=True``; ``/rd``: detached scale); ``--score relative_norm``
 thresholds norms relative to each layer's root-mean-square group norm.
 
-Each trained model is then pruned by the same search (``orprune.spr_pruning.prune_by_threshold``):
+Each trained model is then pruned by the same search (``orprune.spr.pruning.prune_by_threshold``):
 the largest norm threshold on the channel groups' norms whose removal costs at most ``--tolerance``
 validation accuracy; the table reports channels, MACs and params removed and test accuracy.
 ``--tune`` instead runs a grid over the SPR parameters and writes a tuning table.
@@ -51,11 +51,11 @@ import torch_pruning as tp
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from orprune.datasets import load_digits, load_fashion_mnist
-from orprune.regularizers import PerspectiveRegularizer
-from orprune.spr_pruning import ThresholdPruning, prune_by_threshold
+from orprune.examples.datasets import load_digits, load_fashion_mnist
+from orprune.examples.zoo import SmallCNN, resnet20
+from orprune.spr import PerspectiveRegularizer
+from orprune.spr.pruning import ThresholdPruning, prune_by_threshold
 from orprune.training import evaluate, step_counts, train
-from orprune.zoo import SmallCNN, resnet20
 
 if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))

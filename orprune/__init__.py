@@ -1,25 +1,72 @@
-"""orprune: operations-research-first structured pruning for PyTorch."""
+"""orprune: operations-research-first structured pruning for PyTorch.
+
+The pipeline, one stage per subpackage (each may import only the stages before it):
+
+1. :mod:`orprune.layer`: one layer's channel selection as a mixed-integer program, and its solvers;
+2. :mod:`orprune.network`: a torch model's prunable units, calibration statistics, costs and surgery;
+3. :mod:`orprune.budget`: error curves and the allocation of keep counts under a budget;
+4. :mod:`orprune.pipeline`: :class:`Pruner` and :func:`prune`, from a model to a smaller model.
+
+Beside it, :mod:`orprune.spr` trains with the Structured Perspective Regularization;
+:mod:`orprune.examples` holds datasets, reference models and baselines; :mod:`orprune.cli` the commands.
+"""
 
 from orprune._status import FEASIBLE, INFEASIBLE, OPTIMAL, TIME_LIMIT
-from orprune.allocation import Allocation, AllocationProblem, CostModel, allocate, min_cost
-from orprune.calibration import TargetCache, collect_statistics
-from orprune.costs import NetworkCosts, network_costs
-from orprune.curves import ErrorCurve, error_curve, join_curves
-from orprune.graph import Consumer, ExcludedGroup, PrunableUnit, PruningGraph, find_groups
-from orprune.surgery import ConsumerUpdate, PruningPlan, apply_pruning, masked_copy
-from orprune.milp_model import solve_scip, write_model
+from orprune.budget import (
+    Allocation,
+    AllocationProblem,
+    ErrorCurve,
+    allocate,
+    allocate_uniform,
+    error_curve,
+    join_curves,
+    min_cost,
+)
+from orprune.layer import (
+    LayerProblem,
+    Selection,
+    StatisticsAccumulator,
+    available_solvers,
+    backward_elimination,
+    greedy_path,
+    register_solver,
+    select,
+    solve_scip,
+    swap_local_search,
+    to_pyomo,
+    write_model,
+)
+from orprune.network import (
+    Consumer,
+    ConsumerUpdate,
+    CostModel,
+    ExcludedGroup,
+    NetworkCosts,
+    PrunableUnit,
+    PruningGraph,
+    PruningPlan,
+    ResidualTarget,
+    Tap,
+    TargetCache,
+    TargetOffset,
+    apply_pruning,
+    collect_statistics,
+    count_macs_params,
+    find_groups,
+    find_residual_targets,
+    masked_copy,
+    network_costs,
+)
 from orprune.pipeline import Pruner, PruneResult, prune
-from orprune.problem import LayerProblem, StatisticsAccumulator
-from orprune.residual_targets import ResidualTarget, Tap, TargetOffset, find_residual_targets
-from orprune.regularizers import PerspectiveRegularizer, spr_optimal_y, spr_penalty
-from orprune.result import Selection
-from orprune.selection import select
-from orprune.spr_pruning import ThresholdPruning, prune_by_threshold
-from orprune.spr_training import SPRTraining, train_with_spr
-from orprune.solvers import available_solvers, register_solver
-from orprune.solvers.greedy import greedy_path
-from orprune.solvers.local_search import backward_elimination, swap_local_search
-from orprune.uniform_allocation import allocate_uniform
+from orprune.spr import (
+    PerspectiveRegularizer,
+    SPRTraining,
+    ThresholdPruning,
+    prune_by_threshold,
+    spr_optimal_y,
+    spr_penalty,
+    train_with_spr,
+)
 
 __version__ = "0.1.0.dev0"
 
@@ -48,6 +95,7 @@ __all__ = [
     "StatisticsAccumulator",
     "TIME_LIMIT",
     "Tap",
+    "TargetCache",
     "TargetOffset",
     "ThresholdPruning",
     "allocate",
@@ -56,12 +104,12 @@ __all__ = [
     "available_solvers",
     "backward_elimination",
     "collect_statistics",
-    "TargetCache",
+    "count_macs_params",
     "error_curve",
-    "join_curves",
     "find_groups",
     "find_residual_targets",
     "greedy_path",
+    "join_curves",
     "masked_copy",
     "min_cost",
     "network_costs",
@@ -73,6 +121,7 @@ __all__ = [
     "spr_optimal_y",
     "spr_penalty",
     "swap_local_search",
+    "to_pyomo",
     "train_with_spr",
     "write_model",
 ]

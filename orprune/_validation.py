@@ -6,6 +6,7 @@ what was found and what is required.
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Any
 
@@ -106,3 +107,14 @@ def channel_mask(mask: Any, n_channels: int) -> np.ndarray:
     out = np.zeros(n_channels, dtype=bool)
     out[indices] = True
     return out
+
+
+def finite_scalar(value: Any, name: str) -> float:
+    """``value`` as a finite float, or a ValueError naming ``name``."""
+    try:
+        value = float(value)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"`{name}` must be a real number, got {value!r}.") from exc
+    if not math.isfinite(value):
+        raise ValueError(f"`{name}` must be finite, got {value}.")
+    return value

@@ -28,19 +28,18 @@ import torch.nn as nn
 from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
-from orprune.allocation import AllocationProblem, allocate
-from orprune.baselines import count_macs_params
-from orprune.calibration import DEFAULT_POSITIONS_PER_IMAGE, TargetCache, collect_statistics
-from orprune.costs import network_costs
-from orprune.curves import ErrorCurve, error_curve, join_curves
-from orprune.graph import DEFAULT_MAX_FEATURES, Consumer, call_model, find_groups, weight_matrix
-from orprune.output_errors import output_error_curves, probe_batches
-from orprune.problem import LayerProblem, StatisticsAccumulator
+from orprune.budget.allocation import AllocationProblem, allocate
+from orprune.budget.curves import ErrorCurve, error_curve, join_curves
+from orprune.budget.output_errors import output_error_curves, probe_batches
+from orprune.budget.uniform_allocation import allocate_uniform
+from orprune.layer.problem import LayerProblem, StatisticsAccumulator
+from orprune.layer.selection import resolve_solver
+from orprune.network.calibration import DEFAULT_POSITIONS_PER_IMAGE, TargetCache, collect_statistics
+from orprune.network.costs import count_macs_params, network_costs
+from orprune.network.graph import DEFAULT_MAX_FEATURES, Consumer, call_model, find_groups, weight_matrix
+from orprune.network.residual_targets import ResidualTarget, find_residual_targets
+from orprune.network.surgery import ConsumerUpdate, PruningPlan, apply_pruning, masked_copy
 from orprune.prune_result import PruneResult, UnitReport
-from orprune.residual_targets import ResidualTarget, find_residual_targets
-from orprune.selection import resolve_solver
-from orprune.surgery import ConsumerUpdate, PruningPlan, apply_pruning, masked_copy
-from orprune.uniform_allocation import allocate_uniform
 
 __all__ = ["Pruner", "PruneResult", "UnitReport", "prune"]
 

@@ -7,8 +7,8 @@ from typing import Any
 
 import torch.nn as nn
 
-from orprune.allocation import Allocation
-from orprune.surgery import PruningPlan
+from orprune.budget.allocation import Allocation
+from orprune.network.surgery import PruningPlan
 
 __all__ = ["PruneResult", "UnitReport"]
 

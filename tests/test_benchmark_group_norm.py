@@ -11,7 +11,7 @@ import torch_pruning as tp
 
 import benchmarks.common as common
 from benchmarks.common import group_norm_regularisation, group_norm_trained
-from orprune.baselines import _pruned
+from orprune.examples.baselines import _pruned
 
 
 class Net(nn.Module):
@@ -67,7 +67,7 @@ def test_regulariser_shrinks_each_group_by_its_rank_and_only_inside_the_block():
 
 
 def test_group_norm_pruner_prunes_as_the_magnitude_baseline():
-    # The benchmark bisects GroupNormPruner's MACs target with orprune.baselines' magnitude pruner: the two
+    # The benchmark bisects GroupNormPruner's MACs target with orprune.examples.baselines' magnitude pruner: the two
     # must remove the same channels at every ratio.
     example = torch.zeros(1, 1, 6, 6)
     for ratio in (0.25, 0.5, 0.75):

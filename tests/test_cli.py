@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from orprune.cli import main
-from orprune.zoo import SmallCNN
+from orprune.examples.zoo import SmallCNN
 
 
 def test_prune_command_writes_a_smaller_model_and_a_report(tmp_path, capsys):

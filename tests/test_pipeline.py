@@ -10,9 +10,9 @@ import torch
 import torch.nn as nn
 
 import orprune
-from orprune.baselines import count_macs_params
-from orprune.surgery import masked_copy
-from models import TinyNet, calibrate_batchnorm, one_thread, resnet18, small_model  # noqa: F401  (one_thread: module fixture)
+from orprune.network.costs import count_macs_params
+from orprune.network.surgery import masked_copy
+from tests.models import TinyNet, calibrate_batchnorm, one_thread, resnet18, small_model  # noqa: F401  (one_thread: module fixture)
 
 ARCHITECTURES = ["resnet20", "resnet18", "vgg11_bn", "mobilenet_v2"]
 

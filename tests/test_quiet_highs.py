@@ -14,7 +14,7 @@ pytest.importorskip("highspy")
 # HiGHS instance built earlier in the test session would hide it.
 SNIPPETS = {
     "allocation MILP": """
-        from orprune.allocation import AllocationProblem, CostModel, allocate
+        from orprune.budget.allocation import AllocationProblem, CostModel, allocate
         problem = AllocationProblem(options={"a": [1, 2, 3], "b": [1, 2]},
                                     errors={"a": [0.5, 0.2, 0.0], "b": [0.3, 0.0]})
         cost = CostModel(constant=0.0, linear={"a": 1.0, "b": 2.0}, bilinear={("a", "b"): 1.0})

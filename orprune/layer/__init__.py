@@ -1,0 +1,28 @@
+"""Stage 1, one layer: the channel-selection problem held as sufficient statistics, ``select`` and its solvers.
+
+Holds :class:`LayerProblem`, :func:`select`, the solver registry (``solvers/``) and the indicator MIQP as a
+Pyomo / SCIP model. May import only the private core (``orprune._status``, ``_validation``, ``_highs``).
+"""
+
+from orprune.layer.milp_model import solve_scip, to_pyomo, write_model
+from orprune.layer.problem import LayerProblem, StatisticsAccumulator
+from orprune.layer.result import Selection
+from orprune.layer.selection import select
+from orprune.layer.solvers import available_solvers, register_solver
+from orprune.layer.solvers.greedy import greedy_path
+from orprune.layer.solvers.local_search import backward_elimination, swap_local_search
+
+__all__ = [
+    "LayerProblem",
+    "Selection",
+    "StatisticsAccumulator",
+    "available_solvers",
+    "backward_elimination",
+    "greedy_path",
+    "register_solver",
+    "select",
+    "solve_scip",
+    "swap_local_search",
+    "to_pyomo",
+    "write_model",
+]

@@ -1,0 +1,347 @@
+"""Prunable channel groups of a network, found through torch-pruning's dependency graph.
+
+A *unit* is one decision of the whole-network problem (``shared/design.md`` section 3): the output
+channels of one producing layer (a conv or Linear, the *root*), everything that is sliced with them
+(BatchNorm entries, depthwise convs, element-wise ops) and the input slices of every *consumer*
+(a non-depthwise conv or a Linear reading these channels). Keeping ``k`` of the ``C`` channels of a
+unit leaves every consumer a least-squares problem over its ``C`` channel blocks
+(:class:`orprune.layer.problem.LayerProblem`): the reconstruction that makes channel removal cheap.
+
+Channels tied through residual adds (a ResNet stage's stream: several producers add into the same
+channels) form one unit too: its producers are every conv adding into the stream (the others are
+*carried*, sliced along), its consumers every conv or Linear reading it. Removing stream channel
+``c`` removes it from every producer and from the identity path at once, and each consumer refits
+on the remaining channels as for any unit (``residual=False`` leaves such groups alone).
+
+Groups where that reconstruction does not apply are reported and left alone:
+
+* the model's outputs (the classifier's logits): nothing consumes them;
+* channels that go through a concatenation or split between producer and consumer (their
+  consumers read other channels too);
+* groups touching a module the user ignores, or a module orprune cannot slice per channel
+  (LayerNorm, GroupNorm, attention, grouped convs, unwrapped parameters);
+* consumers whose design matrix would have more than ``max_features`` columns (a Gram matrix of
+  ``max_features**2`` float64 entries), e.g. VGG's ``512 * 7 * 7`` classifier input.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+import torch
+import torch_pruning as tp
+from torch import nn
+from torch_pruning.ops import OPTYPE
+
+from orprune.network.units import Consumer, ExcludedGroup, PrunableUnit, PruningGraph, set_weight_matrix, weight_matrix
+
+__all__ = [
+    "Consumer",
+    "ExcludedGroup",
+    "PrunableUnit",
+    "PruningGraph",
+    "build_dependency_graph",
+    "find_groups",
+    "set_weight_matrix",
+    "unit_group",
+    "weight_matrix",
+    "DEFAULT_MAX_FEATURES",
+]
+
+#: Largest design matrix a consumer may have by default: a 3x3 conv over 512 channels
+#: (a 170 MB float64 Gram matrix).
+DEFAULT_MAX_FEATURES = 4608
+
+# Node types that only pass channels through, one to one.
+_PASS_THROUGH = {OPTYPE.ELEMENTWISE, OPTYPE.RESHAPE}
+# Per-channel modules that are sliced along with the unit and do not mix channels.
+_CARRIED = {OPTYPE.BN, OPTYPE.IN, OPTYPE.PRELU, OPTYPE.DEPTHWISE_CONV}
+_SPLITTING = {OPTYPE.CONCAT, OPTYPE.SPLIT, OPTYPE.UNBIND, OPTYPE.EXPAND, OPTYPE.SLICE}
+
+
+# ------------------------------------------------------------------------------------ tracing
+def call_model(model: nn.Module, example_inputs: Any) -> Any:
+    """Run ``model`` the way torch-pruning does: a dict as keywords, a tuple / list as positional
+    arguments, anything else as the single argument."""
+    if isinstance(example_inputs, Mapping):
+        return model(**example_inputs)
+    if isinstance(example_inputs, (tuple, list)):
+        return model(*example_inputs)
+    return model(example_inputs)
+
+
+def build_dependency_graph(
+    model: nn.Module,
+    example_inputs: Any,
+    *,
+    during_forward: Callable[[nn.Module], Any] | None = None,
+) -> tuple[tp.DependencyGraph, Any]:
+    """torch-pruning's ``DependencyGraph`` of ``model``, traced in eval mode.
+
+    The training flag of every module is restored afterwards and nothing else in the model changes.
+    ``during_forward(model)``, if given, is entered as a context manager around the traced forward
+    (to record hooks in the same pass); the function returns the graph and the model's output.
+    """
+    modes = {m: m.training for m in model.modules()}
+    outputs: list[Any] = []
+
+    def forward(m: nn.Module, inputs: Any) -> Any:
+        if during_forward is None:
+            out = call_model(m, inputs)
+        else:
+            with during_forward(m):
+                out = call_model(m, inputs)
+        outputs.append(out)
+        return out
+
+    try:
+        with torch.enable_grad():
+            dg = tp.DependencyGraph().build_dependency(
+                model, example_inputs=example_inputs, forward_fn=forward, verbose=False
+            )
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+    return dg, outputs[0]
+
+
+def _is_out(dg: tp.DependencyGraph, item: Any) -> bool:
+    return dg.is_out_channel_pruning_fn(item.dep.handler)
+
+
+def _node_label(names: Mapping[Any, str], node: Any) -> str:
+    return names.get(node.module) or repr(node.module)
+
+
+def _dependency_groups(dg: tp.DependencyGraph) -> list[Any]:
+    """Every dependency group with its full channel range (one per set of coupled outputs)."""
+    return list(dg.get_all_groups(root_module_types=(nn.modules.conv._ConvNd, nn.Linear)))
+
+
+def _root_of(dg: tp.DependencyGraph, items: list[Any]) -> list[Any]:
+    """Items of the producing layers (conv / Linear output channels, not depthwise)."""
+    return [
+        it for it in items
+        if _is_out(dg, it) and it.dep.target.type in (OPTYPE.CONV, OPTYPE.LINEAR)
+    ]
+
+
+def _pruning_fn(module: nn.Module) -> Callable:
+    return tp.prune_linear_out_channels if isinstance(module, nn.Linear) else tp.prune_conv_out_channels
+
+
+def unit_group(dg: tp.DependencyGraph, model: nn.Module, unit: PrunableUnit, idxs: Sequence[int]) -> Any:
+    """The torch-pruning group that removes channels ``idxs`` of ``unit`` (with all coupled slices)."""
+    root = model.get_submodule(unit.root)
+    return dg.get_pruning_group(root, _pruning_fn(root), idxs=[int(i) for i in idxs])
+
+
+# ------------------------------------------------------------------------------------ analysis
+def _consumer_group_size(module: nn.Module, idxs: list[int], root_idxs: list[int], n: int) -> int | None:
+    """``g`` if the consumer reads channel ``c`` at inputs ``[c*g, (c+1)*g)`` and nothing else."""
+    n_in = module.in_features if isinstance(module, nn.Linear) else module.in_channels
+    if len(idxs) != n_in or n_in % n:
+        return None
+    g = n_in // n
+    order = np.lexsort((np.asarray(idxs), np.asarray(root_idxs)))
+    expected = np.arange(n_in)
+    if not (np.array_equal(np.asarray(idxs)[order], expected)
+            and np.array_equal(np.asarray(root_idxs)[order], expected // g)):
+        return None
+    return g
+
+
+def _classify(
+    dg: tp.DependencyGraph,
+    group: Any,
+    names: Mapping[nn.Module, str],
+    ignored: set[str],
+    max_features: int,
+    output_fns: set[Any],
+    residual: bool = True,
+) -> tuple[PrunableUnit | None, ExcludedGroup | None]:
+    items = group.items
+    producers = _root_of(dg, items)
+    labels = tuple(dict.fromkeys(
+        names[it.dep.target.module] for it in items if it.dep.target.module in names))
+    first = _node_label(names, (producers[0] if producers else items[0]).dep.target)
+
+    def excluded(reason: str) -> tuple[None, ExcludedGroup]:
+        return None, ExcludedGroup(first, labels, reason)
+
+    if not producers:
+        return excluded("no conv or Linear produces these channels")
+    if len(producers) > 1 and not residual:
+        others = ", ".join(_node_label(names, it.dep.target) for it in producers[1:])
+        return excluded(f"tied through a residual add to {others} (`residual=False`)")
+    root_item = producers[0]
+    root = root_item.dep.target.module
+    n = len(root_item.idxs)
+    for it in producers:  # a residual stream: every producer's channel c is the stream's channel c
+        module = it.dep.target.module
+        if isinstance(module, nn.modules.conv._ConvNd) and (module.groups != 1 or module.transposed):
+            return excluded("a producing conv is grouped or transposed")
+        if len(it.idxs) != n or list(it.idxs) != list(it.root_idxs):
+            return excluded("producers tied through a residual add do not share the channel order")
+    touched = {_node_label(names, it.dep.target) for it in items} & ignored
+    if touched:
+        return excluded(f"touches ignored layer(s) {sorted(touched)}")
+    consumers: list[tuple[nn.Module, int]] = []
+    carried: list[str] = []
+    for it in items:
+        node = it.dep.target
+        # a consumer may produce the model output; the unit's own channels may not
+        if _is_out(dg, it) and node.grad_fn is not None and node.grad_fn in output_fns:
+            return excluded("reaches the model output")
+        if node.type == OPTYPE.ELEMENTWISE and _has_outside_operand(node.grad_fn):
+            return excluded("combined with a tensor outside the traced graph (the model input, a "
+                            "buffer or a functional layer's parameter)")
+        if it is root_item or node.type in _PASS_THROUGH:
+            continue
+        if any(it is p for p in producers):  # the other producers of a residual stream
+            carried.append(names[node.module])
+            continue
+        if node.type in _SPLITTING:
+            return excluded(f"goes through a concatenation or split ({node.type.name.lower()})")
+        if node.type == OPTYPE.OUTPUT:
+            return excluded("reaches the model output")
+        if node.type in _CARRIED:
+            carried.append(names[node.module])
+            continue
+        module = node.module
+        if _is_out(dg, it) or node.type not in (OPTYPE.CONV, OPTYPE.LINEAR):
+            return excluded(
+                f"{_node_label(names, node)} ({type(module).__name__}) cannot be sliced per channel")
+        if not (isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and module.groups == 1)):
+            return excluded(f"consumer {names[module]} is not a Linear or a Conv2d with groups=1")
+        g = _consumer_group_size(module, list(it.idxs), list(it.root_idxs), n)
+        if g is None:
+            return excluded(f"consumer {names[module]} reads other channels too (concatenation)")
+        consumers.append((module, g))
+    if not consumers:
+        return excluded("nothing consumes these channels (model output)")
+    out = []
+    for module, g in consumers:
+        if isinstance(module, nn.Conv2d):
+            g = int(np.prod(module.kernel_size))
+        if n * g > max_features:
+            return excluded(
+                f"consumer {names[module]} would have C*g = {n}*{g} = {n * g} features > "
+                f"`max_features` = {max_features}"
+            )
+        kind = "linear" if isinstance(module, nn.Linear) else "conv"
+        n_out = module.out_features if kind == "linear" else module.out_channels
+        norm = _following_norm(dg, module, names)
+        out.append(Consumer(names[module], kind, names[root], n, g, n_out, norm))
+    unit = PrunableUnit(names[root], names[root], n, tuple(out), tuple(dict.fromkeys(carried)))
+    return unit, None
+
+
+def _has_outside_operand(grad_fn: Any) -> bool:
+    """Whether an element-wise op also reads a tensor the dependency graph does not track: a model
+    input (residual add to the input), a constant or buffer, or the parameter of a functional
+    layer (``F.conv2d``). Slicing channels would break that operand."""
+    if grad_fn is None:
+        return False
+    operands = [f for f, _ in grad_fn.next_functions]
+    return len(operands) > 1 and any(f is None or type(f).__name__ == "AccumulateGrad" for f in operands)
+
+
+def _following_norm(
+    dg: tp.DependencyGraph, module: nn.Module, names: Mapping[nn.Module, str]
+) -> str | None:
+    """The BatchNorm that alone reads ``module``'s output (and reads nothing else), if any."""
+    node = dg.module2node[module]
+    if len(node.outputs) != 1:
+        return None
+    nxt = node.outputs[0]
+    tracks = getattr(nxt.module, "track_running_stats", False)
+    if nxt.type != OPTYPE.BN or len(nxt.inputs) != 1 or not tracks:
+        return None
+    return names.get(nxt.module)
+
+
+def find_groups(
+    model: nn.Module,
+    example_inputs: Any,
+    *,
+    ignored_layers: Iterable[nn.Module | str] = (),
+    max_features: int = DEFAULT_MAX_FEATURES,
+    residual: bool = True,
+) -> PruningGraph:
+    """Trace ``model`` and return its prunable channel groups.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Not modified (traced once in eval mode; training flags are restored).
+    example_inputs : Tensor, tuple or dict
+        Inputs for one forward pass, as for ``torch_pruning.DependencyGraph.build_dependency``.
+    ignored_layers : iterable of nn.Module or str
+        Modules (or their qualified names) left untouched: every group that would slice one of them,
+        as producer, carried module or consumer, is excluded.
+    max_features : int, default ``DEFAULT_MAX_FEATURES``
+        Largest allowed ``C * g`` of a consumer's design matrix.
+    residual : bool, default True
+        Also prune channels tied through residual adds (a ResNet stage's stream): one unit whose
+        producers are every conv adding into the stream and whose consumers are every layer reading
+        it. False leaves such groups alone, as before 0.1.
+
+    Returns
+    -------
+    PruningGraph
+        ``units`` in module order and ``excluded`` groups with reasons. Excluded groups are listed
+        in one ``UserWarning``.
+    """
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
+    if isinstance(max_features, bool) or not isinstance(max_features, int) or max_features < 1:
+        raise ValueError(f"`max_features` must be a positive integer, got {max_features!r}.")
+    names = {m: n for n, m in model.named_modules()}
+    ignored: set[str] = set()
+    for layer in ignored_layers:
+        if isinstance(layer, str):
+            try:
+                model.get_submodule(layer)
+            except AttributeError as exc:
+                raise ValueError(
+                    f"`ignored_layers` names {layer!r}, which is not a module of `model`."
+                ) from exc
+            prefix = layer
+        elif isinstance(layer, nn.Module) and layer in names:
+            prefix = names[layer]
+        else:
+            raise ValueError("`ignored_layers` must hold modules of `model` or their qualified names.")
+        # ignoring a container ignores everything inside it
+        ignored |= {n for n in names.values() if n == prefix or n.startswith(prefix + ".") or prefix == ""}
+    try:
+        dg, output = build_dependency_graph(model, example_inputs)
+    except Exception as exc:  # tracing failures come from the user's model: say where
+        raise ValueError(f"torch-pruning could not trace `model` with `example_inputs`: {exc}") from exc
+    output_fns = {t.grad_fn for t in tp.utils.flatten_as_list(output) if isinstance(t, torch.Tensor)}
+    units, excluded = [], []
+    for group in _dependency_groups(dg):
+        unit, exc_group = _classify(dg, group, names, ignored, max_features, output_fns, residual)
+        if unit is not None:
+            units.append(unit)
+        else:
+            excluded.append(exc_group)
+    order = {n: i for i, n in enumerate(names.values())}
+    units = [
+        replace(u, carried=tuple(sorted(u.carried, key=order.__getitem__)),
+                consumers=tuple(sorted(u.consumers, key=lambda c: order[c.name])))
+        for u in sorted(units, key=lambda u: order[u.root])
+    ]
+    excluded.sort(key=lambda e: order.get(e.root, len(order)))
+    if excluded:
+        lines = "; ".join(f"{e.root}: {e.reason}" for e in excluded)
+        warnings.warn(
+            f"{len(excluded)} channel group(s) are left unpruned ({lines}).",
+            UserWarning,
+            stacklevel=2,
+        )
+    return PruningGraph(tuple(units), tuple(excluded))

@@ -1,0 +1,150 @@
+"""What :func:`orprune.find_groups` returns: prunable units, their consumers, the groups left alone,
+and the weight layout a consumer's least-squares problem uses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+__all__ = ["Consumer", "ExcludedGroup", "PrunableUnit", "PruningGraph", "set_weight_matrix", "weight_matrix"]
+
+
+@dataclass(frozen=True)
+class Consumer:
+    """A layer whose input channels are the channels of one unit.
+
+    Attributes
+    ----------
+    name : str
+        Qualified module name (``model.get_submodule(name)``).
+    kind : {"conv", "linear"}
+    unit : str
+        Name of the unit whose channels it reads.
+    n_channels : int
+        ``C``, channels of the unit.
+    group_size : int
+        ``g``, feature columns per channel: ``kh * kw`` for a conv (through unfold), the number of
+        features each channel becomes after a flatten for a Linear (1 after global pooling).
+    n_outputs : int
+        Output channels / features.
+    norm : str or None
+        The BatchNorm that is the only reader of this layer's output, if any: a bias added by the
+        reconstruction can be folded into its running mean instead of adding a parameter.
+    """
+
+    name: str
+    kind: str
+    unit: str
+    n_channels: int
+    group_size: int
+    n_outputs: int
+    norm: str | None = None
+
+    @property
+    def n_features(self) -> int:
+        """Columns of the design matrix, ``C * g``."""
+        return self.n_channels * self.group_size
+
+
+@dataclass(frozen=True)
+class PrunableUnit:
+    """One prunable channel group: a keep count of it is one decision.
+
+    Attributes
+    ----------
+    name : str
+        Stable unit name: the root module's qualified name.
+    root : str
+        Module whose output channels index the unit.
+    n_channels : int
+    consumers : tuple of Consumer
+        Layers whose input slices go with the channels (one shared decision when several).
+    carried : tuple of str
+        Parameterised modules sliced along (BatchNorm, depthwise convs, ...).
+    """
+
+    name: str
+    root: str
+    n_channels: int
+    consumers: tuple[Consumer, ...]
+    carried: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ExcludedGroup:
+    """A channel group left unpruned, and why."""
+
+    root: str
+    modules: tuple[str, ...]
+    reason: str
+
+
+@dataclass(frozen=True)
+class PruningGraph:
+    """The prunable units of a model and the groups left alone.
+
+    Attributes
+    ----------
+    units : tuple of PrunableUnit
+        In the order of their root modules in ``model.named_modules()``.
+    excluded : tuple of ExcludedGroup
+    """
+
+    units: tuple[PrunableUnit, ...]
+    excluded: tuple[ExcludedGroup, ...]
+
+    def __getitem__(self, name: str) -> PrunableUnit:
+        for unit in self.units:
+            if unit.name == name:
+                return unit
+        raise KeyError(f"no prunable unit named {name!r}; units: {[u.name for u in self.units]}")
+
+    def __contains__(self, name: object) -> bool:
+        return any(unit.name == name for unit in self.units)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(unit.name for unit in self.units)
+
+    @property
+    def consumers(self) -> tuple[Consumer, ...]:
+        """Every consumer of every unit."""
+        return tuple(c for unit in self.units for c in unit.consumers)
+
+    def consumer(self, name: str) -> Consumer:
+        for c in self.consumers:
+            if c.name == name:
+                return c
+        raise KeyError(f"no consumer named {name!r}.")
+
+    @property
+    def n_channels(self) -> dict[str, int]:
+        """Unit name -> number of channels (the keep counts of the unpruned model)."""
+        return {unit.name: unit.n_channels for unit in self.units}
+
+
+def weight_matrix(module: nn.Module) -> torch.Tensor:
+    """The consumer's weights as the ``(C*g, n_out)`` matrix of :class:`~orprune.layer.problem.LayerProblem`.
+
+    Row ``c*g + j`` multiplies feature ``j`` of channel ``c``: for a ``Conv2d`` the unfold order
+    ``(c, kh, kw)``, for a ``Linear`` the input features in order.
+    """
+    if isinstance(module, nn.Linear):
+        return module.weight.detach().T
+    if isinstance(module, nn.Conv2d) and module.groups == 1 and not module.transposed:
+        return module.weight.detach().reshape(module.out_channels, -1).T
+    raise ValueError(f"`module` must be a Linear or a Conv2d with groups=1, got {module!r}.")
+
+
+def set_weight_matrix(module: nn.Module, matrix: torch.Tensor) -> None:
+    """Write a ``(C*g, n_out)`` matrix (the layout of :func:`weight_matrix`) into ``module``."""
+    current = weight_matrix(module)
+    if tuple(matrix.shape) != tuple(current.shape):
+        raise ValueError(
+            f"weights of shape {tuple(matrix.shape)} do not fit {module!r}: need {tuple(current.shape)}."
+        )
+    with torch.no_grad():
+        module.weight.copy_(matrix.T.reshape(module.weight.shape).to(module.weight))

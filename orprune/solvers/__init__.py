@@ -1,8 +1,0 @@
-"""Layer solvers, registered by name (see :mod:`orprune.solvers.registry`)."""
-
-from orprune.solvers.registry import SOLVERS, SolverSpec, available_solvers, get_solver, register_solver
-
-# Importing a solver module registers it.
-from orprune.solvers import exact, greedy, lasso, local_search, magnitude, perspective  # noqa: E402,F401  isort: skip
-
-__all__ = ["SOLVERS", "SolverSpec", "available_solvers", "get_solver", "register_solver"]
