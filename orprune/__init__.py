@@ -24,6 +24,7 @@ from orprune.budget import (
 )
 from orprune.layer import (
     LayerProblem,
+    NMSelection,
     Selection,
     StatisticsAccumulator,
     available_solvers,
@@ -31,6 +32,7 @@ from orprune.layer import (
     greedy_path,
     register_solver,
     select,
+    select_nm,
     solve_scip,
     swap_local_search,
     to_pyomo,
@@ -81,6 +83,7 @@ __all__ = [
     "FEASIBLE",
     "INFEASIBLE",
     "LayerProblem",
+    "NMSelection",
     "NetworkCosts",
     "OPTIMAL",
     "PerspectiveRegularizer",
@@ -117,6 +120,7 @@ __all__ = [
     "prune_by_threshold",
     "register_solver",
     "select",
+    "select_nm",
     "solve_scip",
     "spr_optimal_y",
     "spr_penalty",

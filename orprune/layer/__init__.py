@@ -1,10 +1,11 @@
 """Stage 1, one layer: the channel-selection problem held as sufficient statistics, ``select`` and its solvers.
 
-Holds :class:`LayerProblem`, :func:`select`, the solver registry (``solvers/``) and the indicator MIQP as a
-Pyomo / SCIP model. May import only the private core (``orprune._status``, ``_validation``, ``_highs``).
+Holds :class:`LayerProblem`, :func:`select`, :func:`select_nm` (N:M masks), the solver registry (``solvers/``)
+and the indicator MIQP as a Pyomo / SCIP model. May import only the private core (``orprune._status``, ``_validation``, ``_highs``).
 """
 
 from orprune.layer.milp_model import solve_scip, to_pyomo, write_model
+from orprune.layer.nm import NMSelection, select_nm
 from orprune.layer.problem import LayerProblem, StatisticsAccumulator
 from orprune.layer.result import Selection
 from orprune.layer.selection import select
@@ -14,6 +15,7 @@ from orprune.layer.solvers.local_search import backward_elimination, swap_local_
 
 __all__ = [
     "LayerProblem",
+    "NMSelection",
     "Selection",
     "StatisticsAccumulator",
     "available_solvers",
@@ -21,6 +23,7 @@ __all__ = [
     "greedy_path",
     "register_solver",
     "select",
+    "select_nm",
     "solve_scip",
     "swap_local_search",
     "to_pyomo",
