@@ -1,11 +1,13 @@
 """Stage 1, one layer: the channel-selection problem held as sufficient statistics, ``select`` and its solvers.
 
-Holds :class:`LayerProblem`, :func:`select`, :func:`select_nm` (N:M masks), the solver registry (``solvers/``)
-and the indicator MIQP as a Pyomo / SCIP model. May import only the private core (``orprune._status``, ``_validation``, ``_highs``).
+Holds :class:`LayerProblem`, :func:`select`, :func:`select_nm` (N:M masks), partition pruning, the solver
+registry (``solvers/``) and the indicator MIQP as a Pyomo / SCIP model. May import only the private core
+(``orprune._status``, ``_validation``, ``_highs``).
 """
 
 from orprune.layer.milp_model import solve_scip, to_pyomo, write_model
 from orprune.layer.nm import NMSelection, select_nm
+from orprune.layer.partition import Partition, partition_layer, partition_weights
 from orprune.layer.problem import LayerProblem, StatisticsAccumulator
 from orprune.layer.result import Selection
 from orprune.layer.selection import select
@@ -16,11 +18,14 @@ from orprune.layer.solvers.local_search import backward_elimination, swap_local_
 __all__ = [
     "LayerProblem",
     "NMSelection",
+    "Partition",
     "Selection",
     "StatisticsAccumulator",
     "available_solvers",
     "backward_elimination",
     "greedy_path",
+    "partition_layer",
+    "partition_weights",
     "register_solver",
     "select",
     "select_nm",
