@@ -47,6 +47,7 @@ from orprune.network import (
     CostModel,
     ExcludedGroup,
     NetworkCosts,
+    PartitionedLinear,
     PrunableUnit,
     PruningGraph,
     PruningPlan,
@@ -61,6 +62,7 @@ from orprune.network import (
     find_residual_targets,
     masked_copy,
     network_costs,
+    partition_module,
 )
 from orprune.pipeline import Pruner, PruneResult, prune
 from orprune.spr import (
@@ -90,6 +92,7 @@ __all__ = [
     "NetworkCosts",
     "OPTIMAL",
     "Partition",
+    "PartitionedLinear",
     "PerspectiveRegularizer",
     "PrunableUnit",
     "PruneResult",
@@ -121,6 +124,7 @@ __all__ = [
     "min_cost",
     "network_costs",
     "partition_layer",
+    "partition_module",
     "partition_weights",
     "prune",
     "prune_by_threshold",

@@ -1,13 +1,15 @@
 """Stage 2, a torch network: its prunable units, calibration statistics, costs and surgery.
 
 Tracing (torch-pruning's dependency graph -> units and consumers), calibration streams and patches, residual
-targets, the MACs / params cost model, and the physical removal. May import the core and :mod:`orprune.layer`.
+targets, the MACs / params cost model, the physical removal and the block-diagonal layer of partition pruning.
+May import the core and :mod:`orprune.layer`.
 """
 
 from orprune.network.calibration import TargetCache, collect_statistics
 from orprune.network.cost_model import CostModel
 from orprune.network.costs import NetworkCosts, count_macs_params, network_costs
 from orprune.network.graph import find_groups
+from orprune.network.partition_surgery import PartitionedLinear, partition_module
 from orprune.network.residual_targets import ResidualTarget, Tap, TargetOffset, find_residual_targets
 from orprune.network.surgery import ConsumerUpdate, PruningPlan, apply_pruning, masked_copy
 from orprune.network.units import Consumer, ExcludedGroup, PrunableUnit, PruningGraph
@@ -18,6 +20,7 @@ __all__ = [
     "CostModel",
     "ExcludedGroup",
     "NetworkCosts",
+    "PartitionedLinear",
     "PrunableUnit",
     "PruningGraph",
     "PruningPlan",
@@ -32,4 +35,5 @@ __all__ = [
     "find_residual_targets",
     "masked_copy",
     "network_costs",
+    "partition_module",
 ]
