@@ -23,6 +23,7 @@ from orprune.budget import (
     min_cost,
 )
 from orprune.layer import (
+    HierarchicalSelection,
     LayerProblem,
     NMSelection,
     Partition,
@@ -35,6 +36,7 @@ from orprune.layer import (
     partition_weights,
     register_solver,
     select,
+    select_hierarchical,
     select_nm,
     solve_scip,
     swap_local_search,
@@ -86,6 +88,7 @@ __all__ = [
     "ErrorCurve",
     "ExcludedGroup",
     "FEASIBLE",
+    "HierarchicalSelection",
     "INFEASIBLE",
     "LayerProblem",
     "NMSelection",
@@ -130,6 +133,7 @@ __all__ = [
     "prune_by_threshold",
     "register_solver",
     "select",
+    "select_hierarchical",
     "select_nm",
     "solve_scip",
     "spr_optimal_y",

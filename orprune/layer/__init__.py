@@ -1,10 +1,11 @@
 """Stage 1, one layer: the channel-selection problem held as sufficient statistics, ``select`` and its solvers.
 
-Holds :class:`LayerProblem`, :func:`select`, :func:`select_nm` (N:M masks), partition pruning, the solver
-registry (``solvers/``) and the indicator MIQP as a Pyomo / SCIP model. May import only the private core
-(``orprune._status``, ``_validation``, ``_highs``).
+Holds :class:`LayerProblem`, :func:`select`, :func:`select_nm` (N:M masks), partition pruning,
+:func:`select_hierarchical` (groups then entries), the solver registry (``solvers/``) and the indicator MIQP as a
+Pyomo / SCIP model. May import only the private core (``orprune._status``, ``_validation``, ``_highs``).
 """
 
+from orprune.layer.hierarchical import HierarchicalSelection, select_hierarchical
 from orprune.layer.milp_model import solve_scip, to_pyomo, write_model
 from orprune.layer.nm import NMSelection, select_nm
 from orprune.layer.partition import Partition, partition_layer, partition_weights
@@ -16,6 +17,7 @@ from orprune.layer.solvers.greedy import greedy_path
 from orprune.layer.solvers.local_search import backward_elimination, swap_local_search
 
 __all__ = [
+    "HierarchicalSelection",
     "LayerProblem",
     "NMSelection",
     "Partition",
@@ -28,6 +30,7 @@ __all__ = [
     "partition_weights",
     "register_solver",
     "select",
+    "select_hierarchical",
     "select_nm",
     "solve_scip",
     "swap_local_search",

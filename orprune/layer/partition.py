@@ -263,12 +263,12 @@ def _energy_heuristic(energy: np.ndarray, P: int, restarts: int, seed: int) -> t
 
 
 def part_gains(prob: LayerProblem, input_parts: np.ndarray, P: int, only: Any = None,
-               gains: np.ndarray | None = None) -> np.ndarray:
+               gains: np.ndarray | None = None, h: np.ndarray | None = None) -> np.ndarray:
     """``gains[j, p] = b_{j,S_p}^T H_{S_p S_p}^{-1} b_{j,S_p}``: what output ``j`` recovers from part ``p``'s inputs.
 
-    With ``only``, just those parts' columns are recomputed, in a copy of ``gains``.
+    With ``only``, just those parts' columns are recomputed, in a copy of ``gains``; ``h`` is ``G + rI`` if known.
     """
-    h = prob.gram + prob.ridge * np.eye(prob.n_features)
+    h = prob.gram + prob.ridge * np.eye(prob.n_features) if h is None else h
     gains = np.zeros((prob.n_outputs, P)) if gains is None else gains.copy()
     for p in range(P) if only is None else only:
         cols = np.flatnonzero(input_parts == p)
@@ -408,9 +408,10 @@ def _swap_search(prob: LayerProblem, P: int, parts_in: np.ndarray, parts_out: np
     parts_in = parts_in.copy()
     value = partition_refit(prob, parts_in, parts_out)[1]
     tol = 1e-12 * max(prob.yy, 1.0)
+    h = prob.gram + prob.ridge * np.eye(prob.n_features)
     rounds = 0
     for rounds in range(1, max_rounds + 1):
-        gains = part_gains(prob, parts_in, P)
+        gains = part_gains(prob, parts_in, P, h=h)
         current = gains[np.arange(prob.n_outputs), parts_out]
         for i in range(prob.n_features):
             for k in range(i + 1, prob.n_features):
@@ -419,7 +420,7 @@ def _swap_search(prob: LayerProblem, P: int, parts_in: np.ndarray, parts_out: np
                     continue
                 parts_in[i], parts_in[k] = b, a
                 outs = np.flatnonzero((parts_out == a) | (parts_out == b))
-                trial = part_gains(prob, parts_in, P, only=(a, b), gains=gains)  # only parts a and b change
+                trial = part_gains(prob, parts_in, P, only=(a, b), gains=gains, h=h)  # only parts a and b change
                 change = trial[outs, parts_out[outs]].sum() - current[outs].sum()
                 if change > tol:
                     gains, current = trial, trial[np.arange(prob.n_outputs), parts_out]
