@@ -144,7 +144,8 @@ def select_nm(
 
     core = _Core(prob, n, m)
     deadline = math.inf if time_limit is None else start + float(time_limit)
-    choices, bounds, nodes, sweeps, certified = [], [], 0, 0, 0
+    choices, bounds, nodes, sweeps = [], [], 0, 0
+    done = np.zeros(prob.n_outputs, bool)
     for j in range(prob.n_outputs):
         if solver == "magnitude":
             choice, upper = core.magnitude(j), core.full_gain(j)
@@ -152,17 +153,25 @@ def select_nm(
             choice, used = core.descent(j, max_sweeps)
             sweeps += used
             upper = core.full_gain(j)
-            if solver == "exact" and n < m:
-                # each column gets an equal share of the time that is left
-                now = time.perf_counter()
-                share = deadline if math.isinf(deadline) else now + (deadline - now) / (prob.n_outputs - j)
-                choice, upper, count, done = core.branch_and_bound(j, choice, share)
-                nodes += count
-                certified += done
-            elif solver == "exact":
-                certified += 1
+            done[j] = solver == "exact" and n == m
         choices.append(choice)
         bounds.append(upper)
+    if solver == "exact" and n < m:
+        # Two passes: every column gets an equal share of the time left; the time columns did not need goes
+        # to a second search (from its incumbent) of those that ran out. Both bounds of a column are valid.
+        for _ in range(2):
+            pending = np.flatnonzero(~done)
+            for rank, j in enumerate(pending):
+                now = time.perf_counter()
+                if now >= deadline:
+                    break
+                share = deadline if math.isinf(deadline) else now + (deadline - now) / (len(pending) - rank)
+                choices[j], upper, count, done[j] = core.branch_and_bound(j, choices[j], share)
+                bounds[j] = min(bounds[j], upper)
+                nodes += count
+            if done.all() or time.perf_counter() >= deadline:
+                break
+    certified = int(done.sum()) if solver == "exact" else 0
 
     mask = np.zeros((prob.n_features, prob.n_outputs), dtype=bool)
     for j, choice in enumerate(choices):
