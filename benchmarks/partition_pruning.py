@@ -36,7 +36,8 @@ from torch import nn
 
 from orprune import LayerProblem, PartitionedLinear, partition_layer, partition_weights
 from orprune.examples.datasets import load_digits
-from orprune.layer.partition import partition_refit, removed_energy
+from orprune.layer.partition import removed_energy
+from orprune.layer.partition_data import partition_refit
 from orprune.network.partition_surgery import partition_module
 from orprune.training import evaluate, train
 

@@ -8,7 +8,8 @@ Pyomo / SCIP model. May import only the private core (``orprune._status``, ``_va
 from orprune.layer.hierarchical import HierarchicalSelection, select_hierarchical
 from orprune.layer.milp_model import solve_scip, to_pyomo, write_model
 from orprune.layer.nm import NMSelection, select_nm
-from orprune.layer.partition import Partition, partition_layer, partition_weights
+from orprune.layer.partition import Partition, partition_weights
+from orprune.layer.partition_data import partition_layer
 from orprune.layer.problem import LayerProblem, StatisticsAccumulator
 from orprune.layer.result import Selection
 from orprune.layer.selection import select

@@ -11,7 +11,7 @@ import pytest
 from orprune import LayerProblem, Partition, partition_layer, partition_weights
 from orprune._status import FEASIBLE, OPTIMAL, TIME_LIMIT
 from orprune.layer._partition_milp import balanced_assignment
-from orprune.layer.partition import balanced_partitions, partition_refit
+from orprune.layer.partition_data import balanced_partitions, partition_refit
 
 
 def balanced(n_items: int, P: int):
