@@ -38,7 +38,7 @@ from benchmarks.common import CHANNELS_LAST, RESULTS_DIR, group_norm_trained, ma
 from orprune.examples.baselines import recalibrate_batchnorm, torch_pruning_baseline
 from orprune.examples.datasets import load_default
 from orprune.network.costs import count_macs_params
-from orprune.network.latency import call_times, torch_threads
+from orprune.network.timing import call_times, torch_threads
 from orprune.training import batches, evaluate, train
 
 

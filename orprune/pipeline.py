@@ -37,9 +37,10 @@ from orprune.layer.selection import resolve_solver
 from orprune.network.calibration import DEFAULT_POSITIONS_PER_IMAGE, TargetCache, collect_statistics
 from orprune.network.costs import count_macs_params, network_costs
 from orprune.network.graph import DEFAULT_MAX_FEATURES, Consumer, call_model, find_groups, weight_matrix
-from orprune.network.latency import LatencyModel, call_times, latency_tables, torch_threads
+from orprune.network.latency import LatencyModel, latency_tables
 from orprune.network.residual_targets import ResidualTarget, find_residual_targets
 from orprune.network.surgery import ConsumerUpdate, PruningPlan, apply_pruning, masked_copy
+from orprune.network.timing import call_times, torch_threads
 from orprune.prune_result import LatencyReport, PruneResult, UnitReport
 
 __all__ = ["Pruner", "PruneResult", "UnitReport", "prune"]

@@ -16,8 +16,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from orprune.network.graph import find_groups
-from orprune.network.latency import call_times, latency_tables
+from orprune.network.latency import latency_tables
 from orprune.network.surgery import PruningPlan, apply_pruning
+from orprune.network.timing import call_times
 
 
 class Net(nn.Module):
