@@ -27,8 +27,7 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import date
 
@@ -39,6 +38,7 @@ from benchmarks.common import CHANNELS_LAST, RESULTS_DIR, group_norm_trained, ma
 from orprune.examples.baselines import recalibrate_batchnorm, torch_pruning_baseline
 from orprune.examples.datasets import load_default
 from orprune.network.costs import count_macs_params
+from orprune.network.timing import call_times, torch_threads
 from orprune.training import batches, evaluate, train
 
 
@@ -73,17 +73,6 @@ class PeakMemory:
 MODES = ("eager", "optimised")
 
 
-@contextmanager
-def torch_threads(n: int) -> Iterator[None]:
-    """Run the block with ``n`` torch intra-op threads, restoring the previous number after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 @torch.no_grad()
 def optimised_for_inference(model: torch.nn.Module, example: torch.Tensor, check: torch.Tensor,
                             rtol: float = 1e-3) -> torch.jit.ScriptModule:
@@ -108,36 +97,17 @@ def optimised_for_inference(model: torch.nn.Module, example: torch.Tensor, check
     return optimised
 
 
-@torch.no_grad()
 def fastest_call_times(models: Sequence[Callable[[torch.Tensor], torch.Tensor]], x: torch.Tensor, repeats: int,
                        warmup: int = 3) -> list[float]:
     """Seconds of the fastest of ``repeats`` calls of each model on ``x``, calls alternating between the models.
 
-    - Alternating (a, b, a, b, ...) exposes every model to the same machine state (clock speed,
-      caches, other processes) over the run, so their ratios compare like with like.
-    - The minimum is the call least disturbed by the rest of a shared machine: disturbances only add.
-    - With one torch thread the clock is ``time.thread_time``, the CPU time of the calling thread:
-      unlike wall time, it does not count the time the thread waits while another process runs.
-      With ``torch.set_num_threads(1)`` the intra-op work runs on the calling thread (measured here:
-      thread time equals wall time on a quiet machine), so that is the whole computation. With more
-      threads the workers' time would be missed, so the clock falls back to ``time.perf_counter``.
-
-    ``warmup`` untimed calls of each model come first (TorchScript's profiling executor specialises
-    a scripted module during its first calls).
+    :func:`orprune.network.latency.call_times` with ``statistic="min"``: alternating (a, b, a, b, ...) exposes
+    every model to the same machine state, the minimum is the call least disturbed by the rest of a shared
+    machine, and with one torch thread the clock is ``time.thread_time`` (the CPU time of the calling thread,
+    which does not count the time it waits while another process runs). ``warmup`` untimed calls of each model
+    come first (TorchScript's profiling executor specialises a scripted module during its first calls).
     """
-    if repeats < 1:
-        raise ValueError(f"`repeats` must be at least 1, got {repeats}.")
-    clock = time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
-    for model in models:
-        for _ in range(warmup):
-            model(x)
-    best = [float("inf")] * len(models)
-    for _ in range(repeats):
-        for i, model in enumerate(models):
-            start = clock()
-            model(x)
-            best[i] = min(best[i], clock() - start)
-    return best
+    return call_times(models, x, repeats, warmup, statistic="min")
 
 
 @dataclass(frozen=True)

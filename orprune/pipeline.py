@@ -37,9 +37,11 @@ from orprune.layer.selection import resolve_solver
 from orprune.network.calibration import DEFAULT_POSITIONS_PER_IMAGE, TargetCache, collect_statistics
 from orprune.network.costs import count_macs_params, network_costs
 from orprune.network.graph import DEFAULT_MAX_FEATURES, Consumer, call_model, find_groups, weight_matrix
+from orprune.network.latency import LatencyModel, latency_tables
 from orprune.network.residual_targets import ResidualTarget, find_residual_targets
 from orprune.network.surgery import ConsumerUpdate, PruningPlan, apply_pruning, masked_copy
-from orprune.prune_result import PruneResult, UnitReport
+from orprune.network.timing import call_times, torch_threads
+from orprune.prune_result import LatencyReport, PruneResult, UnitReport
 
 __all__ = ["Pruner", "PruneResult", "UnitReport", "prune"]
 
@@ -170,6 +172,8 @@ class Pruner:
     curves_ : dict unit -> ErrorCurve
     output_errors_ : dict unit -> array or None
         With ``errors="output"``: each unit's relative output error at its curve's keep counts.
+    latency_ : LatencyModel
+        After :meth:`fit_latency`: the measured latency tables over the curves' keep counts.
     residual_targets_ : dict consumer -> ResidualTarget
         The consumers whose refit targets get the residual correction (empty when
         ``residual_targets`` or ``sequential`` is False, or fx cannot trace the model).
@@ -265,6 +269,7 @@ class Pruner:
         its inputs are kept (detached) for the sequential refit of :meth:`prune`.
         """
         self._validate()
+        self.__dict__.pop("latency_", None)  # tables of an earlier fit price other options
         if not isinstance(model, nn.Module):
             raise ValueError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
         batches = [_inputs(b).detach() if torch.is_tensor(_inputs(b)) else _inputs(b) for b in calibration]
@@ -328,6 +333,37 @@ class Pruner:
         return {c.name: self._update(c, kept, self.statistics_[c.name], self.problems_[c.name])
                 for c in self.graph_[unit].consumers}
 
+    def fit_latency(self, *, batch_size: int = 1, threads: int = 1, repeats: int = 5,
+                    cache_dir: str | None | bool = None) -> Pruner:
+        """Measure latency tables over the keep counts of the curves (:func:`orprune.network.latency_tables`).
+
+        Each module a unit prunes is timed at each of its widths on calibration inputs of ``batch_size``,
+        with ``threads`` torch threads, on this machine (cached on disk, see ``cache_dir`` there); then
+        :meth:`prune` accepts ``latency=`` budgets and reports predicted and measured latency.
+        Sets ``latency_`` (a :class:`~orprune.network.latency.LatencyModel`) and returns ``self``.
+        """
+        self._check_fitted()
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
+        if not all(torch.is_tensor(b) for b in self.batches_):
+            raise ValueError("latency tables need tensor inputs (the calibration batches are not tensors).")
+        images = torch.cat(self.batches_)
+        inputs = images[torch.arange(batch_size) % len(images)]  # repeated when fewer than batch_size
+        options = {u: c.keep_counts for u, c in self.curves_.items()}
+        self.latency_: LatencyModel = latency_tables(self.model_, self.graph_, inputs, options, threads=threads,
+                                                     repeats=repeats, cache_dir=cache_dir, progress=self.progress)
+        self.latency_inputs_ = inputs
+        return self
+
+    def _latency_report(self, model: nn.Module, keep: dict[str, int], budget: float | None) -> LatencyReport:
+        """The tables' prediction at ``keep``, and the unpruned and pruned models timed alternately."""
+        tables = self.latency_
+        with torch_threads(tables.threads):
+            before, after = call_times([self.model_, model], self.latency_inputs_, repeats=11, warmup=2,
+                                       statistic="median")
+        return LatencyReport(batch_size=tables.batch_size, threads=tables.threads, budget=budget,
+                             predicted=tables.predict(keep), table_full=tables.full, before=before, after=after)
+
     # ------------------------------------------------------------------ prune
     def _check_fitted(self) -> None:
         if not hasattr(self, "curves_"):
@@ -352,14 +388,18 @@ class Pruner:
                           solver=curve.solver, relative_error=float(curve.errors[i]), bound=float(curve.bounds[i]),
                           status=curve.statuses[i], solve_time=curve.solve_time)
 
-    def prune(self, *, macs: float | None = None, params: float | None = None,
+    def prune(self, *, macs: float | None = None, params: float | None = None, latency: float | None = None,
               time_limit: float | None = None, allocation: str = "milp") -> PruneResult:
         """A pruned copy of the fitted model within the budgets.
 
         Parameters
         ----------
         macs, params : float, optional
-            Fractions of the original MACs / parameters to keep at most, in (0, 1]. At least one.
+            Fractions of the original MACs / parameters to keep at most, in (0, 1]. At least one budget.
+        latency : float, optional
+            Fraction of the measured unpruned latency to keep at most, in (0, 1]: the keep counts' summed
+            latency tables (:meth:`fit_latency`, called with its defaults if it was not) must meet it.
+            The result's ``latency`` reports the predicted and the measured latency.
         time_limit : float, optional
             Seconds for the allocation MILP.
         allocation : {"milp", "uniform"}, default "milp"
@@ -369,20 +409,29 @@ class Pruner:
             the per-layer-rate baseline. Either way the channels are the curves' best for the count.
         """
         self._check_fitted()
-        macs, params = _fraction(macs, "macs"), _fraction(params, "params")
-        if macs is None and params is None:
-            raise ValueError("give a budget: `macs` and/or `params` as a fraction in (0, 1].")
+        macs, params, latency = _fraction(macs, "macs"), _fraction(params, "params"), _fraction(latency, "latency")
+        if macs is None and params is None and latency is None:
+            raise ValueError("give a budget: `macs`, `params` and/or `latency` as a fraction in (0, 1].")
         if allocation not in ("milp", "uniform"):
             raise ValueError(f"`allocation` must be 'milp' or 'uniform', got {allocation!r}.")
+        if latency is not None and allocation == "uniform":
+            raise ValueError("a `latency` budget needs `allocation='milp'` (measured latency is not monotone in "
+                             "a uniform rate).")
+        if latency is not None and not hasattr(self, "latency_"):
+            self.fit_latency()
         start = time.perf_counter()
         full = self.costs_.evaluate()
         budgets = {name: fraction * full[name] for name, fraction in (("macs", macs), ("params", params))
                    if fraction is not None}
+        if latency is not None:
+            budgets["latency"] = latency * self.latency_.full
         problem = AllocationProblem(
             options={u: c.keep_counts for u, c in self.curves_.items()},
             errors={u: c.errors for u, c in self.curves_.items()} if self.output_errors_ is None else self.output_errors_,
         )
         costs = {"macs": self.costs_.macs, "params": self.costs_.params}
+        if hasattr(self, "latency_"):
+            costs["latency"] = self.latency_.cost
         try:
             if allocation == "uniform":
                 chosen = allocate_uniform(problem, costs, budgets)
@@ -416,13 +465,18 @@ class Pruner:
         model = apply_pruning(self.model_, self.graph_, plan, self.example_inputs_)
         macs_after, params_after = count_macs_params(model, self.example_inputs_)
         for name, budget in budgets.items():
+            if name == "latency":
+                continue
             achieved = macs_after if name == "macs" else params_after
             if achieved > budget * (1 + 1e-9):  # the cost model and torch-pruning's counter disagree
                 warnings.warn(f"pruned model has {achieved:,} {name}, above the budget {budget:,.0f}.", RuntimeWarning)
         report = tuple(self._report(u.name, int(keep[u.name].size)) for u in self.graph_.units)
+        prune_time = time.perf_counter() - start
+        timing = self._latency_report(model, dict(chosen.keep), budgets.get("latency")) if hasattr(
+            self, "latency_") else None
         return PruneResult(model=model, macs_before=self.macs_before_, macs_after=macs_after,
                            params_before=self.params_before_, params_after=params_after, report=report,
-                           allocation=chosen, plan=plan, prune_time=time.perf_counter() - start)
+                           allocation=chosen, plan=plan, prune_time=prune_time, latency=timing)
 
 
 def prune(
@@ -431,13 +485,15 @@ def prune(
     *,
     macs: float | None = None,
     params: float | None = None,
+    latency: float | None = None,
     solver: str = "auto",
     executor: Executor | None = None,
     **options: Any,
 ) -> PruneResult:
-    """Prune ``model`` to at most ``macs`` (and/or ``params``) of its original cost.
+    """Prune ``model`` to at most ``macs`` (and/or ``params``, ``latency``) of its original cost.
 
     Shorthand for ``Pruner(solver=..., executor=..., **options).fit(model, calibration).prune(...)``;
     the input model is left unchanged.
     """
-    return Pruner(solver=solver, executor=executor, **options).fit(model, calibration).prune(macs=macs, params=params)
+    return Pruner(solver=solver, executor=executor, **options).fit(model, calibration).prune(
+        macs=macs, params=params, latency=latency)

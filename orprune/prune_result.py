@@ -10,7 +10,7 @@ import torch.nn as nn
 from orprune.budget.allocation import Allocation
 from orprune.network.surgery import PruningPlan
 
-__all__ = ["PruneResult", "UnitReport"]
+__all__ = ["LatencyReport", "PruneResult", "UnitReport"]
 
 
 @dataclass(frozen=True)
@@ -28,6 +28,32 @@ class UnitReport:
 
 
 @dataclass(frozen=True)
+class LatencyReport:
+    """Latency of the pruned model: predicted by the tables and measured (seconds per call).
+
+    ``before`` and ``after`` are medians of calls alternating between the unpruned and the pruned model
+    (the same machine state for both); ``predicted`` is the tables' sum at the chosen keep counts and
+    ``table_full`` their sum at full width (the measured unpruned latency when the tables were made).
+    """
+
+    batch_size: int
+    threads: int
+    budget: float | None  # seconds; None when latency was not budgeted
+    predicted: float
+    table_full: float
+    before: float
+    after: float
+
+    @property
+    def predicted_fraction(self) -> float:
+        return self.predicted / self.table_full
+
+    @property
+    def measured_fraction(self) -> float:
+        return self.after / self.before
+
+
+@dataclass(frozen=True)
 class PruneResult:
     """A pruned model with its costs and the per-unit report."""
 
@@ -40,12 +66,17 @@ class PruneResult:
     allocation: Allocation
     plan: PruningPlan
     prune_time: float
+    latency: LatencyReport | None = None  # with latency tables (Pruner.fit_latency or a `latency` budget)
 
     def summary(self) -> str:
         lines = [
             f"MACs {self.macs_before:,} -> {self.macs_after:,} ({self.macs_after / self.macs_before:.3f}); "
             f"params {self.params_before:,} -> {self.params_after:,} ({self.params_after / self.params_before:.3f}); "
             f"allocation {self.allocation.status}, {self.prune_time:.1f} s",
+            *([] if self.latency is None else [
+                f"latency (batch {self.latency.batch_size}, {self.latency.threads} thread(s)): predicted "
+                f"{self.latency.predicted_fraction:.3f}, measured {self.latency.measured_fraction:.3f} of the "
+                f"unpruned ({1e3 * self.latency.before:.3g} -> {1e3 * self.latency.after:.3g} ms)"]),
             f"{'unit':<32} {'channels':>10} {'solver':>10} {'rel. error':>11} {'status':>10}",
         ]
         lines += [
@@ -64,5 +95,8 @@ class PruneResult:
             "allocation_gap": self.allocation.gap,
             "allocation_objective": self.allocation.objective,
             "prune_time": self.prune_time,
+            "latency": None if self.latency is None else {
+                **asdict(self.latency), "predicted_fraction": self.latency.predicted_fraction,
+                "measured_fraction": self.latency.measured_fraction},
             "units": [asdict(r) for r in self.report],
         }

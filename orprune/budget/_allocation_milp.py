@@ -27,15 +27,20 @@ def _tolerance(budget: float) -> float:
 
 @dataclass
 class Expr:
-    """``const + sum_j lin[j] . x_j + sum_(i,j) pair[i,j] k_i k_j`` over the retained options."""
+    """``const + sum_j lin[j] . x_j + sum_(i,j) pair[i,j] k_i k_j + sum_(i,j) x_i^T table[i,j] x_j``.
+
+    Over the retained options; ``i < j`` in every key; a ``table[i, j]`` is (options of i) x (options of j).
+    """
 
     const: float
     lin: dict[int, np.ndarray]
     pair: dict[tuple[int, int], float]
+    table: dict[tuple[int, int], np.ndarray] = field(default_factory=dict)
 
     def value(self, idx: list[int], vals: list[np.ndarray]) -> float:
         terms = [self.const] + [float(v[idx[j]]) for j, v in self.lin.items()]
         terms += [b * vals[i][idx[i]] * vals[j][idx[j]] for (i, j), b in self.pair.items()]
+        terms += [float(t[idx[i], idx[j]]) for (i, j), t in self.table.items()]
         return math.fsum(terms)
 
 
@@ -59,7 +64,8 @@ _HIGHS_STATUS = {
 class _Model:
     """Column-wise assembly of the MILP: one-hot binaries, then one product block per pair."""
 
-    def __init__(self, vals: list[np.ndarray], pairs: list[tuple[int, int]], formulation: str):
+    def __init__(self, vals: list[np.ndarray], pairs: list[tuple[int, int]], formulation: str,
+                 tables: tuple[tuple[int, int], ...] = ()):
         self.vals, self.ncol, self.nrow = vals, 0, 0
         self.lower, self.upper, self.integer, self.r, self.c, self.v = [], [], [], [], [], []
         self.row_lo, self.row_hi = [], []
@@ -67,6 +73,10 @@ class _Model:
         for cols in self.x.values():
             self._rows(np.zeros(cols.size, int), cols, np.ones(cols.size), 1.0, 1.0)
         self.prod = {p: getattr(self, "_" + formulation)(*p) for p in pairs}
+        # A table over a pair prices each (o, p) on its own: only the transport variables y_op = x_io x_jp
+        # carry it, whatever the formulation of the products (shared with them under "transport").
+        self.ytab = {p: self.prod[p][0] if formulation == "transport" and p in self.prod else self._transport(*p)[0]
+                     for p in tables}
 
     def _cols(self, n: int, lo: float, hi: float, integer: bool) -> np.ndarray:
         self.lower.append(np.full(n, lo)), self.upper.append(np.full(n, hi))
@@ -105,8 +115,9 @@ class _Model:
         return u, self.vals[d].astype(np.float64), (d, o)
 
     def coefficients(self, expr: Expr) -> tuple[np.ndarray, np.ndarray]:
-        cols = [self.x[j] for j in expr.lin] + [self.prod[p][0] for p in expr.pair]
+        cols = [self.x[j] for j in expr.lin] + [self.prod[p][0] for p in expr.pair] + [self.ytab[p] for p in expr.table]
         vals = list(expr.lin.values()) + [b * self.prod[p][1] for p, b in expr.pair.items()]
+        vals += [t.ravel() for t in expr.table.values()]
         return (np.concatenate(cols), np.concatenate(vals)) if cols else (np.zeros(0, int), np.zeros(0))
 
     def add_budget(self, expr: Expr, budget: float) -> None:
@@ -147,6 +158,8 @@ class _Model:
             else:  # mccormick: u_p = k_o x_dp
                 d, o = disaggregated
                 z[cols[idx[d]]] = self.vals[o][idx[o]]
+        for (i, j), cols in self.ytab.items():
+            z[cols.reshape(self.vals[i].size, -1)[idx[i], idx[j]]] = 1.0
         return z
 
 
@@ -173,7 +186,8 @@ def solve_milp(
             return MilpResult(None, INFEASIBLE, math.inf, "every unit fixed; a budget is violated")
         return MilpResult(idx, OPTIMAL, objective.value(idx, vals), "every unit fixed by presolve")
     pairs = sorted(set(objective.pair).union(*(e.pair for e, _ in rows)))
-    model = _Model(vals, pairs, formulation)
+    tables = tuple(sorted(set(objective.table).union(*(e.table for e, _ in rows))))
+    model = _Model(vals, pairs, formulation, tables)
     for expr, budget in rows:
         model.add_budget(expr, budget)
     h = quiet_highs()

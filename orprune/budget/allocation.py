@@ -34,27 +34,64 @@ from orprune.budget._allocation_milp import (  # noqa: F401  (FEASIBILITY_RTOL, 
 )
 from orprune.budget.allocation_problem import Allocation, AllocationProblem, CostModel, _finite
 from orprune.layer.result import relative_gap
+from orprune.network.cost_model import TableCost
 
-__all__ = ["Allocation", "AllocationProblem", "CostModel", "allocate", "min_cost", "FORMULATIONS"]
+__all__ = ["Allocation", "AllocationProblem", "CostModel", "TableCost", "allocate", "min_cost", "FORMULATIONS"]
 
 #: Linearisations of the products k_i k_j; the first is the default (fastest, see the benchmark).
 FORMULATIONS = ("transport", "mccormick")
 
 
-def _check_cost(cost: Any, name: str, problem: AllocationProblem) -> CostModel:
-    if not isinstance(cost, CostModel):
-        raise ValueError(f"`{name}` must be a CostModel, got {type(cost).__name__}.")
+def _check_cost(cost: Any, name: str, problem: AllocationProblem) -> CostModel | TableCost:
+    if not isinstance(cost, (CostModel, TableCost)):
+        raise ValueError(f"`{name}` must be a CostModel or a TableCost, got {type(cost).__name__}.")
     unknown = cost.units - set(problem.units)
     if unknown:
         raise ValueError(f"`{name}` names units that have no options: {sorted(map(repr, unknown))}.")
+    if isinstance(cost, TableCost):
+        for u in cost.units:
+            missing = np.setdiff1d(problem.options[u], cost.options[u])
+            if missing.size:
+                raise ValueError(f"`{name}` has no table entry for the options {missing.tolist()} of unit {u!r}.")
     return cost
 
 
-def _expr(cost: CostModel, problem: AllocationProblem, kept: list[np.ndarray]) -> Expr:
+def _table_expr(cost: TableCost, problem: AllocationProblem, kept: list[np.ndarray]) -> Expr:
+    """A :class:`TableCost` over the retained options: unary tables are linear in x_j, pair tables in y_op."""
+    index = {u: j for j, u in enumerate(problem.units)}
+    rows = {u: np.searchsorted(cost.options[u], problem.options[u][kept[index[u]]]) for u in cost.units}
+    const, lin, table = cost.constant, {}, {}
+
+    def add_lin(j: int, vec: np.ndarray) -> None:
+        nonlocal const
+        if kept[j].size == 1:
+            const += float(vec[0])
+        else:
+            lin[j] = lin.get(j, 0.0) + vec
+
+    for u, t in cost.unary.items():
+        add_lin(index[u], t[rows[u]])
+    for (u, v), t in cost.pairwise.items():
+        t = t[np.ix_(rows[u], rows[v])]
+        i, j = index[u], index[v]
+        if i > j:
+            i, j, t = j, i, t.T
+        if kept[i].size == 1:
+            add_lin(j, t[0])
+        elif kept[j].size == 1:
+            add_lin(i, t[:, 0])
+        else:
+            table[(i, j)] = table[(i, j)] + t if (i, j) in table else t
+    return Expr(const, lin, {}, table)
+
+
+def _expr(cost: CostModel | TableCost, problem: AllocationProblem, kept: list[np.ndarray]) -> Expr:
     """``cost`` over the retained options ``kept[j]`` (indices into the options of unit j).
 
     Units with one retained option are folded into the constant or the partner's linear part.
     """
+    if isinstance(cost, TableCost):
+        return _table_expr(cost, problem, kept)
     index = {u: j for j, u in enumerate(problem.units)}
     values = [problem.options[u][kept[j]].astype(np.float64) for j, u in enumerate(problem.units)]
     fixed = [v.size == 1 for v in values]
@@ -82,26 +119,50 @@ def _expr(cost: CostModel, problem: AllocationProblem, kept: list[np.ndarray]) -
     return Expr(const, lin, {p: b for p, b in pair.items() if b != 0.0})
 
 
-def _presolve(problem: AllocationProblem, budgeted: list[CostModel]) -> list[np.ndarray]:
+def _cheaper(cost: CostModel | TableCost, u: Any, options: np.ndarray) -> np.ndarray:
+    """``D[a, b]``: option a of unit ``u`` costs no more than option b whatever the other units keep."""
+    n = options.size
+    if isinstance(cost, TableCost):
+        if u not in cost.units:
+            return np.ones((n, n), dtype=bool)
+        rows = np.searchsorted(cost.options[u], options)
+        d = np.ones((n, n), dtype=bool)
+        if u in cost.unary:
+            t = cost.unary[u][rows]
+            d &= t[:, None] <= t[None, :]
+        for (a, b), t in cost.pairwise.items():
+            if u in (a, b):
+                t = (t if u == a else t.T)[rows]  # options of u x options of the partner
+                d &= np.all(t[:, None, :] <= t[None, :, :], axis=2)
+        return d
+    coefs = [a for v, a in cost.linear.items() if v == u] + [b for key, b in cost.bilinear.items() if u in key]
+    if all(c == 0.0 for c in coefs):
+        return np.ones((n, n), dtype=bool)
+    if all(c >= 0.0 for c in coefs):  # non-decreasing in the count: smaller options cost no more
+        return options[:, None] <= options[None, :]
+    return np.eye(n, dtype=bool)
+
+
+def _presolve(problem: AllocationProblem, budgeted: list[CostModel | TableCost]) -> list[np.ndarray]:
     """Option indices that provably contain an optimal allocation.
 
-    A unit that no budgeted cost depends on takes its least-error option. A unit whose budgeted
-    costs are all non-decreasing in its count (every coefficient involving it >= 0) only needs the
-    options whose weighted error is strictly below that of every smaller option: any other option
-    is dominated by a smaller, no more expensive one.
+    Option b of a unit is dropped when another option a costs no more in every budgeted cost, whatever
+    the other units keep, and has a smaller weighted error (or the same error and a smaller index).
+    Replacing b by a keeps any allocation feasible and does not raise its error, and "a beats b" is
+    transitive, so every dropped option is beaten by a kept one. Special cases: a unit no budgeted cost
+    depends on takes its least-error option; a unit whose budgeted costs are polynomials non-decreasing
+    in its count keeps the options whose error is strictly below that of every smaller option; a
+    table compares the rows of its tables.
     """
     kept = []
     for u in problem.units:
         werr = problem.weights[u] * problem.errors[u]
-        coefs = [a for c in budgeted for v, a in c.linear.items() if v == u]
-        coefs += [b for c in budgeted for key, b in c.bilinear.items() if u in key]
-        if all(c == 0.0 for c in coefs):
-            kept.append(np.array([int(np.argmin(werr))]))
-        elif all(c >= 0.0 for c in coefs):
-            running = np.minimum.accumulate(werr)
-            kept.append(np.flatnonzero(np.r_[True, werr[1:] < running[:-1]]))
-        else:
-            kept.append(np.arange(werr.size))
+        order = np.arange(werr.size)
+        cheaper = np.ones((werr.size, werr.size), dtype=bool)
+        for cost in budgeted:
+            cheaper &= _cheaper(cost, u, problem.options[u])
+        better = (werr[:, None] < werr[None, :]) | ((werr[:, None] == werr[None, :]) & (order[:, None] < order[None, :]))
+        kept.append(np.flatnonzero(~np.any(cheaper & better, axis=0)))
     return kept
 
 
@@ -182,11 +243,12 @@ def _as_keep(problem: AllocationProblem, kept: list[np.ndarray], idx: list[int])
     return {u: int(problem.options[u][kept[j][idx[j]]]) for j, u in enumerate(problem.units)}
 
 
-def min_cost(problem: AllocationProblem, cost: CostModel) -> tuple[float, dict]:
+def min_cost(problem: AllocationProblem, cost: CostModel | TableCost) -> tuple[float, dict]:
     """The minimum of ``cost`` over all allocations, and an allocation attaining it.
 
-    With all coefficients >= 0 the minimum is at the smallest options; otherwise it is found
-    exactly by a MILP (same linearisation as :func:`allocate`, zero gap).
+    With all coefficients >= 0 the minimum is at the smallest options; otherwise (negative
+    coefficients, or a :class:`TableCost`) it is found exactly by a MILP (same linearisation as
+    :func:`allocate`, zero gap).
     """
     cost = _check_cost(cost, "cost", problem)
     if cost.nonnegative:
@@ -204,7 +266,7 @@ def _validate(problem, costs, budgets, time_limit, mip_rel_gap, formulation):
     if not isinstance(problem, AllocationProblem):
         raise ValueError(f"`problem` must be an AllocationProblem, got {type(problem).__name__}.")
     if not isinstance(costs, Mapping):
-        raise ValueError("`costs` must be a mapping name -> CostModel.")
+        raise ValueError("`costs` must be a mapping name -> CostModel or TableCost.")
     costs = {name: _check_cost(c, f"costs[{name!r}]", problem) for name, c in costs.items()}
     budgets = {} if budgets is None else budgets
     if not isinstance(budgets, Mapping):
@@ -232,7 +294,7 @@ def _validate(problem, costs, budgets, time_limit, mip_rel_gap, formulation):
 
 def allocate(
     problem: AllocationProblem,
-    costs: Mapping[str, CostModel],
+    costs: Mapping[str, CostModel | TableCost],
     budgets: Mapping[str, float] | None = None,
     time_limit: float | None = None,
     mip_rel_gap: float = 1e-6,
@@ -252,8 +314,10 @@ def allocate(
     Parameters
     ----------
     problem : AllocationProblem
-    costs : mapping name -> CostModel
-        Costs to report; those named in ``budgets`` are also constrained.
+    costs : mapping name -> CostModel or TableCost
+        Costs to report; those named in ``budgets`` are also constrained. A :class:`TableCost` (a
+        measured latency) prices each option, and each pair of options, on its own
+        (``formulations/latency_tables.md``).
     budgets : mapping name -> float, optional
         Upper bound of each constrained cost (finite, >= 0).
     time_limit : float, optional

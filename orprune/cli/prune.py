@@ -23,6 +23,13 @@ def add_prune_arguments(prune: argparse.ArgumentParser) -> argparse.ArgumentPars
     prune.add_argument("--data-root", default=None)
     prune.add_argument("--macs", type=float, default=None, help="fraction of MACs to keep, in (0, 1]")
     prune.add_argument("--params", type=float, default=None, help="fraction of parameters to keep, in (0, 1]")
+    prune.add_argument("--latency", type=float, default=None,
+                       help="fraction of the measured latency to keep, in (0, 1]: every pruned layer is timed at each "
+                            "keep count on this machine first (cached), at --batch-size and --threads")
+    prune.add_argument("--batch-size", type=int, default=None,
+                       help="batch size at which latency is measured (default 1); also reports the latency of a "
+                            "--macs / --params pruning")
+    prune.add_argument("--threads", type=int, default=1, help="torch threads while measuring latency")
     prune.add_argument("--calibration", type=int, default=1024)
     prune.add_argument("--solver", default="auto")
     prune.add_argument("--allocation", choices=["milp", "uniform"], default="milp",
@@ -41,8 +48,8 @@ def add_prune_arguments(prune: argparse.ArgumentParser) -> argparse.ArgumentPars
 
 def run_prune(args: argparse.Namespace) -> int:
     """Run ``orprune prune`` with options parsed by :func:`add_prune_arguments`; returns the exit code."""
-    if args.macs is None and args.params is None:
-        raise SystemExit("orprune prune: give --macs and/or --params")
+    if args.macs is None and args.params is None and args.latency is None:
+        raise SystemExit("orprune prune: give --macs, --params and/or --latency")
     model = torch.load(args.model, map_location="cpu", weights_only=False)
     if not isinstance(model, torch.nn.Module):
         raise SystemExit(f"orprune prune: {args.model} does not hold a whole nn.Module (save it with torch.save(model, path))")
@@ -50,7 +57,9 @@ def run_prune(args: argparse.Namespace) -> int:
     pruner = Pruner(solver=args.solver, round_to=args.round_to, errors=args.errors, n_jobs=args.jobs,
                     progress=not args.quiet)
     pruner.fit(model, list(batches(images, 128, args.calibration)))
-    result = pruner.prune(macs=args.macs, params=args.params, allocation=args.allocation)
+    if args.latency is not None or args.batch_size is not None:
+        pruner.fit_latency(batch_size=args.batch_size or 1, threads=args.threads)
+    result = pruner.prune(macs=args.macs, params=args.params, latency=args.latency, allocation=args.allocation)
     torch.save(result.model, args.output)
     report = {**result.to_dict(), "allocation_errors": args.errors}
     if args.evaluate:

@@ -1,14 +1,15 @@
 """Stage 2, a torch network: its prunable units, calibration statistics, costs and surgery.
 
 Tracing (torch-pruning's dependency graph -> units and consumers), calibration streams and patches, residual
-targets, the MACs / params cost model, the physical removal and the block-diagonal layer of partition pruning.
-May import the core and :mod:`orprune.layer`.
+targets, MACs / params cost models, measured latency tables, the physical removal and the block-diagonal
+layer of partition pruning. May import the core and :mod:`orprune.layer`.
 """
 
 from orprune.network.calibration import TargetCache, collect_statistics
-from orprune.network.cost_model import CostModel
+from orprune.network.cost_model import CostModel, TableCost
 from orprune.network.costs import NetworkCosts, count_macs_params, network_costs
 from orprune.network.graph import find_groups
+from orprune.network.latency import LatencyModel, latency_tables
 from orprune.network.partition_surgery import PartitionedLinear, partition_module
 from orprune.network.residual_targets import ResidualTarget, Tap, TargetOffset, find_residual_targets
 from orprune.network.surgery import ConsumerUpdate, PruningPlan, apply_pruning, masked_copy
@@ -19,12 +20,14 @@ __all__ = [
     "ConsumerUpdate",
     "CostModel",
     "ExcludedGroup",
+    "LatencyModel",
     "NetworkCosts",
     "PartitionedLinear",
     "PrunableUnit",
     "PruningGraph",
     "PruningPlan",
     "ResidualTarget",
+    "TableCost",
     "Tap",
     "TargetCache",
     "TargetOffset",
@@ -33,6 +36,7 @@ __all__ = [
     "count_macs_params",
     "find_groups",
     "find_residual_targets",
+    "latency_tables",
     "masked_copy",
     "network_costs",
     "partition_module",

@@ -1,0 +1,41 @@
+"""``orprune prune --latency``: the budget on measured latency tables (timer mocked), reported in the JSON."""
+
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+
+import orprune.network.latency as latency_module
+from orprune.cli import main
+from orprune.examples.zoo import SmallCNN
+
+
+def fake_fastest_time(module: nn.Module, x: torch.Tensor, repeats: int = 5, warmup: int = 1) -> float:
+    if isinstance(module, nn.Conv2d):
+        return 1e-4 * module.in_channels * module.out_channels * x.shape[0]
+    return 1e-3 * x.shape[0] if not isinstance(module, nn.Module) or len(list(module.children())) else 1e-5
+
+
+def test_prune_command_with_a_latency_budget(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(latency_module, "fastest_time", fake_fastest_time)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    torch.manual_seed(0)
+    path = tmp_path / "model.pt"
+    torch.save(SmallCNN(1, 10, widths=(8, 16, 16, 16)).eval(), path)
+    out = tmp_path / "pruned.pt"
+    assert main(["prune", str(path), "--dataset", "digits", "--latency", "0.6", "--batch-size", "4", "--threads", "1",
+                 "--calibration", "64", "--solver", "greedy", "-o", str(out), "--quiet"]) == 0
+    report = json.loads(out.with_suffix(".json").read_text())["latency"]
+    assert report["batch_size"] == 4 and report["threads"] == 1
+    assert report["predicted_fraction"] <= 0.6 + 1e-12
+    assert report["budget"] == pytest.approx(0.6 * report["table_full"])
+    assert "latency (batch 4" in capsys.readouterr().out
+    assert list((tmp_path / "cache" / "orprune" / "latency").glob("latency-*.json"))
+
+
+def test_prune_command_accepts_latency_as_the_only_budget(tmp_path):
+    path = tmp_path / "model.pt"
+    torch.save(SmallCNN(1, 10).eval(), path)
+    with pytest.raises(SystemExit, match="--latency"):
+        main(["prune", str(path), "--dataset", "digits", "-o", str(tmp_path / "x.pt")])
