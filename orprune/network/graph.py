@@ -20,6 +20,9 @@ Groups where that reconstruction does not apply are reported and left alone:
   consumers read other channels too);
 * groups touching a module the user ignores, or a module orprune cannot slice per channel
   (LayerNorm, GroupNorm, attention, grouped convs, unwrapped parameters);
+* channels combined with a tensor the graph does not track (the model input, a buffer, a functional
+  layer's parameter). A module's own weight and bias behind an op of its forward (a fused
+  BatchNorm's ``F.batch_norm``, a Linear's ``addmm`` on a 3-D input) are not such tensors;
 * consumers whose design matrix would have more than ``max_features`` columns (a Gram matrix of
   ``max_features**2`` float64 entries), e.g. VGG's ``512 * 7 * 7`` classifier input.
 """
@@ -163,7 +166,9 @@ def _classify(
     max_features: int,
     output_fns: set[Any],
     residual: bool = True,
+    owners: Mapping[int, nn.Module] | None = None,
 ) -> tuple[PrunableUnit | None, ExcludedGroup | None]:
+    owners = {} if owners is None else owners
     items = group.items
     producers = _root_of(dg, items)
     labels = tuple(dict.fromkeys(
@@ -197,7 +202,7 @@ def _classify(
         # a consumer may produce the model output; the unit's own channels may not
         if _is_out(dg, it) and node.grad_fn is not None and node.grad_fn in output_fns:
             return excluded("reaches the model output")
-        if node.type == OPTYPE.ELEMENTWISE and _has_outside_operand(node.grad_fn):
+        if node.type == OPTYPE.ELEMENTWISE and _has_outside_operand(node, owners):
             return excluded("combined with a tensor outside the traced graph (the model input, a "
                             "buffer or a functional layer's parameter)")
         if it is root_item or node.type in _PASS_THROUGH:
@@ -241,14 +246,59 @@ def _classify(
     return unit, None
 
 
-def _has_outside_operand(grad_fn: Any) -> bool:
+def _parameter_owners(model: nn.Module) -> dict[int, nn.Module]:
+    """``id(parameter) -> module`` for every parameter registered directly on a module."""
+    return {id(p): m for m in model.modules() for p in m.parameters(recurse=False)}
+
+
+def _enclosing_modules(node: Any) -> set[nn.Module]:
+    """The modules whose traced output ``node`` feeds through pass-through ops only.
+
+    An op inside a module's ``forward`` (the ``F.batch_norm`` of a fused BatchNorm + activation, the
+    ``F.layer_norm`` between two permutes, the ``addmm`` of a Linear applied to a 3-D input) has no
+    module of its own: torch-pruning labels it element-wise and maps the module to its output.
+    """
+    found: set[nn.Module] = set()
+    seen, todo = {id(node)}, list(node.outputs)
+    while todo:
+        nxt = todo.pop()
+        if id(nxt) in seen:
+            continue
+        seen.add(id(nxt))
+        if nxt.type in _PASS_THROUGH:
+            todo.extend(nxt.outputs)
+        else:
+            found.add(nxt.module)
+    return found
+
+
+def _has_outside_operand(node: Any, owners: Mapping[int, nn.Module]) -> bool:
     """Whether an element-wise op also reads a tensor the dependency graph does not track: a model
     input (residual add to the input), a constant or buffer, or the parameter of a functional
-    layer (``F.conv2d``). Slicing channels would break that operand."""
+    layer (``F.conv2d``). Slicing channels would break that operand.
+
+    A parameter of the module whose own forward contains the op (found by
+    :func:`_enclosing_modules`) is not outside: torch-pruning slices a module's own weight and bias
+    with it (a fused BatchNorm's ``F.batch_norm``, a channels-last LayerNorm, a Linear on a 3-D input).
+    """
+    grad_fn = node.grad_fn
     if grad_fn is None:
         return False
     operands = [f for f, _ in grad_fn.next_functions]
-    return len(operands) > 1 and any(f is None or type(f).__name__ == "AccumulateGrad" for f in operands)
+    if len(operands) < 2:
+        return False
+    enclosing: set[nn.Module] | None = None
+    for f in operands:
+        if f is None:
+            return True
+        if type(f).__name__ != "AccumulateGrad":
+            continue
+        owner = owners.get(id(f.variable))
+        if enclosing is None:
+            enclosing = _enclosing_modules(node)
+        if owner is None or owner not in enclosing:
+            return True
+    return False
 
 
 def _following_norm(
@@ -323,9 +373,10 @@ def find_groups(
     except Exception as exc:  # tracing failures come from the user's model: say where
         raise ValueError(f"torch-pruning could not trace `model` with `example_inputs`: {exc}") from exc
     output_fns = {t.grad_fn for t in tp.utils.flatten_as_list(output) if isinstance(t, torch.Tensor)}
+    owners = _parameter_owners(model)
     units, excluded = [], []
     for group in _dependency_groups(dg):
-        unit, exc_group = _classify(dg, group, names, ignored, max_features, output_fns, residual)
+        unit, exc_group = _classify(dg, group, names, ignored, max_features, output_fns, residual, owners)
         if unit is not None:
             units.append(unit)
         else:

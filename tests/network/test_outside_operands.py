@@ -1,0 +1,138 @@
+"""A layer's own weight and bias behind an element-wise op are not outside operands (issue 21).
+
+timm's fused BatchNorm + activation calls ``F.batch_norm`` inside the module, its channels-last
+LayerNorm calls ``F.layer_norm`` between two permutes, and a Linear on a ``(B, T, C)`` input runs an
+``addmm``: torch-pruning labels each of these ops element-wise, with the module's own parameters as
+operands. Those parameters are sliced with the module, so the groups through them are prunable; a
+parameter that belongs to no enclosing module (a functional layer's, a bare offset) still excludes its
+group.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import orprune
+from orprune.network.graph import find_groups
+from orprune.network.surgery import masked_copy
+from tests.models import one_thread  # noqa: F401  (module fixture)
+
+OUTSIDE = "outside the traced graph"
+
+
+class BatchNormAct2d(nn.BatchNorm2d):
+    """timm's fused BatchNorm + ReLU: ``F.batch_norm`` inside the module's own forward."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        training = self.training and self.track_running_stats
+        x = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, training,
+                         self.momentum, self.eps)
+        return F.relu(x)
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """timm's LayerNorm over the channels of an NCHW tensor: permute, ``F.layer_norm``, permute."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)
+
+
+class FusedNet(nn.Module):
+    """Two conv + fused-BN layers, then a token MLP (Linear on ``(B, T, C)``) and a head."""
+
+    def __init__(self, layer_norm: bool = False, offset: bool = False):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 8, 3, padding=1), BatchNormAct2d(8)
+        self.conv2, self.bn2 = nn.Conv2d(8, 12, 3, padding=1), BatchNormAct2d(12)
+        self.norm = LayerNorm2d(12) if layer_norm else None
+        self.offset = nn.Parameter(torch.randn(12, 1, 1)) if offset else None  # not any module's own
+        self.fc1, self.fc2 = nn.Linear(12, 24), nn.Linear(24, 12)
+        self.head = nn.Linear(12, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.bn2(self.conv2(self.bn1(self.conv1(x))))
+        if self.norm is not None:
+            x = self.norm(x)
+        if self.offset is not None:
+            x = x + self.offset
+        tokens = x.flatten(2).transpose(1, 2)  # (B, T, C)
+        tokens = tokens + self.fc2(F.gelu(self.fc1(tokens)))
+        return self.head(tokens.mean(1))
+
+
+def _model(**kwargs) -> FusedNet:
+    torch.manual_seed(0)
+    model = FusedNet(**kwargs)
+    with torch.no_grad():  # non-trivial running statistics, as after training
+        for bn in (model.bn1, model.bn2):
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.running_var.uniform_(0.5, 2.0)
+    return model.eval()
+
+
+def _groups(model: nn.Module, x: torch.Tensor):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return find_groups(model, x)
+
+
+def test_fused_batchnorm_and_token_mlp_groups_are_units():
+    graph = _groups(_model(), torch.randn(2, 3, 6, 6))
+    assert set(graph.names) == {"conv1", "fc1", "fc2"}  # fc2: the token stream conv2 and fc2 add into
+    assert graph["conv1"].carried == ("bn1",)
+    assert [c.name for c in graph["conv1"].consumers] == ["conv2"]
+    assert [c.name for c in graph["fc1"].consumers] == ["fc2"]
+    assert not any(OUTSIDE in e.reason for e in graph.excluded)
+
+
+def test_channels_last_layer_norm_is_not_an_outside_operand():
+    graph = _groups(_model(layer_norm=True), torch.randn(2, 3, 6, 6))
+    assert not any(OUTSIDE in e.reason for e in graph.excluded)
+    assert "conv1" in graph.names and "fc1" in graph.names
+
+
+def test_a_parameter_of_no_enclosing_module_still_excludes_its_group():
+    graph = _groups(_model(offset=True), torch.randn(2, 3, 6, 6))
+    # conv2's channels (the token stream: fc2 adds into them) meet the offset
+    [group] = [e for e in graph.excluded if "conv2" in e.modules]
+    assert OUTSIDE in group.reason
+    assert "conv1" in graph.names and "fc1" in graph.names
+
+
+def test_input_added_to_a_residual_is_still_outside():
+    class InputResidual(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1, self.conv2 = nn.Conv2d(3, 3, 1), nn.Conv2d(3, 4, 1)
+
+        def forward(self, x):
+            return self.conv2(self.conv1(x) + x)
+
+    graph = _groups(InputResidual().eval(), torch.randn(1, 3, 4, 4))
+    assert "conv1" not in graph.names
+    assert OUTSIDE in graph.excluded[0].reason
+
+
+def test_fused_model_prunes_to_half_macs_and_pruned_equals_masked():
+    model = _model()
+    state = copy.deepcopy(model.state_dict())
+    gen = torch.Generator().manual_seed(1)
+    batches = [torch.randn(8, 3, 6, 6, generator=gen) for _ in range(3)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        pruner = orprune.Pruner(solver="greedy", progress=False, positions_per_image=8).fit(model, batches)
+    result = pruner.prune(macs=0.5)
+    assert result.macs_after <= 0.5 * result.macs_before
+    assert result.plan.keep["fc1"].size < 24  # the token MLP's hidden channels are pruned
+    x = batches[0]
+    with torch.no_grad():
+        pruned, masked, original = result.model(x), masked_copy(model, pruner.graph_, result.plan)(x), model(x)
+    assert pruned.shape == original.shape
+    torch.testing.assert_close(pruned, masked, rtol=1e-4, atol=1e-4 * float(masked.abs().max()))
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
