@@ -16,8 +16,9 @@ on the remaining channels as for any unit (``residual=False`` leaves such groups
 Groups where that reconstruction does not apply are reported and left alone:
 
 * the model's outputs (the classifier's logits): nothing consumes them;
-* channels that go through a concatenation or split between producer and consumer (their
-  consumers read other channels too);
+* channels that go through a split, chunk or slice between producer and consumer (a
+  concatenation is followed: each consumer selects among the unit's columns with the other
+  producers' columns kept, ``formulations/fixed_columns.md``);
 * groups touching a module the user ignores, or a module orprune cannot slice per channel
   (LayerNorm, GroupNorm, attention, grouped convs, unwrapped parameters);
 * channels combined with a tensor the graph does not track (the model input, a buffer, a functional
@@ -63,7 +64,7 @@ DEFAULT_MAX_FEATURES = 4608
 _PASS_THROUGH = {OPTYPE.ELEMENTWISE, OPTYPE.RESHAPE}
 # Per-channel modules that are sliced along with the unit and do not mix channels.
 _CARRIED = {OPTYPE.BN, OPTYPE.IN, OPTYPE.PRELU, OPTYPE.DEPTHWISE_CONV}
-_SPLITTING = {OPTYPE.CONCAT, OPTYPE.SPLIT, OPTYPE.UNBIND, OPTYPE.EXPAND, OPTYPE.SLICE}
+_SPLITTING = {OPTYPE.SPLIT, OPTYPE.UNBIND, OPTYPE.EXPAND, OPTYPE.SLICE}
 
 
 # ------------------------------------------------------------------------------------ tracing
@@ -144,18 +145,38 @@ def unit_group(dg: tp.DependencyGraph, model: nn.Module, unit: PrunableUnit, idx
 
 
 # ------------------------------------------------------------------------------------ analysis
-def _consumer_group_size(module: nn.Module, idxs: list[int], root_idxs: list[int], n: int) -> int | None:
-    """``g`` if the consumer reads channel ``c`` at inputs ``[c*g, (c+1)*g)`` and nothing else."""
+def _consumer_layout(
+    module: nn.Module, idxs: list[int], root_idxs: list[int], n: int
+) -> tuple[int, tuple[int, ...] | None, int] | None:
+    """How a consumer reads the unit's ``n`` channels: ``(g, channels, n_inputs)``.
+
+    Channel ``c`` must be read at inputs ``[j*g, (j+1)*g)`` for one input channel ``j = channels[c]``,
+    increasing in ``c``, out of ``n_inputs = n_in / g``; ``channels`` is None when the unit's channels
+    are all the inputs, in order. None when the consumer reads the channels otherwise (out of order,
+    twice, or partly).
+    """
     n_in = module.in_features if isinstance(module, nn.Linear) else module.in_channels
-    if len(idxs) != n_in or n_in % n:
+    idxs_a, root_a = np.asarray(idxs), np.asarray(root_idxs)
+    if idxs_a.size == 0 or idxs_a.size % n:
         return None
-    g = n_in // n
-    order = np.lexsort((np.asarray(idxs), np.asarray(root_idxs)))
-    expected = np.arange(n_in)
-    if not (np.array_equal(np.asarray(idxs)[order], expected)
-            and np.array_equal(np.asarray(root_idxs)[order], expected // g)):
+    g = idxs_a.size // n
+    if n_in % g or (isinstance(module, nn.Conv2d) and g != 1):
         return None
-    return g
+    order = np.lexsort((idxs_a, root_a))
+    idxs_a, root_a = idxs_a[order], root_a[order]
+    if not np.array_equal(root_a, np.repeat(np.arange(n), g)):
+        return None
+    runs = idxs_a.reshape(n, g)
+    starts = runs[:, 0]
+    if not np.array_equal(runs, starts[:, None] + np.arange(g)) or np.any(starts % g):
+        return None
+    channels = starts // g
+    if np.any(np.diff(channels) <= 0):
+        return None
+    n_inputs = n_in // g
+    if n_inputs == n:
+        return g, None, n
+    return g, tuple(int(c) for c in channels), n_inputs
 
 
 def _classify(
@@ -195,7 +216,7 @@ def _classify(
     touched = {_node_label(names, it.dep.target) for it in items} & ignored
     if touched:
         return excluded(f"touches ignored layer(s) {sorted(touched)}")
-    consumers: list[tuple[nn.Module, int]] = []
+    consumers: list[tuple[nn.Module, tuple[int, tuple[int, ...] | None, int]]] = []
     carried: list[str] = []
     for it in items:
         node = it.dep.target
@@ -205,13 +226,13 @@ def _classify(
         if node.type == OPTYPE.ELEMENTWISE and _has_outside_operand(node, owners):
             return excluded("combined with a tensor outside the traced graph (the model input, a "
                             "buffer or a functional layer's parameter)")
-        if it is root_item or node.type in _PASS_THROUGH:
-            continue
+        if it is root_item or node.type in _PASS_THROUGH or node.type == OPTYPE.CONCAT:
+            continue  # a concatenation shifts the channels; torch-pruning follows the offsets
         if any(it is p for p in producers):  # the other producers of a residual stream
             carried.append(names[node.module])
             continue
         if node.type in _SPLITTING:
-            return excluded(f"goes through a concatenation or split ({node.type.name.lower()})")
+            return excluded(f"goes through a split or slice ({node.type.name.lower()})")
         if node.type == OPTYPE.OUTPUT:
             return excluded("reaches the model output")
         if node.type in _CARRIED:
@@ -223,25 +244,27 @@ def _classify(
                 f"{_node_label(names, node)} ({type(module).__name__}) cannot be sliced per channel")
         if not (isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and module.groups == 1)):
             return excluded(f"consumer {names[module]} is not a Linear or a Conv2d with groups=1")
-        g = _consumer_group_size(module, list(it.idxs), list(it.root_idxs), n)
-        if g is None:
-            return excluded(f"consumer {names[module]} reads other channels too (concatenation)")
-        consumers.append((module, g))
+        layout = _consumer_layout(module, list(it.idxs), list(it.root_idxs), n)
+        if layout is None:
+            return excluded(f"consumer {names[module]} reads these channels out of order or partly")
+        consumers.append((module, layout))
     if not consumers:
         return excluded("nothing consumes these channels (model output)")
     out = []
-    for module, g in consumers:
+    for module, (g, channels, n_inputs) in consumers:
         if isinstance(module, nn.Conv2d):
             g = int(np.prod(module.kernel_size))
-        if n * g > max_features:
+        if n_inputs * g > max_features:  # the design matrix spans every input channel of the layer
             return excluded(
-                f"consumer {names[module]} would have C*g = {n}*{g} = {n * g} features > "
+                f"consumer {names[module]} would have C*g = {n_inputs}*{g} = {n_inputs * g} features > "
                 f"`max_features` = {max_features}"
             )
         kind = "linear" if isinstance(module, nn.Linear) else "conv"
         n_out = module.out_features if kind == "linear" else module.out_channels
         norm = _following_norm(dg, module, names)
-        out.append(Consumer(names[module], kind, names[root], n, g, n_out, norm))
+        norms = () if norm is not None else _norms_through_concat(dg, module, names)
+        out.append(Consumer(names[module], kind, names[root], n, g, n_out, norm, channels,
+                            None if channels is None else n_inputs, norms))
     unit = PrunableUnit(names[root], names[root], n, tuple(out), tuple(dict.fromkeys(carried)))
     return unit, None
 
@@ -313,6 +336,39 @@ def _following_norm(
     if nxt.type != OPTYPE.BN or len(nxt.inputs) != 1 or not tracks:
         return None
     return names.get(nxt.module)
+
+
+def _norms_through_concat(
+    dg: tp.DependencyGraph, module: nn.Module, names: Mapping[nn.Module, str]
+) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    """The BatchNorms reading ``module``'s output through concatenations only (DenseNet), with the
+    BatchNorm channel of each output channel; empty unless every reader is such a BatchNorm."""
+    node = dg.module2node[module]
+    if not any(o.type == OPTYPE.CONCAT for o in node.outputs):
+        return ()
+    readers, todo, seen = [], list(node.outputs), set()
+    while todo:
+        nxt = todo.pop()
+        if id(nxt) in seen:
+            continue
+        seen.add(id(nxt))
+        if nxt.type == OPTYPE.CONCAT:
+            todo.extend(nxt.outputs)
+            continue
+        if (nxt.type != OPTYPE.BN or nxt.module not in names or len(nxt.inputs) != 1
+                or getattr(nxt.module, "running_mean", None) is None):
+            return ()
+        readers.append(nxt.module)
+    n_out = module.out_features if isinstance(module, nn.Linear) else module.out_channels
+    group = dg.get_pruning_group(module, _pruning_fn(module), idxs=list(range(n_out)))
+    out = []
+    for bn in readers:
+        items = [it for it in group.items if it.dep.target.module is bn]
+        if len(items) != 1 or sorted(items[0].root_idxs) != list(range(n_out)):
+            return ()
+        order = np.argsort(np.asarray(items[0].root_idxs))
+        out.append((names[bn], tuple(int(i) for i in np.asarray(items[0].idxs)[order])))
+    return tuple(out)
 
 
 def find_groups(

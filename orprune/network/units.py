@@ -4,8 +4,11 @@ and the weight layout a consumer's least-squares problem uses.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -33,6 +36,16 @@ class Consumer:
     norm : str or None
         The BatchNorm that is the only reader of this layer's output, if any: a bias added by the
         reconstruction can be folded into its running mean instead of adding a parameter.
+    channels : tuple of int or None
+        When the layer reads a concatenation: its input channel of each of the unit's channels
+        (increasing); its other input channels come from other producers and are kept while this
+        unit is selected (``formulations/fixed_columns.md``). None: the unit's channels are all its
+        inputs, in order.
+    n_inputs : int or None
+        The layer's input channels (``n_channels`` when None).
+    norms : tuple of (str, tuple of int)
+        When the output goes through concatenations to BatchNorms only (DenseNet): each BatchNorm
+        with its channel of each output channel; a bias is folded into all their running means.
     """
 
     name: str
@@ -42,11 +55,24 @@ class Consumer:
     group_size: int
     n_outputs: int
     norm: str | None = None
+    channels: tuple[int, ...] | None = None
+    n_inputs: int | None = None
+    norms: tuple[tuple[str, tuple[int, ...]], ...] = ()
+
+    @property
+    def n_input_channels(self) -> int:
+        """The layer's input channels: the unit's and, after a concatenation, the others."""
+        return self.n_channels if self.n_inputs is None else self.n_inputs
+
+    @property
+    def input_channels(self) -> np.ndarray:
+        """The layer's input channel of each of the unit's channels."""
+        return np.arange(self.n_channels) if self.channels is None else np.asarray(self.channels)
 
     @property
     def n_features(self) -> int:
-        """Columns of the design matrix, ``C * g``."""
-        return self.n_channels * self.group_size
+        """Columns of the layer's design matrix (rows of its weight matrix), ``n_inputs * g``."""
+        return self.n_input_channels * self.group_size
 
 
 @dataclass(frozen=True)
@@ -113,6 +139,27 @@ class PruningGraph:
     def consumers(self) -> tuple[Consumer, ...]:
         """Every consumer of every unit."""
         return tuple(c for unit in self.units for c in unit.consumers)
+
+    def readers(self, name: str) -> tuple[Consumer, ...]:
+        """The entries of consumer ``name``, one per unit it reads (several after a concatenation)."""
+        found = tuple(c for c in self.consumers if c.name == name)
+        if not found:
+            raise KeyError(f"no consumer named {name!r}.")
+        return found
+
+    def input_mask(self, name: str, keep: Mapping[str, Any]) -> np.ndarray:
+        """Kept input channels of consumer ``name`` when each unit in ``keep`` keeps those channels.
+
+        Channels of units not in ``keep`` and of no unit (other producers of a concatenation) are kept.
+        """
+        readers = self.readers(name)
+        mask = np.ones(readers[0].n_input_channels, dtype=bool)
+        for c in readers:
+            if c.unit in keep:
+                unit_mask = np.zeros(c.n_channels, dtype=bool)
+                unit_mask[np.asarray(keep[c.unit], dtype=np.int64)] = True
+                mask[c.input_channels[~unit_mask]] = False
+        return mask
 
     def consumer(self, name: str) -> Consumer:
         for c in self.consumers:
