@@ -35,6 +35,7 @@ from orprune.budget.uniform_allocation import allocate_uniform
 from orprune.layer.fixed import fix_channels
 from orprune.layer.problem import LayerProblem, StatisticsAccumulator
 from orprune.layer.selection import resolve_solver
+from orprune.layer.tied import block_diagonal, tie_channels
 from orprune.network.calibration import DEFAULT_POSITIONS_PER_IMAGE, TargetCache, collect_statistics
 from orprune.network.costs import count_macs_params, network_costs
 from orprune.network.graph import DEFAULT_MAX_FEATURES, Consumer, call_model, find_groups, weight_matrix
@@ -76,6 +77,8 @@ def _forward_order(model: nn.Module, consumers: Sequence[Consumer], example_inpu
 def _unit_part(problem: LayerProblem, consumer: Consumer) -> LayerProblem:
     """A consumer's problem over one unit's channels: after a concatenation, the layer's other input
     channels are kept (eliminated, ``formulations/fixed_columns.md``)."""
+    if consumer.tie > 1:  # a grouped conv: one decision per position in every group
+        return tie_channels(problem, consumer.tie)
     if consumer.channels is None:
         return problem
     fixed = np.ones(consumer.n_input_channels, dtype=bool)
@@ -265,6 +268,8 @@ class Pruner:
 
     def _problem(self, acc: StatisticsAccumulator, consumer: Consumer, model: nn.Module) -> LayerProblem:
         gram, cross, yy = acc.statistics(center=self._intercept(consumer, model))
+        if consumer.groups > 1:  # a grouped conv's own least squares: block-diagonal by group
+            gram, cross = block_diagonal(gram, cross, consumer.groups, consumer.group_size)
         ridge = self.ridge * float(np.mean(np.diag(gram)))
         weights = weight_matrix(model.get_submodule(consumer.name)).detach().double().numpy()
         return LayerProblem(gram, cross, yy, group_size=consumer.group_size, ridge=ridge, weights=weights)

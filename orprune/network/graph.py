@@ -20,7 +20,8 @@ Groups where that reconstruction does not apply are reported and left alone:
   concatenation is followed: each consumer selects among the unit's columns with the other
   producers' columns kept, ``formulations/fixed_columns.md``);
 * groups touching a module the user ignores, or a module orprune cannot slice per channel
-  (LayerNorm, GroupNorm, attention, grouped convs, unwrapped parameters);
+  (LayerNorm, GroupNorm, attention, unwrapped parameters). A grouped conv (producer or consumer)
+  ties the channels at one position of every group into one decision (``PrunableUnit.tie``);
 * channels combined with a tensor the graph does not track (the model input, a buffer, a functional
   layer's parameter). A module's own weight and bias behind an op of its forward (a fused
   BatchNorm's ``F.batch_norm``, a Linear's ``addmm`` on a 3-D input) are not such tensors;
@@ -141,7 +142,7 @@ def _pruning_fn(module: nn.Module) -> Callable:
 def unit_group(dg: tp.DependencyGraph, model: nn.Module, unit: PrunableUnit, idxs: Sequence[int]) -> Any:
     """The torch-pruning group that removes channels ``idxs`` of ``unit`` (with all coupled slices)."""
     root = model.get_submodule(unit.root)
-    return dg.get_pruning_group(root, _pruning_fn(root), idxs=[int(i) for i in idxs])
+    return dg.get_pruning_group(root, _pruning_fn(root), idxs=unit.root_channels(list(idxs)))
 
 
 # ------------------------------------------------------------------------------------ analysis
@@ -207,10 +208,15 @@ def _classify(
     root_item = producers[0]
     root = root_item.dep.target.module
     n = len(root_item.idxs)
+    ties = set()  # the group counts of grouped convs producing or reading the channels
     for it in producers:  # a residual stream: every producer's channel c is the stream's channel c
         module = it.dep.target.module
-        if isinstance(module, nn.modules.conv._ConvNd) and (module.groups != 1 or module.transposed):
-            return excluded("a producing conv is grouped or transposed")
+        if isinstance(module, nn.modules.conv._ConvNd) and module.transposed:
+            return excluded("a producing conv is transposed")
+        if isinstance(module, nn.modules.conv._ConvNd) and module.groups != 1:
+            if len(producers) > 1:
+                return excluded("a grouped conv adds into a residual stream")
+            ties.add(module.groups)
         if len(it.idxs) != n or list(it.idxs) != list(it.root_idxs):
             return excluded("producers tied through a residual add do not share the channel order")
     touched = {_node_label(names, it.dep.target) for it in items} & ignored
@@ -242,14 +248,21 @@ def _classify(
         if _is_out(dg, it) or node.type not in (OPTYPE.CONV, OPTYPE.LINEAR):
             return excluded(
                 f"{_node_label(names, node)} ({type(module).__name__}) cannot be sliced per channel")
-        if not (isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and module.groups == 1)):
-            return excluded(f"consumer {names[module]} is not a Linear or a Conv2d with groups=1")
+        if not isinstance(module, (nn.Linear, nn.Conv2d)) or getattr(module, "transposed", False):
+            return excluded(f"consumer {names[module]} is not a Linear or a Conv2d")
+        if isinstance(module, nn.Conv2d) and module.groups > 1:
+            ties.add(module.groups)
         layout = _consumer_layout(module, list(it.idxs), list(it.root_idxs), n)
         if layout is None:
             return excluded(f"consumer {names[module]} reads these channels out of order or partly")
         consumers.append((module, layout))
     if not consumers:
         return excluded("nothing consumes these channels (model output)")
+    if len(ties) > 1:
+        return excluded(f"grouped convs with different group counts {sorted(ties)} share these channels")
+    tie = ties.pop() if ties else 1
+    if tie > 1 and any(channels is not None for _, (_, channels, _) in consumers):
+        return excluded("grouped conv channels go through a concatenation")
     out = []
     for module, (g, channels, n_inputs) in consumers:
         if isinstance(module, nn.Conv2d):
@@ -263,9 +276,10 @@ def _classify(
         n_out = module.out_features if kind == "linear" else module.out_channels
         norm = _following_norm(dg, module, names)
         norms = () if norm is not None else _norms_through_concat(dg, module, names)
-        out.append(Consumer(names[module], kind, names[root], n, g, n_out, norm, channels,
-                            None if channels is None else n_inputs, norms))
-    unit = PrunableUnit(names[root], names[root], n, tuple(out), tuple(dict.fromkeys(carried)))
+        groups = module.groups if isinstance(module, nn.Conv2d) else 1
+        out.append(Consumer(names[module], kind, names[root], n // tie, g, n_out, norm, channels,
+                            None if channels is None else n_inputs, norms, tie, groups))
+    unit = PrunableUnit(names[root], names[root], n // tie, tuple(out), tuple(dict.fromkeys(carried)), tie)
     return unit, None
 
 

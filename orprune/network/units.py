@@ -46,6 +46,11 @@ class Consumer:
     norms : tuple of (str, tuple of int)
         When the output goes through concatenations to BatchNorms only (DenseNet): each BatchNorm
         with its channel of each output channel; a bias is folded into all their running means.
+    tie : int
+        Input channels per decision: the unit's channel ``c`` is the layer's inputs ``c + j * n_channels``
+        for ``j < tie`` (a unit tied by a grouped convolution, :class:`PrunableUnit`).
+    groups : int
+        The layer's ``groups`` (a grouped convolution): its least squares is block-diagonal by group.
     """
 
     name: str
@@ -58,15 +63,20 @@ class Consumer:
     channels: tuple[int, ...] | None = None
     n_inputs: int | None = None
     norms: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    tie: int = 1
+    groups: int = 1
 
     @property
     def n_input_channels(self) -> int:
         """The layer's input channels: the unit's and, after a concatenation, the others."""
-        return self.n_channels if self.n_inputs is None else self.n_inputs
+        return self.n_channels * self.tie if self.n_inputs is None else self.n_inputs
 
     @property
     def input_channels(self) -> np.ndarray:
-        """The layer's input channel of each of the unit's channels."""
+        """The layer's input channel of each of the unit's channels, shape ``(n_channels,)``, or
+        ``(n_channels, tie)`` for a tied unit."""
+        if self.tie > 1:
+            return np.arange(self.n_channels)[:, None] + self.n_channels * np.arange(self.tie)[None, :]
         return np.arange(self.n_channels) if self.channels is None else np.asarray(self.channels)
 
     @property
@@ -90,6 +100,11 @@ class PrunableUnit:
         Layers whose input slices go with the channels (one shared decision when several).
     carried : tuple of str
         Parameterised modules sliced along (BatchNorm, depthwise convs, ...).
+    tie : int, default 1
+        Root channels per decision. A grouped convolution (``groups = G``) as producer or consumer
+        keeps its group count only if every group loses the same channels; the unit's channel ``c``
+        then stands for the root channels ``c + j * n_channels``, ``j < G`` (position ``c`` in every
+        group), and ``n_channels`` is the root's channels over ``G``.
     """
 
     name: str
@@ -97,6 +112,11 @@ class PrunableUnit:
     n_channels: int
     consumers: tuple[Consumer, ...]
     carried: tuple[str, ...]
+    tie: int = 1
+
+    def root_channels(self, idxs: Any) -> list[int]:
+        """The root module's channels of the unit's channels ``idxs``."""
+        return sorted(int(c) + j * self.n_channels for c in np.asarray(idxs).ravel() for j in range(self.tie))
 
 
 @dataclass(frozen=True)
@@ -177,21 +197,36 @@ def weight_matrix(module: nn.Module) -> torch.Tensor:
     """The consumer's weights as the ``(C*g, n_out)`` matrix of :class:`~orprune.layer.problem.LayerProblem`.
 
     Row ``c*g + j`` multiplies feature ``j`` of channel ``c``: for a ``Conv2d`` the unfold order
-    ``(c, kh, kw)``, for a ``Linear`` the input features in order.
+    ``(c, kh, kw)``, for a ``Linear`` the input features in order. A grouped ``Conv2d`` gives its dense
+    equivalent: zero outside the diagonal blocks (group ``j``'s inputs times its outputs).
     """
     if isinstance(module, nn.Linear):
         return module.weight.detach().T
     if isinstance(module, nn.Conv2d) and module.groups == 1 and not module.transposed:
         return module.weight.detach().reshape(module.out_channels, -1).T
-    raise ValueError(f"`module` must be a Linear or a Conv2d with groups=1, got {module!r}.")
+    if isinstance(module, nn.Conv2d) and not module.transposed:  # grouped: the dense equivalent
+        g, kk = module.groups, int(np.prod(module.kernel_size))
+        per_in, per_out = module.in_channels // g, module.out_channels // g
+        w = module.weight.detach().reshape(module.out_channels, per_in * kk)
+        dense = w.new_zeros(module.in_channels * kk, module.out_channels)
+        for j in range(g):
+            dense[j * per_in * kk:(j + 1) * per_in * kk, j * per_out:(j + 1) * per_out] = w[j * per_out:(j + 1) * per_out].T
+        return dense
+    raise ValueError(f"`module` must be a Linear or a Conv2d, got {module!r}.")
 
 
 def set_weight_matrix(module: nn.Module, matrix: torch.Tensor) -> None:
-    """Write a ``(C*g, n_out)`` matrix (the layout of :func:`weight_matrix`) into ``module``."""
+    """Write a ``(C*g, n_out)`` matrix (the layout of :func:`weight_matrix`) into ``module``; for a
+    grouped conv only its diagonal blocks are read."""
     current = weight_matrix(module)
     if tuple(matrix.shape) != tuple(current.shape):
         raise ValueError(
             f"weights of shape {tuple(matrix.shape)} do not fit {module!r}: need {tuple(current.shape)}."
         )
+    if isinstance(module, nn.Conv2d) and module.groups > 1:  # the diagonal blocks (the rest is zero)
+        g, kk = module.groups, int(np.prod(module.kernel_size))
+        per_in, per_out = module.in_channels // g, module.out_channels // g
+        matrix = torch.cat([matrix[j * per_in * kk:(j + 1) * per_in * kk, j * per_out:(j + 1) * per_out]
+                            for j in range(g)], dim=1)
     with torch.no_grad():
         module.weight.copy_(matrix.T.reshape(module.weight.shape).to(module.weight))

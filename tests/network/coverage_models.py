@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["DenseLayer", "DenseNet", "randomize_batchnorm"]
+__all__ = ["DenseLayer", "DenseNet", "ResNeXt", "ResNeXtBlock", "randomize_batchnorm"]
 
 
 class DenseLayer(nn.Module):
@@ -71,3 +71,42 @@ def randomize_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
                 m.weight.copy_(0.5 + torch.rand(m.num_features, generator=gen))
                 m.bias.copy_(0.2 * torch.randn(m.num_features, generator=gen))
     return model.eval()
+
+
+class ResNeXtBlock(nn.Module):
+    """torchvision's ResNeXt bottleneck: 1x1 reduce, 3x3 grouped conv (``groups`` paths), 1x1 expand,
+    residual add (with a 1x1 projection when the widths differ)."""
+
+    def __init__(self, in_channels: int, width: int, out_channels: int, groups: int):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(in_channels, width, 1, bias=False), nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, padding=1, groups=groups, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3, self.bn3 = nn.Conv2d(width, out_channels, 1, bias=False), nn.BatchNorm2d(out_channels)
+        self.downsample = None
+        if in_channels != out_channels:
+            self.downsample = nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, bias=False),
+                                            nn.BatchNorm2d(out_channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = F.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        identity = x if self.downsample is None else self.downsample(x)
+        return F.relu(out + identity)
+
+
+class ResNeXt(nn.Module):
+    """A stem and two ResNeXt blocks (4 paths of width 2 each: 8 grouped channels), pooled Linear head."""
+
+    def __init__(self, stem: int = 8, width: int = 8, out_channels: int = 16, groups: int = 4, n_classes: int = 5):
+        super().__init__()
+        self.stem, self.bn = nn.Conv2d(3, stem, 3, padding=1, bias=False), nn.BatchNorm2d(stem)
+        self.block1 = ResNeXtBlock(stem, width, out_channels, groups)
+        self.block2 = ResNeXtBlock(out_channels, width, out_channels, groups)
+        self.fc = nn.Linear(out_channels, n_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn(self.stem(x)))
+        x = self.block2(self.block1(x))
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
