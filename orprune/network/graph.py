@@ -65,6 +65,8 @@ DEFAULT_MAX_FEATURES = 4608
 _PASS_THROUGH = {OPTYPE.ELEMENTWISE, OPTYPE.RESHAPE}
 # Per-channel modules that are sliced along with the unit and do not mix channels.
 _CARRIED = {OPTYPE.BN, OPTYPE.IN, OPTYPE.PRELU, OPTYPE.DEPTHWISE_CONV}
+# Element-wise arithmetic: a per-channel parameter operand is sliced with the channels.
+_ARITHMETIC = {"MulBackward0", "AddBackward0", "SubBackward0", "DivBackward0"}
 _SPLITTING = {OPTYPE.SPLIT, OPTYPE.UNBIND, OPTYPE.EXPAND, OPTYPE.SLICE}
 
 
@@ -189,6 +191,7 @@ def _classify(
     output_fns: set[Any],
     residual: bool = True,
     owners: Mapping[int, nn.Module] | None = None,
+    sliced: frozenset[int] = frozenset(),
 ) -> tuple[PrunableUnit | None, ExcludedGroup | None]:
     owners = {} if owners is None else owners
     items = group.items
@@ -214,9 +217,7 @@ def _classify(
         if isinstance(module, nn.modules.conv._ConvNd) and module.transposed:
             return excluded("a producing conv is transposed")
         if isinstance(module, nn.modules.conv._ConvNd) and module.groups != 1:
-            if len(producers) > 1:
-                return excluded("a grouped conv adds into a residual stream")
-            ties.add(module.groups)
+            ties.add(module.groups)  # every producer is sliced at the same (tied) channels
         if len(it.idxs) != n or list(it.idxs) != list(it.root_idxs):
             return excluded("producers tied through a residual add do not share the channel order")
     touched = {_node_label(names, it.dep.target) for it in items} & ignored
@@ -229,7 +230,7 @@ def _classify(
         # a consumer may produce the model output; the unit's own channels may not
         if _is_out(dg, it) and node.grad_fn is not None and node.grad_fn in output_fns:
             return excluded("reaches the model output")
-        if node.type == OPTYPE.ELEMENTWISE and _has_outside_operand(node, owners):
+        if node.type == OPTYPE.ELEMENTWISE and _has_outside_operand(node, owners, sliced):
             return excluded("combined with a tensor outside the traced graph (the model input, a "
                             "buffer or a functional layer's parameter)")
         if it is root_item or node.type in _PASS_THROUGH or node.type == OPTYPE.CONCAT:
@@ -237,6 +238,8 @@ def _classify(
         if any(it is p for p in producers):  # the other producers of a residual stream
             carried.append(names[node.module])
             continue
+        if node.type == OPTYPE.PARAMETER and id(node.module) in sliced:
+            continue  # a per-channel parameter of no module, sliced by torch-pruning
         if node.type in _SPLITTING:
             return excluded(f"goes through a split or slice ({node.type.name.lower()})")
         if node.type == OPTYPE.OUTPUT:
@@ -309,7 +312,7 @@ def _enclosing_modules(node: Any) -> set[nn.Module]:
     return found
 
 
-def _has_outside_operand(node: Any, owners: Mapping[int, nn.Module]) -> bool:
+def _has_outside_operand(node: Any, owners: Mapping[int, nn.Module], sliced: frozenset[int] = frozenset()) -> bool:
     """Whether an element-wise op also reads a tensor the dependency graph does not track: a model
     input (residual add to the input), a constant or buffer, or the parameter of a functional
     layer (``F.conv2d``). Slicing channels would break that operand.
@@ -317,6 +320,8 @@ def _has_outside_operand(node: Any, owners: Mapping[int, nn.Module]) -> bool:
     A parameter of the module whose own forward contains the op (found by
     :func:`_enclosing_modules`) is not outside: torch-pruning slices a module's own weight and bias
     with it (a fused BatchNorm's ``F.batch_norm``, a channels-last LayerNorm, a Linear on a 3-D input).
+    Nor is a per-channel parameter of no module (``sliced``: a layer scale, a learned offset) multiplied
+    or added element-wise: torch-pruning slices it with the channels (its "unwrapped parameters").
     """
     grad_fn = node.grad_fn
     if grad_fn is None:
@@ -331,6 +336,8 @@ def _has_outside_operand(node: Any, owners: Mapping[int, nn.Module]) -> bool:
         if type(f).__name__ != "AccumulateGrad":
             continue
         owner = owners.get(id(f.variable))
+        if id(f.variable) in sliced and type(grad_fn).__name__ in _ARITHMETIC:
+            continue
         if enclosing is None:
             enclosing = _enclosing_modules(node)
         if owner is None or owner not in enclosing:
@@ -444,9 +451,11 @@ def find_groups(
         raise ValueError(f"torch-pruning could not trace `model` with `example_inputs`: {exc}") from exc
     output_fns = {t.grad_fn for t in tp.utils.flatten_as_list(output) if isinstance(t, torch.Tensor)}
     owners = _parameter_owners(model)
+    sliced = frozenset(id(u.parameters) for u in dg.unwrapped_parameters  # per-channel vectors only
+                       if sum(size > 1 for size in u.parameters.shape) == 1)
     units, excluded = [], []
     for group in _dependency_groups(dg):
-        unit, exc_group = _classify(dg, group, names, ignored, max_features, output_fns, residual, owners)
+        unit, exc_group = _classify(dg, group, names, ignored, max_features, output_fns, residual, owners, sliced)
         if unit is not None:
             units.append(unit)
         else:

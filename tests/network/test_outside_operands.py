@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import warnings
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -97,12 +98,21 @@ def test_channels_last_layer_norm_is_not_an_outside_operand():
     assert "conv1" in graph.names and "fc1" in graph.names
 
 
-def test_a_parameter_of_no_enclosing_module_still_excludes_its_group():
+def test_a_per_channel_parameter_of_no_module_is_sliced_with_the_unit():
+    # a learned offset (like a layer scale) on conv2's channels: torch-pruning slices it along
     graph = _groups(_model(offset=True), torch.randn(2, 3, 6, 6))
-    # conv2's channels (the token stream: fc2 adds into them) meet the offset
-    [group] = [e for e in graph.excluded if "conv2" in e.modules]
+    assert set(graph.names) == {"conv1", "fc1", "fc2"}
+    assert not any(OUTSIDE in e.reason for e in graph.excluded)
+
+
+def test_a_buffer_operand_still_excludes_its_group():
+    model = _model(offset=True)
+    offset = model.offset.detach().clone()
+    del model.offset
+    model.register_buffer("offset", offset)  # not a parameter: nothing slices it
+    graph = _groups(model, torch.randn(2, 3, 6, 6))
+    [group] = [e for e in graph.excluded if "conv2" in e.modules]  # the token stream conv2 and fc2 add into
     assert OUTSIDE in group.reason
-    assert "conv1" in graph.names and "fc1" in graph.names
 
 
 def test_input_added_to_a_residual_is_still_outside():
@@ -119,8 +129,9 @@ def test_input_added_to_a_residual_is_still_outside():
     assert OUTSIDE in graph.excluded[0].reason
 
 
-def test_fused_model_prunes_to_half_macs_and_pruned_equals_masked():
-    model = _model()
+@pytest.mark.parametrize("offset", [False, True])
+def test_fused_model_prunes_to_half_macs_and_pruned_equals_masked(offset):
+    model = _model(offset=offset)
     state = copy.deepcopy(model.state_dict())
     gen = torch.Generator().manual_seed(1)
     batches = [torch.randn(8, 3, 6, 6, generator=gen) for _ in range(3)]
