@@ -270,7 +270,7 @@ class Pruner:
         gram, cross, yy = acc.statistics(center=self._intercept(consumer, model))
         if consumer.groups > 1:  # a grouped conv's own least squares: block-diagonal by group
             gram, cross = block_diagonal(gram, cross, consumer.groups, consumer.group_size)
-        ridge = self.ridge * float(np.mean(np.diag(gram)))
+        ridge = self.ridge * max(float(np.mean(np.diag(gram))), 0.0)  # centring can round a constant input below 0
         weights = weight_matrix(model.get_submodule(consumer.name)).detach().double().numpy()
         return LayerProblem(gram, cross, yy, group_size=consumer.group_size, ridge=ridge, weights=weights)
 

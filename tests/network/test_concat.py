@@ -11,11 +11,11 @@ import pytest
 import torch
 
 import orprune
+from orprune.examples.coverage_zoo import DenseNet, randomize_batchnorm
 from orprune.network.costs import count_macs_params
 from orprune.network.graph import find_groups
 from orprune.network.surgery import PruningPlan, apply_pruning, masked_copy
 from tests.models import one_thread  # noqa: F401  (module fixture)
-from tests.network.coverage_models import DenseNet, randomize_batchnorm
 
 
 def densenet() -> tuple[torch.nn.Module, list[torch.Tensor]]:

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 import orprune
+from orprune.examples.coverage_zoo import ResNeXt, randomize_batchnorm
 from orprune.layer.problem import LayerProblem
 from orprune.layer.tied import block_diagonal, tie_channels
 from orprune.network.costs import count_macs_params, network_costs
@@ -20,7 +21,6 @@ from orprune.network.patches import conv_patches
 from orprune.network.surgery import PruningPlan, apply_pruning, masked_copy
 from tests.layer.instances import random_problem
 from tests.models import one_thread  # noqa: F401  (module fixture)
-from tests.network.coverage_models import ResNeXt, randomize_batchnorm
 
 
 def test_dense_equivalent_of_a_grouped_conv_computes_it_and_round_trips():

@@ -15,56 +15,15 @@ import warnings
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import orprune
+from orprune.examples.coverage_zoo import FusedNet
 from orprune.network.graph import find_groups
 from orprune.network.surgery import masked_copy
 from tests.models import one_thread  # noqa: F401  (module fixture)
 
 OUTSIDE = "outside the traced graph"
-
-
-class BatchNormAct2d(nn.BatchNorm2d):
-    """timm's fused BatchNorm + ReLU: ``F.batch_norm`` inside the module's own forward."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        training = self.training and self.track_running_stats
-        x = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, training,
-                         self.momentum, self.eps)
-        return F.relu(x)
-
-
-class LayerNorm2d(nn.LayerNorm):
-    """timm's LayerNorm over the channels of an NCHW tensor: permute, ``F.layer_norm``, permute."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias, self.eps)
-        return x.permute(0, 3, 1, 2)
-
-
-class FusedNet(nn.Module):
-    """Two conv + fused-BN layers, then a token MLP (Linear on ``(B, T, C)``) and a head."""
-
-    def __init__(self, layer_norm: bool = False, offset: bool = False):
-        super().__init__()
-        self.conv1, self.bn1 = nn.Conv2d(3, 8, 3, padding=1), BatchNormAct2d(8)
-        self.conv2, self.bn2 = nn.Conv2d(8, 12, 3, padding=1), BatchNormAct2d(12)
-        self.norm = LayerNorm2d(12) if layer_norm else None
-        self.offset = nn.Parameter(torch.randn(12, 1, 1)) if offset else None  # not any module's own
-        self.fc1, self.fc2 = nn.Linear(12, 24), nn.Linear(24, 12)
-        self.head = nn.Linear(12, 5)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.bn2(self.conv2(self.bn1(self.conv1(x))))
-        if self.norm is not None:
-            x = self.norm(x)
-        if self.offset is not None:
-            x = x + self.offset
-        tokens = x.flatten(2).transpose(1, 2)  # (B, T, C)
-        tokens = tokens + self.fc2(F.gelu(self.fc1(tokens)))
-        return self.head(tokens.mean(1))
 
 
 def _model(**kwargs) -> FusedNet:
