@@ -4,7 +4,7 @@ Every case of ``orprune.examples.coverage_zoo`` (hand-written DenseNet / ResNeXt
 networks and ``transformers`` vision models at tiny widths, random initialisation) is pruned to ``--macs``
 of its MACs by orprune (greedy curves, MILP allocation, sequential least-squares refit; the best reachable
 fraction with the reason when the target is out of reach) and by torch-pruning's magnitude pruner
-(uniform ratio, bisection on it, classifier ignored). Reported: success, MACs reached, seconds, and for
+(uniform ratio: a grid, then bisection; classifier ignored). Reported: success, MACs reached, seconds, and for
 orprune the prunable units / groups left alone and ``max |pruned - masked| / max |masked|``.
 
 Run ``python -m benchmarks.coverage`` (``--help`` for the settings); writes ``benchmarks/results/coverage.md``.
