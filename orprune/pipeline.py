@@ -32,8 +32,10 @@ from orprune.budget.allocation import AllocationProblem, allocate
 from orprune.budget.curves import ErrorCurve, error_curve, join_curves
 from orprune.budget.output_errors import output_error_curves, probe_batches
 from orprune.budget.uniform_allocation import allocate_uniform
+from orprune.layer.fixed import fix_channels
 from orprune.layer.problem import LayerProblem, StatisticsAccumulator
 from orprune.layer.selection import resolve_solver
+from orprune.layer.tied import block_diagonal, tie_channels
 from orprune.network.calibration import DEFAULT_POSITIONS_PER_IMAGE, TargetCache, collect_statistics
 from orprune.network.costs import count_macs_params, network_costs
 from orprune.network.graph import DEFAULT_MAX_FEATURES, Consumer, call_model, find_groups, weight_matrix
@@ -72,6 +74,18 @@ def _forward_order(model: nn.Module, consumers: Sequence[Consumer], example_inpu
             handle.remove()
     rank = {name: i for i, name in enumerate(seen)}
     return sorted(consumers, key=lambda c: rank.get(c.name, len(rank)))
+
+
+def _unit_part(problem: LayerProblem, consumer: Consumer) -> LayerProblem:
+    """A consumer's problem over one unit's channels: after a concatenation, the layer's other input
+    channels are kept (eliminated, ``formulations/fixed_columns.md``)."""
+    if consumer.tie > 1:  # a grouped conv: one decision per position in every group
+        return tie_channels(problem, consumer.tie)
+    if consumer.channels is None:
+        return problem
+    fixed = np.ones(consumer.n_input_channels, dtype=bool)
+    fixed[consumer.input_channels] = False
+    return fix_channels(problem, fixed).reduced
 
 
 def _keep_options(n_channels: int, max_options: int, min_channels: int, round_to: int = 1) -> np.ndarray:
@@ -257,8 +271,10 @@ class Pruner:
             yield map
 
     def _problem(self, acc: StatisticsAccumulator, consumer: Consumer, model: nn.Module) -> LayerProblem:
-        gram, cross, yy = acc.statistics(center=True)
-        ridge = self.ridge * float(np.mean(np.diag(gram)))
+        gram, cross, yy = acc.statistics(center=self._intercept(consumer, model))
+        if consumer.groups > 1:  # a grouped conv's own least squares: block-diagonal by group
+            gram, cross = block_diagonal(gram, cross, consumer.groups, consumer.group_size)
+        ridge = self.ridge * max(float(np.mean(np.diag(gram))), 0.0)  # centring can round a constant input below 0
         weights = weight_matrix(model.get_submodule(consumer.name)).detach().double().numpy()
         return LayerProblem(gram, cross, yy, group_size=consumer.group_size, ridge=ridge, weights=weights)
 
@@ -295,13 +311,15 @@ class Pruner:
                                    positions_per_image=self.positions_per_image, seed=self.seed,
                                    progress=self.progress)
         self.statistics_ = stats
-        self.consumer_order_ = _forward_order(self.model_, self.graph_.consumers, self.example_inputs_)
-        self.problems_ = {c.name: self._problem(stats[c.name], c, self.model_) for c in self.graph_.consumers}
+        layers = list({c.name: c for c in reversed(self.graph_.consumers)}.values())[::-1]  # one per layer
+        self.consumer_order_ = _forward_order(self.model_, layers, self.example_inputs_)
+        self.problems_ = {c.name: self._problem(stats[c.name], c, self.model_) for c in layers}
         self.unit_problems_: dict[str, LayerProblem] = {}
         for unit in self.graph_.units:
-            parts = [self.problems_[c.name] for c in unit.consumers]
+            whole = [self.problems_[c.name] for c in unit.consumers]
+            parts = [_unit_part(p, c) for p, c in zip(whole, unit.consumers)]
             # each consumer's error relative to its own ||Y||^2: layers of any scale compare
-            self.unit_problems_[unit.name] = LayerProblem.combine(parts, scales=[1.0 / max(p.yy, 1e-300) for p in parts])
+            self.unit_problems_[unit.name] = LayerProblem.combine(parts, scales=[1.0 / max(p.yy, 1e-300) for p in whole])
         problems = list(self.unit_problems_.values())
         options = [_keep_options(u.n_channels, self.max_options, self.min_channels, self.round_to)
                    for u in self.graph_.units]
@@ -330,7 +348,7 @@ class Pruner:
 
     def _unit_updates(self, unit: str, kept: np.ndarray) -> dict[str, ConsumerUpdate]:
         """The refit of one unit's consumers on ``kept``, from the original statistics."""
-        return {c.name: self._update(c, kept, self.statistics_[c.name], self.problems_[c.name])
+        return {c.name: self._update(c, {unit: kept}, self.statistics_[c.name], self.problems_[c.name])
                 for c in self.graph_[unit].consumers}
 
     def fit_latency(self, *, batch_size: int = 1, threads: int = 1, repeats: int = 5,
@@ -369,17 +387,26 @@ class Pruner:
         if not hasattr(self, "curves_"):
             raise RuntimeError("this Pruner is not fitted yet; call `fit(model, calibration)` first.")
 
-    def _update(self, consumer: Consumer, kept: np.ndarray, acc: StatisticsAccumulator,
+    def _update(self, consumer: Consumer, keep: dict[str, np.ndarray], acc: StatisticsAccumulator,
                 problem: LayerProblem | None = None) -> ConsumerUpdate:
-        """Least-squares weights on the kept channels and the compensated bias of one consumer."""
-        mask = np.zeros(consumer.n_channels, dtype=bool)
-        mask[kept] = True
+        """Least-squares weights on the kept input channels (of every unit in ``keep`` the layer reads)
+        and the compensated bias of one consumer."""
+        mask = self.graph_.input_mask(consumer.name, keep)
         problem = problem if problem is not None else self._problem(acc, consumer, self.model_)
         weights, _ = problem.refit(mask)
+        if not self._intercept(consumer, self.model_):
+            return ConsumerUpdate(weight=weights)
         mean_x, mean_y = acc.means()
         module = self.model_.get_submodule(consumer.name)
         old_bias = module.bias.detach().double().numpy() if getattr(module, "bias", None) is not None else 0.0
         return ConsumerUpdate(weight=weights, bias=old_bias + mean_y - mean_x @ weights)
+
+    @staticmethod
+    def _intercept(consumer: Consumer, model: nn.Module) -> bool:
+        """Whether the refit has an intercept: the layer has a bias, or a BatchNorm to fold one into.
+        Otherwise a new bias would add parameters and MACs the cost model does not price."""
+        return (getattr(model.get_submodule(consumer.name), "bias", None) is not None
+                or consumer.norm is not None or bool(consumer.norms))
 
     def _report(self, unit: str, k: int) -> UnitReport:
         curve = self.curves_[unit]
@@ -444,7 +471,8 @@ class Pruner:
         pruned_keep = {u: keep[u] for u in pruned_units}
         updates: dict[str, ConsumerUpdate] = {}
         if self.sequential:
-            consumers = [c for c in self.consumer_order_ if c.unit in pruned_keep]
+            consumers = [c for c in self.consumer_order_
+                         if any(r.unit in pruned_keep for r in self.graph_.readers(c.name))]
             # Consumers in the order they run: each refits on inputs from the network with every
             # earlier consumer already refitted and every dropped channel zero (the masked model),
             # so a residual stream's readers each see the stream as pruned up to their own depth.
@@ -457,10 +485,11 @@ class Pruner:
                 offsets = None if target is None else {consumer.name: target.offset(self.model_)}
                 stats = collect_statistics(working, [consumer], self.batches_, reference=reference, offsets=offsets,
                                            positions_per_image=self.positions_per_image, seed=self.seed, progress=False)
-                updates[consumer.name] = self._update(consumer, keep[consumer.unit], stats[consumer.name])
+                updates[consumer.name] = self._update(consumer, pruned_keep, stats[consumer.name])
         else:
-            for unit in pruned_units:
-                updates.update(self._unit_updates(unit, keep[unit]))
+            for c in self.consumer_order_:
+                if any(r.unit in pruned_keep for r in self.graph_.readers(c.name)):
+                    updates[c.name] = self._update(c, pruned_keep, self.statistics_[c.name], self.problems_[c.name])
         plan = PruningPlan(pruned_keep, updates)
         model = apply_pruning(self.model_, self.graph_, plan, self.example_inputs_)
         macs_after, params_after = count_macs_params(model, self.example_inputs_)

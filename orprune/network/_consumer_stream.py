@@ -28,10 +28,10 @@ class ConsumerStream:
     """Hooks of one consumer: draws positions, extracts rows, updates the accumulator."""
 
     def __init__(self, name: str, module: nn.Module, positions: int | None, gen: torch.Generator):
-        if not (isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and module.groups == 1)):
+        if not (isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and not module.transposed)):
             raise ValueError(
                 f"`consumers` entry {name!r} is a {type(module).__name__}; a consumer must be a "
-                "Linear or a Conv2d with groups=1."
+                "Linear or a Conv2d."
             )
         self.name, self.module, self.positions, self.gen = name, module, positions, gen
         self.bias = module.bias  # of the layer giving the targets (the reference's in sequential mode)

@@ -240,14 +240,11 @@ def _add_macs(poly: _Poly, module: nn.Module, node: Any, in_shapes: tuple, out_s
         depthwise = node is not None and node.type == OPTYPE.DEPTHWISE_CONV
         if depthwise:
             poly.add(c_out, kernel * positions)
-        elif module.groups == 1:
-            poly.add_product(ch.in_of(node, module.in_channels), c_out, kernel * positions)
-        else:  # grouped: never pruned (find_groups excludes it)
-            per_position = kernel * module.in_channels * (module.out_channels // module.groups)
-            poly.add(_Affine(per_position), positions)
+        else:  # grouped convs keep their group count: in * out / groups products per position
+            poly.add_product(ch.in_of(node, module.in_channels), c_out, kernel * positions / module.groups)
         if module.bias is not None:
             poly.add(c_out, positions)
-        return depthwise or module.groups == 1
+        return True
     if isinstance(module, nn.Linear):
         rows = math.prod(in_shapes[0][:-1]) / batch
         c_out = ch.out_of(node, module.out_features)
@@ -293,10 +290,8 @@ def _add_params(poly: _Poly, module: nn.Module, own: list[nn.Parameter], node: A
                 poly.add(c_out)
             elif node.type == OPTYPE.DEPTHWISE_CONV:
                 poly.add(c_out, kernel)
-            elif module.groups == 1:
-                poly.add_product(ch.in_of(node, module.in_channels), c_out, kernel)
             else:
-                poly.add(_Affine(p.numel()))
+                poly.add_product(ch.in_of(node, module.in_channels), c_out, kernel / module.groups)
         return True
     if isinstance(module, nn.Linear) and node is not None:
         c_out = ch.out_of(node, module.out_features)

@@ -16,10 +16,15 @@ on the remaining channels as for any unit (``residual=False`` leaves such groups
 Groups where that reconstruction does not apply are reported and left alone:
 
 * the model's outputs (the classifier's logits): nothing consumes them;
-* channels that go through a concatenation or split between producer and consumer (their
-  consumers read other channels too);
+* channels that go through a split, chunk or slice between producer and consumer (a
+  concatenation is followed: each consumer selects among the unit's columns with the other
+  producers' columns kept, ``formulations/fixed_columns.md``);
 * groups touching a module the user ignores, or a module orprune cannot slice per channel
-  (LayerNorm, GroupNorm, attention, grouped convs, unwrapped parameters);
+  (LayerNorm, GroupNorm, attention, unwrapped parameters). A grouped conv (producer or consumer)
+  ties the channels at one position of every group into one decision (``PrunableUnit.tie``);
+* channels combined with a tensor the graph does not track (the model input, a buffer, a functional
+  layer's parameter). A module's own weight and bias behind an op of its forward (a fused
+  BatchNorm's ``F.batch_norm``, a Linear's ``addmm`` on a 3-D input) are not such tensors;
 * consumers whose design matrix would have more than ``max_features`` columns (a Gram matrix of
   ``max_features**2`` float64 entries), e.g. VGG's ``512 * 7 * 7`` classifier input.
 """
@@ -37,6 +42,15 @@ import torch_pruning as tp
 from torch import nn
 from torch_pruning.ops import OPTYPE
 
+from orprune.network._graph_rules import (
+    _PASS_THROUGH,
+    _consumer_layout,
+    _following_norm,
+    _has_outside_operand,
+    _norms_through_concat,
+    _parameter_owners,
+    _pruning_fn,
+)
 from orprune.network.units import Consumer, ExcludedGroup, PrunableUnit, PruningGraph, set_weight_matrix, weight_matrix
 
 __all__ = [
@@ -56,11 +70,9 @@ __all__ = [
 #: (a 170 MB float64 Gram matrix).
 DEFAULT_MAX_FEATURES = 4608
 
-# Node types that only pass channels through, one to one.
-_PASS_THROUGH = {OPTYPE.ELEMENTWISE, OPTYPE.RESHAPE}
 # Per-channel modules that are sliced along with the unit and do not mix channels.
 _CARRIED = {OPTYPE.BN, OPTYPE.IN, OPTYPE.PRELU, OPTYPE.DEPTHWISE_CONV}
-_SPLITTING = {OPTYPE.CONCAT, OPTYPE.SPLIT, OPTYPE.UNBIND, OPTYPE.EXPAND, OPTYPE.SLICE}
+_SPLITTING = {OPTYPE.SPLIT, OPTYPE.UNBIND, OPTYPE.EXPAND, OPTYPE.SLICE}
 
 
 # ------------------------------------------------------------------------------------ tracing
@@ -130,31 +142,13 @@ def _root_of(dg: tp.DependencyGraph, items: list[Any]) -> list[Any]:
     ]
 
 
-def _pruning_fn(module: nn.Module) -> Callable:
-    return tp.prune_linear_out_channels if isinstance(module, nn.Linear) else tp.prune_conv_out_channels
-
-
 def unit_group(dg: tp.DependencyGraph, model: nn.Module, unit: PrunableUnit, idxs: Sequence[int]) -> Any:
     """The torch-pruning group that removes channels ``idxs`` of ``unit`` (with all coupled slices)."""
     root = model.get_submodule(unit.root)
-    return dg.get_pruning_group(root, _pruning_fn(root), idxs=[int(i) for i in idxs])
+    return dg.get_pruning_group(root, _pruning_fn(root), idxs=unit.root_channels(list(idxs)))
 
 
 # ------------------------------------------------------------------------------------ analysis
-def _consumer_group_size(module: nn.Module, idxs: list[int], root_idxs: list[int], n: int) -> int | None:
-    """``g`` if the consumer reads channel ``c`` at inputs ``[c*g, (c+1)*g)`` and nothing else."""
-    n_in = module.in_features if isinstance(module, nn.Linear) else module.in_channels
-    if len(idxs) != n_in or n_in % n:
-        return None
-    g = n_in // n
-    order = np.lexsort((np.asarray(idxs), np.asarray(root_idxs)))
-    expected = np.arange(n_in)
-    if not (np.array_equal(np.asarray(idxs)[order], expected)
-            and np.array_equal(np.asarray(root_idxs)[order], expected // g)):
-        return None
-    return g
-
-
 def _classify(
     dg: tp.DependencyGraph,
     group: Any,
@@ -163,7 +157,10 @@ def _classify(
     max_features: int,
     output_fns: set[Any],
     residual: bool = True,
+    owners: Mapping[int, nn.Module] | None = None,
+    sliced: frozenset[int] = frozenset(),
 ) -> tuple[PrunableUnit | None, ExcludedGroup | None]:
+    owners = {} if owners is None else owners
     items = group.items
     producers = _root_of(dg, items)
     labels = tuple(dict.fromkeys(
@@ -181,32 +178,37 @@ def _classify(
     root_item = producers[0]
     root = root_item.dep.target.module
     n = len(root_item.idxs)
+    ties = set()  # the group counts of grouped convs producing or reading the channels
     for it in producers:  # a residual stream: every producer's channel c is the stream's channel c
         module = it.dep.target.module
-        if isinstance(module, nn.modules.conv._ConvNd) and (module.groups != 1 or module.transposed):
-            return excluded("a producing conv is grouped or transposed")
+        if isinstance(module, nn.modules.conv._ConvNd) and module.transposed:
+            return excluded("a producing conv is transposed")
+        if isinstance(module, nn.modules.conv._ConvNd) and module.groups != 1:
+            ties.add(module.groups)  # every producer is sliced at the same (tied) channels
         if len(it.idxs) != n or list(it.idxs) != list(it.root_idxs):
             return excluded("producers tied through a residual add do not share the channel order")
     touched = {_node_label(names, it.dep.target) for it in items} & ignored
     if touched:
         return excluded(f"touches ignored layer(s) {sorted(touched)}")
-    consumers: list[tuple[nn.Module, int]] = []
+    consumers: list[tuple[nn.Module, tuple[int, tuple[int, ...] | None, int]]] = []
     carried: list[str] = []
     for it in items:
         node = it.dep.target
         # a consumer may produce the model output; the unit's own channels may not
         if _is_out(dg, it) and node.grad_fn is not None and node.grad_fn in output_fns:
             return excluded("reaches the model output")
-        if node.type == OPTYPE.ELEMENTWISE and _has_outside_operand(node.grad_fn):
+        if node.type == OPTYPE.ELEMENTWISE and _has_outside_operand(node, owners, sliced):
             return excluded("combined with a tensor outside the traced graph (the model input, a "
                             "buffer or a functional layer's parameter)")
-        if it is root_item or node.type in _PASS_THROUGH:
-            continue
+        if it is root_item or node.type in _PASS_THROUGH or node.type == OPTYPE.CONCAT:
+            continue  # a concatenation shifts the channels; torch-pruning follows the offsets
         if any(it is p for p in producers):  # the other producers of a residual stream
             carried.append(names[node.module])
             continue
+        if node.type == OPTYPE.PARAMETER and id(node.module) in sliced:
+            continue  # a per-channel parameter of no module, sliced by torch-pruning
         if node.type in _SPLITTING:
-            return excluded(f"goes through a concatenation or split ({node.type.name.lower()})")
+            return excluded(f"goes through a split or slice ({node.type.name.lower()})")
         if node.type == OPTYPE.OUTPUT:
             return excluded("reaches the model output")
         if node.type in _CARRIED:
@@ -216,53 +218,39 @@ def _classify(
         if _is_out(dg, it) or node.type not in (OPTYPE.CONV, OPTYPE.LINEAR):
             return excluded(
                 f"{_node_label(names, node)} ({type(module).__name__}) cannot be sliced per channel")
-        if not (isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and module.groups == 1)):
-            return excluded(f"consumer {names[module]} is not a Linear or a Conv2d with groups=1")
-        g = _consumer_group_size(module, list(it.idxs), list(it.root_idxs), n)
-        if g is None:
-            return excluded(f"consumer {names[module]} reads other channels too (concatenation)")
-        consumers.append((module, g))
+        if not isinstance(module, (nn.Linear, nn.Conv2d)) or getattr(module, "transposed", False):
+            return excluded(f"consumer {names[module]} is not a Linear or a Conv2d")
+        if isinstance(module, nn.Conv2d) and module.groups > 1:
+            ties.add(module.groups)
+        layout = _consumer_layout(module, list(it.idxs), list(it.root_idxs), n)
+        if layout is None:
+            return excluded(f"consumer {names[module]} reads these channels out of order or partly")
+        consumers.append((module, layout))
     if not consumers:
         return excluded("nothing consumes these channels (model output)")
+    if len(ties) > 1:
+        return excluded(f"grouped convs with different group counts {sorted(ties)} share these channels")
+    tie = ties.pop() if ties else 1
+    if tie > 1 and any(channels is not None for _, (_, channels, _) in consumers):
+        return excluded("grouped conv channels go through a concatenation")
     out = []
-    for module, g in consumers:
+    for module, (g, channels, n_inputs) in consumers:
         if isinstance(module, nn.Conv2d):
             g = int(np.prod(module.kernel_size))
-        if n * g > max_features:
+        if n_inputs * g > max_features:  # the design matrix spans every input channel of the layer
             return excluded(
-                f"consumer {names[module]} would have C*g = {n}*{g} = {n * g} features > "
+                f"consumer {names[module]} would have C*g = {n_inputs}*{g} = {n_inputs * g} features > "
                 f"`max_features` = {max_features}"
             )
         kind = "linear" if isinstance(module, nn.Linear) else "conv"
         n_out = module.out_features if kind == "linear" else module.out_channels
         norm = _following_norm(dg, module, names)
-        out.append(Consumer(names[module], kind, names[root], n, g, n_out, norm))
-    unit = PrunableUnit(names[root], names[root], n, tuple(out), tuple(dict.fromkeys(carried)))
+        norms = () if norm is not None else _norms_through_concat(dg, module, names)
+        groups = module.groups if isinstance(module, nn.Conv2d) else 1
+        out.append(Consumer(names[module], kind, names[root], n // tie, g, n_out, norm, channels,
+                            None if channels is None else n_inputs, norms, tie, groups))
+    unit = PrunableUnit(names[root], names[root], n // tie, tuple(out), tuple(dict.fromkeys(carried)), tie)
     return unit, None
-
-
-def _has_outside_operand(grad_fn: Any) -> bool:
-    """Whether an element-wise op also reads a tensor the dependency graph does not track: a model
-    input (residual add to the input), a constant or buffer, or the parameter of a functional
-    layer (``F.conv2d``). Slicing channels would break that operand."""
-    if grad_fn is None:
-        return False
-    operands = [f for f, _ in grad_fn.next_functions]
-    return len(operands) > 1 and any(f is None or type(f).__name__ == "AccumulateGrad" for f in operands)
-
-
-def _following_norm(
-    dg: tp.DependencyGraph, module: nn.Module, names: Mapping[nn.Module, str]
-) -> str | None:
-    """The BatchNorm that alone reads ``module``'s output (and reads nothing else), if any."""
-    node = dg.module2node[module]
-    if len(node.outputs) != 1:
-        return None
-    nxt = node.outputs[0]
-    tracks = getattr(nxt.module, "track_running_stats", False)
-    if nxt.type != OPTYPE.BN or len(nxt.inputs) != 1 or not tracks:
-        return None
-    return names.get(nxt.module)
 
 
 def find_groups(
@@ -323,9 +311,12 @@ def find_groups(
     except Exception as exc:  # tracing failures come from the user's model: say where
         raise ValueError(f"torch-pruning could not trace `model` with `example_inputs`: {exc}") from exc
     output_fns = {t.grad_fn for t in tp.utils.flatten_as_list(output) if isinstance(t, torch.Tensor)}
+    owners = _parameter_owners(model)
+    sliced = frozenset(id(u.parameters) for u in dg.unwrapped_parameters  # per-channel vectors only
+                       if sum(size > 1 for size in u.parameters.shape) == 1)
     units, excluded = [], []
     for group in _dependency_groups(dg):
-        unit, exc_group = _classify(dg, group, names, ignored, max_features, output_fns, residual)
+        unit, exc_group = _classify(dg, group, names, ignored, max_features, output_fns, residual, owners, sliced)
         if unit is not None:
             units.append(unit)
         else:

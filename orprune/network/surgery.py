@@ -11,8 +11,9 @@ ignored) and bias. Two realisations give the same function:
   the consumers' input slices), leaving a smaller plain ``nn.Module``.
 
 A bias for a consumer that has none is folded into the running mean of the BatchNorm that alone
-reads its output (``BN(y + b) = BN'(y)`` with ``mu' = mu - b`` in eval mode), so the architecture and
-the cost model do not change; otherwise a bias parameter is added. The user's model is never modified.
+reads its output (``BN(y + b) = BN'(y)`` with ``mu' = mu - b`` in eval mode), or of every BatchNorm
+reading it through concatenations (DenseNet), so the architecture and the cost model do not change;
+otherwise a bias parameter is added. The user's model is never modified.
 """
 
 from __future__ import annotations
@@ -57,8 +58,9 @@ class ConsumerUpdate:
     Attributes
     ----------
     weight : array_like, shape (C*g, n_out), optional
-        Layout of :func:`orprune.network.graph.weight_matrix` (``Selection.weights``); rows of dropped
-        channels are ignored. None keeps the current weights.
+        Layout of :func:`orprune.network.graph.weight_matrix` (``Selection.weights``), over every input
+        channel of the layer (``Consumer.n_features`` rows, more than the unit's after a
+        concatenation); rows of dropped channels are ignored. None keeps the current weights.
     bias : array_like, shape (n_out,), optional
         The consumer's new bias (for a centred problem: ``old_bias + mean_y - mean_x @ weight``).
         None keeps the current bias.
@@ -144,10 +146,9 @@ def _validate(graph: PruningGraph, plan: PruningPlan) -> dict[str, tuple[Consume
             raise ValueError(f"`plan.keep[{unit!r}]` must hold indices in [0, {n}), got {idx.tolist()}.")
     consumers = {c.name: c for c in graph.consumers}
     out: dict[str, tuple[Consumer, np.ndarray | None]] = {}
-    for c in consumers.values():
-        kept = plan.keep.get(c.unit)
-        dropped = None if kept is None else np.setdiff1d(np.arange(c.n_channels), kept)
-        out[c.name] = (c, dropped if dropped is not None and dropped.size else None)
+    for c in consumers.values():  # dropped input channels of the layer, over every unit it reads
+        dropped = np.flatnonzero(~graph.input_mask(c.name, plan.keep))
+        out[c.name] = (c, dropped if dropped.size else None)
     for name, up in plan.updates.items():
         if name not in consumers:
             raise ValueError(f"`plan.updates` names {name!r}, which is not a consumer of any unit.")
@@ -175,6 +176,11 @@ def _write_bias(model: nn.Module, consumer: Consumer, bias: torch.Tensor) -> Non
         norm = model.get_submodule(consumer.norm)
         with torch.no_grad():
             norm.running_mean.sub_(bias.to(norm.running_mean))
+    elif consumer.norms:  # read through concatenations by BatchNorms only: fold into each
+        for name, channels in consumer.norms:
+            norm = model.get_submodule(name)
+            with torch.no_grad():
+                norm.running_mean[list(channels)] -= bias.to(norm.running_mean)
     else:
         module.bias = nn.Parameter(bias.to(device=ref.device, dtype=ref.dtype))
 

@@ -4,8 +4,11 @@ and the weight layout a consumer's least-squares problem uses.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -33,6 +36,21 @@ class Consumer:
     norm : str or None
         The BatchNorm that is the only reader of this layer's output, if any: a bias added by the
         reconstruction can be folded into its running mean instead of adding a parameter.
+    channels : tuple of int or None
+        When the layer reads a concatenation: its input channel of each of the unit's channels
+        (increasing); its other input channels come from other producers and are kept while this
+        unit is selected (``formulations/fixed_columns.md``). None: the unit's channels are all its
+        inputs, in order.
+    n_inputs : int or None
+        The layer's input channels (``n_channels`` when None).
+    norms : tuple of (str, tuple of int)
+        When the output goes through concatenations to BatchNorms only (DenseNet): each BatchNorm
+        with its channel of each output channel; a bias is folded into all their running means.
+    tie : int
+        Input channels per decision: the unit's channel ``c`` is the layer's inputs ``c + j * n_channels``
+        for ``j < tie`` (a unit tied by a grouped convolution, :class:`PrunableUnit`).
+    groups : int
+        The layer's ``groups`` (a grouped convolution): its least squares is block-diagonal by group.
     """
 
     name: str
@@ -42,11 +60,29 @@ class Consumer:
     group_size: int
     n_outputs: int
     norm: str | None = None
+    channels: tuple[int, ...] | None = None
+    n_inputs: int | None = None
+    norms: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    tie: int = 1
+    groups: int = 1
+
+    @property
+    def n_input_channels(self) -> int:
+        """The layer's input channels: the unit's and, after a concatenation, the others."""
+        return self.n_channels * self.tie if self.n_inputs is None else self.n_inputs
+
+    @property
+    def input_channels(self) -> np.ndarray:
+        """The layer's input channel of each of the unit's channels, shape ``(n_channels,)``, or
+        ``(n_channels, tie)`` for a tied unit."""
+        if self.tie > 1:
+            return np.arange(self.n_channels)[:, None] + self.n_channels * np.arange(self.tie)[None, :]
+        return np.arange(self.n_channels) if self.channels is None else np.asarray(self.channels)
 
     @property
     def n_features(self) -> int:
-        """Columns of the design matrix, ``C * g``."""
-        return self.n_channels * self.group_size
+        """Columns of the layer's design matrix (rows of its weight matrix), ``n_inputs * g``."""
+        return self.n_input_channels * self.group_size
 
 
 @dataclass(frozen=True)
@@ -64,6 +100,11 @@ class PrunableUnit:
         Layers whose input slices go with the channels (one shared decision when several).
     carried : tuple of str
         Parameterised modules sliced along (BatchNorm, depthwise convs, ...).
+    tie : int, default 1
+        Root channels per decision. A grouped convolution (``groups = G``) as producer or consumer
+        keeps its group count only if every group loses the same channels; the unit's channel ``c``
+        then stands for the root channels ``c + j * n_channels``, ``j < G`` (position ``c`` in every
+        group), and ``n_channels`` is the root's channels over ``G``.
     """
 
     name: str
@@ -71,6 +112,11 @@ class PrunableUnit:
     n_channels: int
     consumers: tuple[Consumer, ...]
     carried: tuple[str, ...]
+    tie: int = 1
+
+    def root_channels(self, idxs: Any) -> list[int]:
+        """The root module's channels of the unit's channels ``idxs``."""
+        return sorted(int(c) + j * self.n_channels for c in np.asarray(idxs).ravel() for j in range(self.tie))
 
 
 @dataclass(frozen=True)
@@ -114,6 +160,27 @@ class PruningGraph:
         """Every consumer of every unit."""
         return tuple(c for unit in self.units for c in unit.consumers)
 
+    def readers(self, name: str) -> tuple[Consumer, ...]:
+        """The entries of consumer ``name``, one per unit it reads (several after a concatenation)."""
+        found = tuple(c for c in self.consumers if c.name == name)
+        if not found:
+            raise KeyError(f"no consumer named {name!r}.")
+        return found
+
+    def input_mask(self, name: str, keep: Mapping[str, Any]) -> np.ndarray:
+        """Kept input channels of consumer ``name`` when each unit in ``keep`` keeps those channels.
+
+        Channels of units not in ``keep`` and of no unit (other producers of a concatenation) are kept.
+        """
+        readers = self.readers(name)
+        mask = np.ones(readers[0].n_input_channels, dtype=bool)
+        for c in readers:
+            if c.unit in keep:
+                unit_mask = np.zeros(c.n_channels, dtype=bool)
+                unit_mask[np.asarray(keep[c.unit], dtype=np.int64)] = True
+                mask[c.input_channels[~unit_mask]] = False
+        return mask
+
     def consumer(self, name: str) -> Consumer:
         for c in self.consumers:
             if c.name == name:
@@ -130,21 +197,36 @@ def weight_matrix(module: nn.Module) -> torch.Tensor:
     """The consumer's weights as the ``(C*g, n_out)`` matrix of :class:`~orprune.layer.problem.LayerProblem`.
 
     Row ``c*g + j`` multiplies feature ``j`` of channel ``c``: for a ``Conv2d`` the unfold order
-    ``(c, kh, kw)``, for a ``Linear`` the input features in order.
+    ``(c, kh, kw)``, for a ``Linear`` the input features in order. A grouped ``Conv2d`` gives its dense
+    equivalent: zero outside the diagonal blocks (group ``j``'s inputs times its outputs).
     """
     if isinstance(module, nn.Linear):
         return module.weight.detach().T
     if isinstance(module, nn.Conv2d) and module.groups == 1 and not module.transposed:
         return module.weight.detach().reshape(module.out_channels, -1).T
-    raise ValueError(f"`module` must be a Linear or a Conv2d with groups=1, got {module!r}.")
+    if isinstance(module, nn.Conv2d) and not module.transposed:  # grouped: the dense equivalent
+        g, kk = module.groups, int(np.prod(module.kernel_size))
+        per_in, per_out = module.in_channels // g, module.out_channels // g
+        w = module.weight.detach().reshape(module.out_channels, per_in * kk)
+        dense = w.new_zeros(module.in_channels * kk, module.out_channels)
+        for j in range(g):
+            dense[j * per_in * kk:(j + 1) * per_in * kk, j * per_out:(j + 1) * per_out] = w[j * per_out:(j + 1) * per_out].T
+        return dense
+    raise ValueError(f"`module` must be a Linear or a Conv2d, got {module!r}.")
 
 
 def set_weight_matrix(module: nn.Module, matrix: torch.Tensor) -> None:
-    """Write a ``(C*g, n_out)`` matrix (the layout of :func:`weight_matrix`) into ``module``."""
+    """Write a ``(C*g, n_out)`` matrix (the layout of :func:`weight_matrix`) into ``module``; for a
+    grouped conv only its diagonal blocks are read."""
     current = weight_matrix(module)
     if tuple(matrix.shape) != tuple(current.shape):
         raise ValueError(
             f"weights of shape {tuple(matrix.shape)} do not fit {module!r}: need {tuple(current.shape)}."
         )
+    if isinstance(module, nn.Conv2d) and module.groups > 1:  # the diagonal blocks (the rest is zero)
+        g, kk = module.groups, int(np.prod(module.kernel_size))
+        per_in, per_out = module.in_channels // g, module.out_channels // g
+        matrix = torch.cat([matrix[j * per_in * kk:(j + 1) * per_in * kk, j * per_out:(j + 1) * per_out]
+                            for j in range(g)], dim=1)
     with torch.no_grad():
         module.weight.copy_(matrix.T.reshape(module.weight.shape).to(module.weight))

@@ -156,7 +156,7 @@ class GroupNormNet(nn.Module):
         super().__init__()
         self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
         self.gn = nn.GroupNorm(2, 8)
-        self.conv2 = nn.Conv2d(8, 8, 3, padding=1, groups=2)  # grouped: not a consumer
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1, groups=2)  # grouped: a tied unit (issue 21)
         self.conv3 = nn.Conv2d(8, 6, 3)
         self.conv4 = nn.Conv2d(6, 4, 1)
 
@@ -170,9 +170,10 @@ def test_unsupported_modules_are_excluded_with_one_warning():
         warnings.simplefilter("always")
         graph = find_groups(model, torch.randn(2, 3, 8, 8))
     assert len([w for w in caught if "left unpruned" in str(w.message)]) == 1
-    assert graph.names == ("conv3",)
+    assert graph.names == ("conv2", "conv3")
+    assert graph["conv2"].tie == 2 and graph["conv2"].n_channels == 4
     why = reasons(graph)
-    assert "cannot be sliced" in why["conv1"] and "grouped" in why["conv2"] and "output" in why["conv4"]
+    assert "cannot be sliced" in why["conv1"] and "output" in why["conv4"]
 
 
 class InputResidual(nn.Module):

@@ -158,10 +158,10 @@ def test_a_unit_with_two_consumers_is_one_decision():
     torch.manual_seed(0)
     model, x = TwoBranches().eval(), torch.randn(6, 3, 8, 8)
     graph = quiet_groups(model, x)
-    assert graph.names == ("stem",)
+    assert graph.names == ("stem", "left", "right")  # the concatenated branches are units too (issue 21)
     assert [(c.name, c.group_size) for c in graph["stem"].consumers] == [("left", 9), ("right", 1)]
     stats = collect_statistics(model, graph.consumers, [x], positions_per_image=None, progress=False)
-    plan = least_squares_plan(model, graph, stats, {"stem": 4}, ridge=0.0)
+    plan = least_squares_plan(model, graph, stats, {"stem": 4}, ridge=0.0, units={"stem"})
     pruned = apply_pruning(model, graph, plan, x)
     assert (pruned.left.in_channels, pruned.right.in_channels, pruned.bn.num_features) == (4, 4, 4)
     masked = masked_copy(model, graph, plan)

@@ -1,0 +1,251 @@
+"""Networks built from the pieces of issue 21, for the coverage suite: concatenation (DenseNet), grouped
+convolutions (ResNeXt), fused norms and token MLPs, and ``transformers`` vision models at tiny widths.
+
+Random initialisation (BatchNorm statistics randomised as after training), a few channels per layer, 16x16
+or 32x32 inputs: :data:`CASES` maps a name to a builder returning ``(model, calibration batches)``.
+``transformers`` is imported only by its builders (``pip install transformers``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "CASES",
+    "BatchNormAct2d",
+    "DenseLayer",
+    "DenseNet",
+    "FusedNet",
+    "LayerNorm2d",
+    "ResNeXt",
+    "ResNeXtBlock",
+    "TRANSFORMERS_CASES",
+    "randomize_batchnorm",
+]
+
+
+class DenseLayer(nn.Module):
+    """torchvision's DenseNet layer: BN-ReLU-conv1x1 (bottleneck) then BN-ReLU-conv3x3 (growth)."""
+
+    def __init__(self, in_channels: int, growth: int, bottleneck: int = 2):
+        super().__init__()
+        self.norm1, self.conv1 = nn.BatchNorm2d(in_channels), nn.Conv2d(in_channels, bottleneck * growth, 1, bias=False)
+        self.norm2 = nn.BatchNorm2d(bottleneck * growth)
+        self.conv2 = nn.Conv2d(bottleneck * growth, growth, 3, padding=1, bias=False)
+
+    def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
+        x = self.conv1(F.relu(self.norm1(torch.cat(features, 1))))
+        return self.conv2(F.relu(self.norm2(x)))
+
+
+class DenseNet(nn.Module):
+    """A stem, one dense block of ``n_layers`` layers (each reads the concatenation of all earlier
+    outputs), a transition (BN-ReLU-conv1x1-pool), a second block, and a BN + Linear head."""
+
+    def __init__(self, growth: int = 4, n_layers: int = 3, stem: int = 8, n_classes: int = 5):
+        super().__init__()
+        self.stem = nn.Conv2d(3, stem, 3, padding=1, bias=False)
+        channels = stem
+        self.block1 = nn.ModuleList()
+        for _ in range(n_layers):
+            self.block1.append(DenseLayer(channels, growth))
+            channels += growth
+        self.trans_norm = nn.BatchNorm2d(channels)
+        self.trans_conv = nn.Conv2d(channels, channels // 2, 1, bias=False)
+        channels //= 2
+        self.block2 = nn.ModuleList()
+        for _ in range(n_layers):
+            self.block2.append(DenseLayer(channels, growth))
+            channels += growth
+        self.norm = nn.BatchNorm2d(channels)
+        self.fc = nn.Linear(channels, n_classes)
+
+    @staticmethod
+    def _block(layers: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
+        features = [x]
+        for layer in layers:
+            features.append(layer(features))
+        return torch.cat(features, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self._block(self.block1, self.stem(x))
+        x = F.avg_pool2d(self.trans_conv(F.relu(self.trans_norm(x))), 2)
+        x = F.relu(self.norm(self._block(self.block2, x)))
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+def randomize_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Non-trivial BatchNorm statistics and affine parameters (as after training); eval mode."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.copy_(0.5 * torch.randn(m.num_features, generator=gen))
+                m.running_var.copy_(0.5 + torch.rand(m.num_features, generator=gen))
+                m.weight.copy_(0.5 + torch.rand(m.num_features, generator=gen))
+                m.bias.copy_(0.2 * torch.randn(m.num_features, generator=gen))
+    return model.eval()
+
+
+class ResNeXtBlock(nn.Module):
+    """torchvision's ResNeXt bottleneck: 1x1 reduce, 3x3 grouped conv (``groups`` paths), 1x1 expand,
+    residual add (with a 1x1 projection when the widths differ)."""
+
+    def __init__(self, in_channels: int, width: int, out_channels: int, groups: int):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(in_channels, width, 1, bias=False), nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, padding=1, groups=groups, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3, self.bn3 = nn.Conv2d(width, out_channels, 1, bias=False), nn.BatchNorm2d(out_channels)
+        self.downsample = None
+        if in_channels != out_channels:
+            self.downsample = nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, bias=False),
+                                            nn.BatchNorm2d(out_channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = F.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        identity = x if self.downsample is None else self.downsample(x)
+        return F.relu(out + identity)
+
+
+class ResNeXt(nn.Module):
+    """A stem and two ResNeXt blocks (4 paths of width 2 each: 8 grouped channels), pooled Linear head."""
+
+    def __init__(self, stem: int = 8, width: int = 8, out_channels: int = 16, groups: int = 4, n_classes: int = 5):
+        super().__init__()
+        self.stem, self.bn = nn.Conv2d(3, stem, 3, padding=1, bias=False), nn.BatchNorm2d(stem)
+        self.block1 = ResNeXtBlock(stem, width, out_channels, groups)
+        self.block2 = ResNeXtBlock(out_channels, width, out_channels, groups)
+        self.fc = nn.Linear(out_channels, n_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn(self.stem(x)))
+        x = self.block2(self.block1(x))
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+class BatchNormAct2d(nn.BatchNorm2d):
+    """timm's fused BatchNorm + ReLU: ``F.batch_norm`` inside the module's own forward."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        training = self.training and self.track_running_stats
+        x = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, training,
+                         self.momentum, self.eps)
+        return F.relu(x)
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """timm's LayerNorm over the channels of an NCHW tensor: permute, ``F.layer_norm``, permute."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)
+
+
+class FusedNet(nn.Module):
+    """Two conv + fused-BN layers, then a token MLP (Linear on ``(B, T, C)``, residual) and a head."""
+
+    def __init__(self, layer_norm: bool = False, offset: bool = False):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 8, 3, padding=1), BatchNormAct2d(8)
+        self.conv2, self.bn2 = nn.Conv2d(8, 12, 3, padding=1), BatchNormAct2d(12)
+        self.norm = LayerNorm2d(12) if layer_norm else None
+        self.offset = nn.Parameter(torch.randn(12, 1, 1)) if offset else None  # not any module's own
+        self.fc1, self.fc2 = nn.Linear(12, 24), nn.Linear(24, 12)
+        self.head = nn.Linear(12, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.bn2(self.conv2(self.bn1(self.conv1(x))))
+        if self.norm is not None:
+            x = self.norm(x)
+        if self.offset is not None:
+            x = x + self.offset
+        tokens = x.flatten(2).transpose(1, 2)  # (B, T, C)
+        tokens = tokens + self.fc2(F.gelu(self.fc1(tokens)))
+        return self.head(tokens.mean(1))
+
+
+class _Logits(nn.Module):
+    """A ``transformers`` image classifier as ``pixel_values -> logits``."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values=x).logits
+
+
+def _hf(name: str) -> nn.Module:
+    import transformers as T
+
+    configs: dict[str, Callable[[], nn.Module]] = {
+        "hf_resnet": lambda: T.ResNetForImageClassification(T.ResNetConfig(
+            embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="bottleneck", num_labels=5)),
+        "hf_regnet": lambda: T.RegNetForImageClassification(T.RegNetConfig(
+            embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], groups_width=4, num_labels=5)),
+        "hf_convnext": lambda: T.ConvNextForImageClassification(T.ConvNextConfig(
+            num_stages=2, hidden_sizes=[8, 16], depths=[1, 1], num_labels=5)),
+        "hf_mobilenet_v2": lambda: T.MobileNetV2ForImageClassification(T.MobileNetV2Config(
+            depth_multiplier=0.25, image_size=32, num_labels=5)),
+        "hf_efficientnet": lambda: T.EfficientNetForImageClassification(T.EfficientNetConfig(
+            width_coefficient=0.25, depth_coefficient=0.1, hidden_dim=320, dropout_rate=0.0, image_size=32, num_labels=5)),
+    }
+    return _Logits(configs[name]())
+
+
+def _batches(size: int, n: int = 3, batch: int = 8, seed: int = 1) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(batch, 3, size, size, generator=gen) for _ in range(n)]
+
+
+def _case(build: Callable[[], nn.Module], size: int) -> Callable[[], tuple[nn.Module, list[torch.Tensor]]]:
+    def make() -> tuple[nn.Module, list[torch.Tensor]]:
+        torch.manual_seed(0)
+        return randomize_batchnorm(build()), _batches(size)
+    return make
+
+
+@torch.no_grad()
+def _default_init(model: nn.Module, batches: list[torch.Tensor]) -> nn.Module:
+    """PyTorch's default initialisation of every conv and Linear (``transformers`` draws weights of std
+    0.02, under which activations vanish within a few layers and every error is zero), then BatchNorm
+    statistics measured on ``batches``; eval mode."""
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            m.reset_parameters()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average over the batches
+    model.train()
+    for x in batches:
+        model(x)
+    return model.eval()
+
+
+def _hf_case(name: str) -> Callable[[], tuple[nn.Module, list[torch.Tensor]]]:
+    def make() -> tuple[nn.Module, list[torch.Tensor]]:
+        torch.manual_seed(0)
+        batches = _batches(32)
+        return _default_init(_hf(name), batches), batches
+    return make
+
+
+#: Hand-written cases: name -> builder of (model in eval mode, calibration batches).
+CASES: dict[str, Callable[[], tuple[nn.Module, list[torch.Tensor]]]] = {
+    "densenet": _case(DenseNet, 8),
+    "resnext": _case(lambda: ResNeXt(width=16, groups=4), 8),
+    "fused_bn_token_mlp": _case(FusedNet, 8),
+    "fused_layernorm": _case(lambda: FusedNet(layer_norm=True), 8),
+}
+#: ``transformers`` cases (tiny configs, random init, 32x32 inputs).
+TRANSFORMERS_CASES: dict[str, Callable[[], tuple[nn.Module, list[torch.Tensor]]]] = {
+    name: _hf_case(name)
+    for name in ("hf_resnet", "hf_regnet", "hf_convnext", "hf_mobilenet_v2", "hf_efficientnet")
+}
