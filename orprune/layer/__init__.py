@@ -1,9 +1,10 @@
 """Stage 1, one layer: the channel-selection problem held as sufficient statistics, ``select`` and its solvers.
 
-Holds :class:`LayerProblem`, :func:`select`, the solver registry (``solvers/``) and the indicator MIQP as a
-Pyomo / SCIP model. May import only the private core (``orprune._status``, ``_validation``, ``_highs``).
+Holds :class:`LayerProblem`, :func:`select`, the solver registry (``solvers/``), the indicator MIQP as a
+Pyomo / SCIP model and the closed-form best low-rank map (:func:`select_rank`, :func:`rank_curve`). May import only the private core (``orprune._status``, ``_validation``, ``_highs``).
 """
 
+from orprune.layer.low_rank import RankCurve, RankSelection, map_objective, rank_curve, select_rank
 from orprune.layer.milp_model import solve_scip, to_pyomo, write_model
 from orprune.layer.problem import LayerProblem, StatisticsAccumulator
 from orprune.layer.result import Selection
@@ -14,13 +15,18 @@ from orprune.layer.solvers.local_search import backward_elimination, swap_local_
 
 __all__ = [
     "LayerProblem",
+    "RankCurve",
+    "RankSelection",
     "Selection",
     "StatisticsAccumulator",
     "available_solvers",
     "backward_elimination",
     "greedy_path",
+    "map_objective",
+    "rank_curve",
     "register_solver",
     "select",
+    "select_rank",
     "solve_scip",
     "swap_local_search",
     "to_pyomo",
