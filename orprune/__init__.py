@@ -22,6 +22,7 @@ from orprune.budget import (
     join_curves,
     min_cost,
 )
+from orprune.factorize import FactorizeResult, LayerRank, factorize
 from orprune.layer import (
     LayerProblem,
     RankCurve,
@@ -88,9 +89,11 @@ __all__ = [
     "ErrorCurve",
     "ExcludedGroup",
     "FEASIBLE",
+    "FactorizeResult",
     "INFEASIBLE",
     "LayerFactors",
     "LayerProblem",
+    "LayerRank",
     "NetworkCosts",
     "OPTIMAL",
     "PerspectiveRegularizer",
@@ -119,6 +122,7 @@ __all__ = [
     "collect_statistics",
     "count_macs_params",
     "error_curve",
+    "factorize",
     "find_groups",
     "find_residual_targets",
     "following_norms",

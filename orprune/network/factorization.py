@@ -34,7 +34,7 @@ __all__ = ["LayerFactors", "apply_factorization", "factorizable_layers", "factor
 def _array(value: Any, name: str, ndim: int) -> torch.Tensor:
     value = value.detach().cpu() if hasattr(value, "detach") else value
     try:
-        t = torch.as_tensor(np.asarray(value, dtype=np.float64))
+        t = torch.from_numpy(np.array(value, dtype=np.float64))  # a copy: the caller keeps its array
     except (TypeError, ValueError) as exc:
         raise ValueError(f"`{name}` must be a numeric array.") from exc
     if t.ndim != ndim:
