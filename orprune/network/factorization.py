@@ -32,9 +32,11 @@ __all__ = ["LayerFactors", "apply_factorization", "factorizable_layers", "factor
 
 
 def _array(value: Any, name: str, ndim: int) -> torch.Tensor:
-    value = value.detach().cpu() if hasattr(value, "detach") else value
     try:
-        t = torch.from_numpy(np.array(value, dtype=np.float64))  # a copy: the caller keeps its array
+        if isinstance(value, torch.Tensor):
+            t = value.detach().cpu().to(torch.float64, copy=True)
+        else:  # a copy: the caller keeps its array
+            t = torch.from_numpy(np.array(value, dtype=np.float64))
     except (TypeError, ValueError) as exc:
         raise ValueError(f"`{name}` must be a numeric array.") from exc
     if t.ndim != ndim:
