@@ -77,6 +77,7 @@ from orprune.spr import (
     spr_penalty,
     train_with_spr,
 )
+from orprune.trp import TrainedRankRegularizer, TRPTraining, train_with_trp
 
 __version__ = "0.1.0.dev0"
 
@@ -109,10 +110,12 @@ __all__ = [
     "Selection",
     "StatisticsAccumulator",
     "TIME_LIMIT",
+    "TRPTraining",
     "Tap",
     "TargetCache",
     "TargetOffset",
     "ThresholdPruning",
+    "TrainedRankRegularizer",
     "allocate",
     "allocate_uniform",
     "apply_factorization",
@@ -145,5 +148,6 @@ __all__ = [
     "swap_local_search",
     "to_pyomo",
     "train_with_spr",
+    "train_with_trp",
     "write_model",
 ]

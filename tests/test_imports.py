@@ -26,9 +26,10 @@ ALLOWED = {
     "training": {"core"},
     "pipeline": {"core", "layer", "network", "budget"},
     "spr": {"core", "layer", "network", "training"},
+    "trp": {"core", "layer", "network", "training"},
     "examples": {"core", "layer", "network", "budget", "training", "pipeline"},
-    "cli": {"core", "layer", "network", "budget", "training", "pipeline", "spr", "examples"},
-    "root": {"core", "layer", "network", "budget", "training", "pipeline", "spr", "examples", "cli"},
+    "cli": {"core", "layer", "network", "budget", "training", "pipeline", "spr", "trp", "examples"},
+    "root": {"core", "layer", "network", "budget", "training", "pipeline", "spr", "trp", "examples", "cli"},
 }
 
 
