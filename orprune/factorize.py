@@ -33,7 +33,7 @@ from orprune.network.calibration import DEFAULT_POSITIONS_PER_IMAGE, TargetCache
 from orprune.network.cost_model import CostModel
 from orprune.network.costs import count_macs_params
 from orprune.network.factorization import LayerFactors, apply_factorization, factorizable_layers, following_norms
-from orprune.network.graph import call_model, weight_matrix
+from orprune.network.graph import DEFAULT_MAX_FEATURES, call_model, weight_matrix
 from orprune.pipeline import _forward_order, _fraction, _inputs, _keep_options
 
 __all__ = ["FactorizeResult", "LayerRank", "factorize", "factorization_options"]
@@ -142,6 +142,7 @@ def factorize(
     max_options: int = 32,
     min_rank: int = 1,
     ignored_layers: Iterable[nn.Module | str] = (),
+    max_features: int = DEFAULT_MAX_FEATURES,
     sequential: bool = True,
     time_limit: float | None = None,
     progress: bool = False,
@@ -174,6 +175,9 @@ def factorize(
     min_rank : int, default 1
     ignored_layers : iterable of nn.Module or str
         Layers never factorized.
+    max_features : int
+        Layers whose design matrix would have more columns (``C*kh*kw`` or ``in_features``) are left
+        whole, with a warning.
     sequential : bool, default True
         Refit each chosen layer, in forward order, on inputs from the network with the earlier layers
         already factorized (targets from the original model); False uses the original statistics.
@@ -192,7 +196,7 @@ def factorize(
         raise ValueError("give a budget: `macs` and/or `params` as a fraction in (0, 1].")
     if not (isinstance(ridge, (int, float)) and np.isfinite(ridge) and ridge >= 0):
         raise ValueError(f"`ridge` must be a finite number >= 0, got {ridge!r}.")
-    for name, value in (("max_options", max_options), ("min_rank", min_rank)):
+    for name, value in (("max_options", max_options), ("min_rank", min_rank), ("max_features", max_features)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
     if not isinstance(model, nn.Module):
@@ -207,6 +211,13 @@ def factorize(
         raise ValueError("the model has no Linear or Conv2d (groups=1) layer to factorize.")
     positions = _positions(original, names, example)
     names = [n for n in names if n in positions]  # layers the forward pass never runs are left alone
+    wide = [n for n in names if weight_matrix(original.get_submodule(n)).shape[0] > max_features]
+    if wide:
+        warnings.warn(f"layers {wide} have more than `max_features` = {max_features} input features and are "
+                      "left whole.", UserWarning, stacklevel=2)
+        names = [n for n in names if n not in wide]
+    if not names:
+        raise ValueError("no layer of the model can be factorized (see `ignored_layers` and `max_features`).")
     macs_before, params_before = count_macs_params(original, example)
     cache = TargetCache() if sequential else None
     stats = collect_statistics(original, names, batches, cache=cache, positions_per_image=positions_per_image,

@@ -114,3 +114,11 @@ def test_bad_inputs(resnet):
         warnings.simplefilter("ignore")
         with pytest.raises(ValueError, match="cannot be met"):
             orprune.factorize(model, calibration(example, 1), macs=0.01, positions_per_image=4)
+
+
+def test_wide_layers_are_left_whole_with_a_warning(resnet):
+    model, example = resnet
+    with pytest.warns(UserWarning, match="max_features"):
+        result = orprune.factorize(model, calibration(example, 1), macs=1.0, max_features=100, positions_per_image=4)
+    widths = [orprune.network.graph.weight_matrix(model.get_submodule(layer.name)).shape[0] for layer in result.layers]
+    assert widths and max(widths) <= 100
