@@ -204,9 +204,9 @@ def factorize(
     batches = [_inputs(b).detach() if torch.is_tensor(_inputs(b)) else _inputs(b) for b in calibration]
     if not batches:
         raise ValueError("`calibration` is empty: factorization needs at least one batch of inputs.")
+    names = factorizable_layers(model, ignored_layers)  # on the user's model: ignored modules are its own
     original = copy.deepcopy(model).eval()
     example = batches[0][:1] if torch.is_tensor(batches[0]) else batches[0]
-    names = factorizable_layers(original, ignored_layers)
     if not names:
         raise ValueError("the model has no Linear or Conv2d (groups=1) layer to factorize.")
     positions = _positions(original, names, example)

@@ -120,5 +120,7 @@ def test_wide_layers_are_left_whole_with_a_warning(resnet):
     model, example = resnet
     with pytest.warns(UserWarning, match="max_features"):
         result = orprune.factorize(model, calibration(example, 1), macs=1.0, max_features=100, positions_per_image=4)
+    assert "fc" not in orprune.factorize(model, calibration(example, 1), macs=1.0, positions_per_image=4,
+                                             ignored_layers=[model.fc]).curves
     widths = [orprune.network.graph.weight_matrix(model.get_submodule(layer.name)).shape[0] for layer in result.layers]
     assert widths and max(widths) <= 100
