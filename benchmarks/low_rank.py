@@ -4,7 +4,7 @@ On one ResNet-20 (``orprune.examples.zoo``) trained briefly on scikit-learn's 8x
 budget, test accuracy right after compression of:
 
 - ``factorize``: :func:`orprune.factorize` (certified rank curves, allocation MILP, sequential closed-form
-  refit: every Linear / Conv2d becomes a kxk conv to r channels + a 1x1 conv, or stays);
+  refit with residual targets: every Linear / Conv2d becomes a kxk conv to r channels + a 1x1 conv, or stays);
 - ``factorize, no refit``: the same ranks, maps from the original statistics (``sequential=False``);
 - ``SVD of weights``: the same ranks, but each layer's truncated SVD of its own weights (data-free, the
   decomposition TRP applies after training), bias unchanged;
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
     lines = [
         "# Low-rank factorization vs channel pruning: resnet20 on digits, no fine-tuning",
         "",
-        f"Produced by `python -m benchmarks.low_rank {shlex.join(argv if argv is not None else sys.argv[1:])}` "
+        f"Produced by `{shlex.join(['python', '-m', 'benchmarks.low_rank', *(argv if argv is not None else sys.argv[1:])])}` "
         f"on {date.today()} ({machine()}, 1 torch thread, {time.perf_counter() - start:.0f} s).",
         "",
         f"ResNet-20 (1 input channel) trained {args.epochs} epochs on the 8x8 digits' train split (1437 images): "

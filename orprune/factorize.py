@@ -34,6 +34,7 @@ from orprune.network.cost_model import CostModel
 from orprune.network.costs import count_macs_params
 from orprune.network.factorization import LayerFactors, apply_factorization, factorizable_layers, following_norms
 from orprune.network.graph import DEFAULT_MAX_FEATURES, call_model, weight_matrix
+from orprune.network.residual_targets import find_residual_targets
 from orprune.pipeline import _forward_order, _fraction, _inputs, _keep_options
 
 __all__ = ["FactorizeResult", "LayerRank", "factorize", "factorization_options"]
@@ -144,6 +145,7 @@ def factorize(
     ignored_layers: Iterable[nn.Module | str] = (),
     max_features: int = DEFAULT_MAX_FEATURES,
     sequential: bool = True,
+    residual_targets: bool = True,
     time_limit: float | None = None,
     progress: bool = False,
     seed: int = 0,
@@ -181,6 +183,10 @@ def factorize(
     sequential : bool, default True
         Refit each chosen layer, in forward order, on inputs from the network with the earlier layers
         already factorized (targets from the original model); False uses the original statistics.
+    residual_targets : bool, default True
+        In sequential mode, a layer whose output (after its BatchNorm) is added to a residual stream is
+        refitted to reproduce the original *sum*, absorbing the other operand's error, as
+        :class:`orprune.Pruner` does (``formulations/least_squares_reconstruction.md``, section 6).
     time_limit : float, optional
         Seconds for the allocation MILP.
     progress : bool, default False
@@ -220,8 +226,10 @@ def factorize(
         raise ValueError("no layer of the model can be factorized (see `ignored_layers` and `max_features`).")
     macs_before, params_before = count_macs_params(original, example)
     cache = TargetCache() if sequential else None
-    stats = collect_statistics(original, names, batches, cache=cache, positions_per_image=positions_per_image,
-                               seed=seed, progress=progress)
+    found = find_residual_targets(original, names, example) if sequential and residual_targets else {}
+    offsets = {n: t.offset(original) for n, t in found.items()}  # the cache keeps the original operands
+    stats = collect_statistics(original, names, batches, cache=cache, offsets=offsets or None,
+                               positions_per_image=positions_per_image, seed=seed, progress=progress)
     problems = {n: _problem(stats[n], ridge) for n in names}
     curves = {n: rank_curve(p) for n, p in problems.items()}
     options, labels, errors = {}, {}, {}
@@ -239,8 +247,9 @@ def factorize(
     for n in tqdm(order, desc="refit", disable=not progress, leave=False):
         if sequential:
             working = apply_factorization(original, factors, norms)
-            acc = collect_statistics(working, [n], batches, reference=cache, positions_per_image=positions_per_image,
-                                     seed=seed, progress=False)[n]
+            offset = {n: offsets[n]} if n in offsets else None
+            acc = collect_statistics(working, [n], batches, reference=cache, offsets=offset,
+                                     positions_per_image=positions_per_image, seed=seed, progress=False)[n]
             prob = _problem(acc, ridge)
         else:
             acc, prob = stats[n], problems[n]
