@@ -10,6 +10,11 @@ budget, test accuracy right after compression of:
   decomposition TRP applies after training), bias unchanged;
 - ``prune``: :func:`orprune.prune` (channel pruning, greedy curves, MILP, sequential refit).
 
+With ``--trp-epochs E``, the trained model is also trained E more epochs with Trained Rank Pruning
+(:func:`orprune.train_with_trp`: nuclear norm, energy truncation every ``--trp-period`` steps) and the table gains
+TRP's own decomposition (ranks from the energy threshold, SVD factors, at whatever MACs that gives) and
+``factorize`` of the TRP-trained model at each budget.
+
 Run ``python -m benchmarks.low_rank`` (``--help`` for the settings); writes ``benchmarks/results/low_rank.md``.
 """
 
@@ -64,6 +69,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--epochs", type=int, default=30, help="training epochs on the digits")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--calibration", type=int, default=1024, help="calibration images (train split)")
+    parser.add_argument("--trp-epochs", type=float, default=0, help="epochs of TRP training (0: no TRP rows)")
+    parser.add_argument("--trp-energy", type=float, default=0.95)
+    parser.add_argument("--trp-nuclear", type=float, default=1e-4, help="weight of the nuclear norm")
+    parser.add_argument("--trp-period", type=int, default=20, help="steps between truncations")
+    parser.add_argument("--trp-lr", type=float, default=0.02, help="peak learning rate of the TRP training")
     parser.add_argument("--output", default=str(RESULTS_DIR / "low_rank.md"))
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -75,6 +85,19 @@ def main(argv: list[str] | None = None) -> None:
     example = calibration[0][:1]
     macs0, params0 = orprune.count_macs_params(model, example)
     rows, ranks_text = [], []
+    trp = None
+    if args.trp_epochs > 0:
+        t = time.perf_counter()
+        trp = orprune.train_with_trp(model, images, load_digits("train")[1], epochs=args.trp_epochs, lr=args.trp_lr,
+                                     nuclear=args.trp_nuclear, energy=args.trp_energy, period=args.trp_period,
+                                     ignored_layers=["linear"], flip=False, threads=1, progress=False)
+        m, p = orprune.count_macs_params(trp.model, example)
+        rows.append((None, f"TRP ({args.trp_epochs:g} epochs, energy {args.trp_energy}, nuclear {args.trp_nuclear:g}, "
+                     f"period {args.trp_period}, lr {args.trp_lr:g}),"
+                     " its own decomposition", evaluate(trp.model, test_images, test_labels), m / macs0, p / params0,
+                     time.perf_counter() - t))
+        rows.append((None, "TRP-trained, before decomposition", evaluate(trp.trained, test_images, test_labels),
+                     1.0, 1.0, None))
     for budget in args.macs:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -85,7 +108,13 @@ def main(argv: list[str] | None = None) -> None:
             t = time.perf_counter()
             pruned = orprune.prune(model, calibration, macs=budget, solver="greedy", progress=False)
             prune_time = time.perf_counter() - t
+            trp_fact = None if trp is None else orprune.factorize(trp.trained, calibration, macs=budget)
         svd = svd_of_weights(model, fact, example)
+        if trp_fact is not None:
+            m, p = orprune.count_macs_params(trp_fact.model, example)
+            rows.append((budget, "factorize of the TRP-trained model", evaluate(trp_fact.model, test_images,
+                                                                                test_labels), m / macs0, p / params0,
+                         None))
         for label, net, seconds in (("factorize (MILP ranks, sequential refit)", fact.model, fact_time),
                                     ("factorize, no refit", plain.model, None),
                                     ("SVD of weights, same ranks (data-free)", svd, None),
@@ -110,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
         "|---|---|---|---|---|---|",
     ]
     for budget, label, acc, m, p, seconds in rows:
-        lines.append(f"| {budget:.0%} | {label} | {acc:.2%} | {m:.1%} | {p:.1%} | "
+        lines.append(f"| {'-' if budget is None else f'{budget:.0%}'} | {label} | {acc:.2%} | {m:.1%} | {p:.1%} | "
                      f"{'' if seconds is None else f'{seconds:.1f}'} |")
     lines += ["", "Ranks chosen by the MILP (`-`: layer kept whole; rank / max rank):", "", *ranks_text, ""]
     text = "\n".join(lines)
