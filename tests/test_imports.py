@@ -26,9 +26,10 @@ ALLOWED = {
     "training": {"core"},
     "pipeline": {"core", "layer", "network", "budget"},
     "spr": {"core", "layer", "network", "training"},
+    "trp": {"core", "layer", "network", "training"},
     "examples": {"core", "layer", "network", "budget", "training", "pipeline"},
-    "cli": {"core", "layer", "network", "budget", "training", "pipeline", "spr", "examples"},
-    "root": {"core", "layer", "network", "budget", "training", "pipeline", "spr", "examples", "cli"},
+    "cli": {"core", "layer", "network", "budget", "training", "pipeline", "spr", "trp", "examples"},
+    "root": {"core", "layer", "network", "budget", "training", "pipeline", "spr", "trp", "examples", "cli"},
 }
 
 
@@ -38,7 +39,7 @@ def stage(module: str) -> str:
     if module in CORE:
         return "core"
     part = module.split(".")[1]
-    return {"prune_result": "pipeline"}.get(part, part)
+    return {"prune_result": "pipeline", "factorize": "pipeline"}.get(part, part)
 
 
 def modules() -> dict[str, Path]:

@@ -1,11 +1,12 @@
 """Stage 1, one layer: the channel-selection problem held as sufficient statistics, ``select`` and its solvers.
 
-Holds :class:`LayerProblem`, :func:`select`, :func:`select_nm` (N:M masks), partition pruning,
-:func:`select_hierarchical` (groups then entries), the solver registry (``solvers/``) and the indicator MIQP as a
-Pyomo / SCIP model. May import only the private core (``orprune._status``, ``_validation``, ``_highs``).
+Holds :class:`LayerProblem`, :func:`select`, the solver registry (``solvers/``), the indicator MIQP as a Pyomo /
+SCIP model, the best low-rank map (:func:`select_rank`), N:M masks (:func:`select_nm`), partition pruning and
+:func:`select_hierarchical`. May import only the private core (``orprune._status``, ``_validation``, ``_highs``).
 """
 
 from orprune.layer.hierarchical import HierarchicalSelection, select_hierarchical
+from orprune.layer.low_rank import RankCurve, RankSelection, map_objective, rank_curve, select_rank
 from orprune.layer.milp_model import solve_scip, to_pyomo, write_model
 from orprune.layer.nm import NMSelection, select_nm
 from orprune.layer.partition import Partition, partition_weights
@@ -22,17 +23,22 @@ __all__ = [
     "LayerProblem",
     "NMSelection",
     "Partition",
+    "RankCurve",
+    "RankSelection",
     "Selection",
     "StatisticsAccumulator",
     "available_solvers",
     "backward_elimination",
     "greedy_path",
+    "map_objective",
     "partition_layer",
     "partition_weights",
+    "rank_curve",
     "register_solver",
     "select",
     "select_hierarchical",
     "select_nm",
+    "select_rank",
     "solve_scip",
     "swap_local_search",
     "to_pyomo",
