@@ -25,10 +25,11 @@ ALLOWED = {
     "budget": {"core", "layer", "network"},
     "training": {"core"},
     "pipeline": {"core", "layer", "network", "budget"},
+    "transformer": {"core", "layer", "network", "budget"},
     "spr": {"core", "layer", "network", "training"},
     "examples": {"core", "layer", "network", "budget", "training", "pipeline"},
     "cli": {"core", "layer", "network", "budget", "training", "pipeline", "spr", "examples"},
-    "root": {"core", "layer", "network", "budget", "training", "pipeline", "spr", "examples", "cli"},
+    "root": {"core", "layer", "network", "budget", "training", "pipeline", "transformer", "spr", "examples", "cli"},
 }
 
 
