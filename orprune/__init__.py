@@ -67,6 +67,13 @@ from orprune.spr import (
     spr_penalty,
     train_with_spr,
 )
+from orprune.transformer import (
+    TransformerPruner,
+    TransformerPruneResult,
+    find_units,
+    prune_transformer,
+    restore_widths,
+)
 
 __version__ = "0.1.0.dev0"
 
@@ -98,6 +105,8 @@ __all__ = [
     "TargetCache",
     "TargetOffset",
     "ThresholdPruning",
+    "TransformerPruneResult",
+    "TransformerPruner",
     "allocate",
     "allocate_uniform",
     "apply_pruning",
@@ -108,6 +117,7 @@ __all__ = [
     "error_curve",
     "find_groups",
     "find_residual_targets",
+    "find_units",
     "greedy_path",
     "join_curves",
     "masked_copy",
@@ -115,7 +125,9 @@ __all__ = [
     "network_costs",
     "prune",
     "prune_by_threshold",
+    "prune_transformer",
     "register_solver",
+    "restore_widths",
     "select",
     "solve_scip",
     "spr_optimal_y",
