@@ -107,7 +107,7 @@ def trained(args: argparse.Namespace, train_data: np.ndarray) -> tuple[torch.nn.
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         steps += 1
-    meta = {"steps": steps, "seconds": time.perf_counter() - start, "last_loss": float(loss)}
+    meta = {"steps": steps, "seconds": time.perf_counter() - start, "last_loss": float(loss.detach())}
     CACHE_DIR.mkdir(parents=True, exist_ok=True)
     torch.save({"state_dict": model.state_dict(), "meta": meta}, path)
     return model.eval(), meta

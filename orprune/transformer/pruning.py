@@ -13,7 +13,6 @@ The model and what is exact are in ``formulations/transformer_units.md``.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -88,7 +87,11 @@ class TransformerPruner:
     solver : str, default "greedy"
         Layer solver for the error curves (any of :func:`orprune.available_solvers`, or "auto").
     swap : bool, default False
-        Polish every curve point with best-improvement 1-swaps (:func:`orprune.swap_local_search`).
+        Polish each unit's selected channels, at the allocated count, with best-improvement 1-swaps
+        (:func:`orprune.swap_local_search`; never worse than the greedy selection). The allocation
+        uses the greedy curves: polishing every point of them is too slow for wide MLPs.
+    swap_time : float, optional, default 30
+        Seconds of swap search per unit (``None``: until a local optimum).
     ridge : float, default 1e-4
         Ridge relative to the mean diagonal of each unit's Gram matrix.
     errors : {"absolute", "relative"}
@@ -105,11 +108,13 @@ class TransformerPruner:
         Seconds per layer solve (exact solvers) and for the allocation MILP.
     """
 
-    def __init__(self, *, solver: str = "greedy", swap: bool = False, ridge: float = 1e-4,
+    def __init__(self, *, solver: str = "greedy", swap: bool = False, swap_time: float | None = 30.0,
+                 ridge: float = 1e-4,
                  errors: str = "absolute", max_options: int = 32, min_channels: int = 1,
                  sequential: bool = False, time_limit: float | None = None) -> None:
         self.solver = solver
         self.swap = swap
+        self.swap_time = swap_time
         self.ridge = ridge
         self.errors = errors
         self.max_options = max_options
@@ -122,6 +127,8 @@ class TransformerPruner:
             raise ValueError(f"`ridge` must be a finite number >= 0, got {self.ridge!r}.")
         if self.errors not in ("absolute", "relative"):
             raise ValueError(f"`errors` must be 'absolute' or 'relative', got {self.errors!r}.")
+        if self.swap_time is not None and not (isinstance(self.swap_time, (int, float)) and self.swap_time > 0):
+            raise ValueError(f"`swap_time` must be a positive number of seconds or None, got {self.swap_time!r}.")
         for name in ("max_options", "min_channels"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < (2 if name == "max_options" else 1):
@@ -146,21 +153,17 @@ class TransformerPruner:
         self.problems_ = {u.name: self._problem(u, self.statistics_[u.name], self.model_) for u in self.units_}
         self.curves_: dict[str, ErrorCurve] = {}
         for unit in self.units_:
-            prob = self.problems_[unit.name]
-            curve = error_curve(prob, _options(unit.n_channels, self.max_options, self.min_channels),
-                                solver=self.solver, time_limit=self.time_limit)
-            self.curves_[unit.name] = self._polish(prob, curve) if self.swap else curve
+            self.curves_[unit.name] = error_curve(
+                self.problems_[unit.name], _options(unit.n_channels, self.max_options, self.min_channels),
+                solver=self.solver, time_limit=self.time_limit)
         return self
 
-    @staticmethod
-    def _polish(prob: LayerProblem, curve: ErrorCurve) -> ErrorCurve:
-        start = time.perf_counter()
-        masks, errors = curve.masks.copy(), curve.errors.copy()
-        for i, k in enumerate(curve.keep_counts):
-            if 0 < k < prob.n_channels:
-                masks[i], errors[i], _ = swap_local_search(prob, masks[i])
-        return dataclasses.replace(curve, masks=masks, errors=errors, solver=curve.solver + "+swap",
-                                   solve_time=curve.solve_time + time.perf_counter() - start)
+    def _polish(self, unit: str, mask: np.ndarray) -> np.ndarray:
+        prob = self.problems_[unit]
+        if not (self.swap and 0 < mask.sum() < prob.n_channels):
+            return mask
+        deadline = None if self.swap_time is None else time.perf_counter() + self.swap_time
+        return swap_local_search(prob, mask, deadline=deadline)[0]
 
     # ------------------------------------------------------------------ prune
     def costs(self, seq_len: int = 1) -> dict:
@@ -210,7 +213,7 @@ class TransformerPruner:
                 options={u: c.keep_counts for u, c in self.curves_.items()},
                 errors={u: c.errors if self.errors == "absolute" else c.relative_errors for u, c in self.curves_.items()})
             allocation = allocate(problem, costs, budgets, time_limit=self.time_limit)
-            kept = {u: np.flatnonzero(self.curves_[u].mask_for(k)) for u, k in allocation.keep.items()}
+            kept = {u: np.flatnonzero(self._polish(u, self.curves_[u].mask_for(k))) for u, k in allocation.keep.items()}
             status, message = allocation.status, allocation.message
         else:
             if len(budgets) != 1:

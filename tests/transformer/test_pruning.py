@@ -135,9 +135,13 @@ def test_generation_after_pruning(fitted, arch):
 
 def test_prune_transformer_one_call_and_bad_inputs():
     model, data = llama(), batches("llama")
-    result = prune_transformer(model, data, params=0.8, swap=True)
-    assert result.params_after <= 0.8 * result.params_before
+    result = prune_transformer(model, data, params=0.7, swap=True)
+    assert result.params_after <= 0.7 * result.params_before
     assert result.allocation is not None and result.allocation.success
+    greedy = prune_transformer(model, data, params=0.7)  # same curves, same allocation, no polish
+    assert [r.channels_after for r in greedy.report] == [r.channels_after for r in result.report]
+    for polished, plain in zip(result.report, greedy.report):  # 1-swaps never worsen a selection
+        assert polished.relative_error <= plain.relative_error + 1e-12
     assert find_units(model)[1].n_channels == 40  # the input model is untouched
     with pytest.raises(ValueError, match="`method`"):
         TransformerPruner().fit(model, data).prune(params=0.8, method="taylor")
@@ -145,6 +149,8 @@ def test_prune_transformer_one_call_and_bad_inputs():
         TransformerPruner().fit(model, data).prune()
     with pytest.raises(RuntimeError, match="not fitted"):
         TransformerPruner().prune(params=0.5)
+    with pytest.raises(ValueError, match="`swap_time`"):
+        TransformerPruner(swap_time=0).fit(model, data)
     with pytest.raises(ValueError, match="`errors`"):
         TransformerPruner(errors="sum").fit(model, data)
     with pytest.raises(ValueError, match="no recognised transformer block"):
