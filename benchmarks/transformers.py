@@ -26,10 +26,16 @@ import torch.nn.functional as F
 from benchmarks.common import CACHE_DIR, RESULTS_DIR, _key, machine
 from orprune.transformer import TransformerPruner
 
-METHODS = [("orprune greedy", dict(solver="greedy"), "orprune"),
-           ("orprune greedy + swap", dict(solver="greedy", swap=True), "orprune"),
-           ("orprune greedy, sequential refit", dict(solver="greedy", sequential=True), "orprune"),
-           ("magnitude", {}, "magnitude"), ("Wanda-sp", {}, "wanda_sp"), ("FLAP", {}, "flap")]
+HEADS_AND_MLP, MLP_ONLY = ("heads", "neurons"), ("neurons",)
+#: (label, TransformerPruner options, method, which units shrink). The baselines' common keep ratio
+#: takes one of the two key/value groups of every layer at 20% already, so they also run on the MLP only.
+METHODS = [("orprune greedy", dict(solver="greedy"), "orprune", HEADS_AND_MLP),
+           ("orprune greedy + swap", dict(solver="greedy", swap=True), "orprune", HEADS_AND_MLP),
+           ("orprune greedy, sequential refit", dict(solver="greedy", sequential=True), "orprune", HEADS_AND_MLP),
+           ("magnitude", {}, "magnitude", HEADS_AND_MLP), ("Wanda-sp", {}, "wanda_sp", HEADS_AND_MLP),
+           ("FLAP", {}, "flap", HEADS_AND_MLP),
+           ("magnitude, MLP only", {}, "magnitude", MLP_ONLY), ("Wanda-sp, MLP only", {}, "wanda_sp", MLP_ONLY),
+           ("FLAP, MLP only", {}, "flap", MLP_ONLY)]
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -137,7 +143,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"dense perplexity {dense:.3f}", flush=True)
     rows: dict[str, dict[float, tuple[float, int, float]]] = {}
     fitted: dict[str, TransformerPruner] = {}
-    for label, options, method in METHODS:
+    for label, options, method, kinds in METHODS:
         key = repr(sorted(options.items()))
         if key not in fitted:
             start = time.perf_counter()
@@ -146,7 +152,7 @@ def main(argv: list[str] | None = None) -> None:
         rows[label] = {}
         for removed in args.removed:
             start = time.perf_counter()
-            result = fitted[key].prune(params=1 - removed, method=method, seq_len=args.seq_len)
+            result = fitted[key].prune(params=1 - removed, method=method, seq_len=args.seq_len, kinds=kinds)
             ppl = perplexity(result.model, evaluation)
             rows[label][removed] = (ppl, result.params_after, time.perf_counter() - start)
             widths = [r.channels_after for r in result.report]

@@ -27,6 +27,7 @@ from orprune.budget.allocation import Allocation, AllocationProblem, allocate
 from orprune.budget.curves import ErrorCurve, error_curve
 from orprune.layer.problem import LayerProblem, StatisticsAccumulator
 from orprune.layer.solvers.local_search import swap_local_search
+from orprune.network.cost_model import CostModel
 from orprune.transformer.adapters import TransformerUnit, find_units, weight_out_in
 from orprune.transformer.baselines import BASELINES, baseline_keep, baseline_update
 from orprune.transformer.calibration import collect_unit_statistics, projection_hooks, run_model
@@ -189,7 +190,7 @@ class TransformerPruner:
         return budgets
 
     def prune(self, *, params: float | None = None, macs: float | None = None, seq_len: int = 128,
-              method: str = "orprune") -> TransformerPruneResult:
+              method: str = "orprune", kinds: Iterable[str] = ("heads", "neurons")) -> TransformerPruneResult:
         """A pruned copy of the fitted model within the budgets.
 
         Parameters
@@ -200,6 +201,8 @@ class TransformerPruner:
             Sequence length the MACs are counted at.
         method : {"orprune", "magnitude", "wanda_sp", "flap"}
             Least-squares selection + allocation + refit, or a no-refit baseline at the same budget.
+        kinds : iterable of {"heads", "neurons"}
+            Which units may shrink; the others keep every channel (``("neurons",)``: MLP only).
         """
         self._check_fitted()
         if method not in METHODS:
@@ -207,11 +210,19 @@ class TransformerPruner:
         start = time.perf_counter()
         costs = self.costs(seq_len)
         budgets = self._budgets(costs, params, macs)
+        kinds = set(kinds)
+        if not kinds or not kinds <= {"heads", "neurons"}:
+            raise ValueError(f"`kinds` must be a non-empty subset of ('heads', 'neurons'), got {sorted(kinds)}.")
+        free = [u for u in self.units_ if u.kind in kinds]
         allocation = None
         if method == "orprune":
-            problem = AllocationProblem(
-                options={u: c.keep_counts for u, c in self.curves_.items()},
-                errors={u: c.errors if self.errors == "absolute" else c.relative_errors for u, c in self.curves_.items()})
+            options, errors = {}, {}
+            for unit in self.units_:
+                curve = self.curves_[unit.name]
+                values = curve.errors if self.errors == "absolute" else curve.relative_errors
+                at = slice(None) if unit.kind in kinds else slice(-1, None)  # the last option keeps everything
+                options[unit.name], errors[unit.name] = curve.keep_counts[at], values[at]
+            problem = AllocationProblem(options=options, errors=errors)
             allocation = allocate(problem, costs, budgets, time_limit=self.time_limit)
             kept = {u: np.flatnonzero(self._polish(u, self.curves_[u].mask_for(k))) for u, k in allocation.keep.items()}
             status, message = allocation.status, allocation.message
@@ -219,8 +230,12 @@ class TransformerPruner:
             if len(budgets) != 1:
                 raise ValueError("the baselines take one budget: `params` or `macs`.")
             (name, budget), = budgets.items()
-            kept = baseline_keep(method, self.model_, self.units_, self.statistics_, costs[name], budget,
-                                 self.min_channels)
+            fixed = [u for u in self.units_ if u.kind not in kinds]
+            cost = costs[name]  # the fixed units' full cost moves into the constant
+            cost = CostModel(constant=cost.constant + sum(cost.linear[u.name] * u.n_channels for u in fixed),
+                             linear={u.name: cost.linear[u.name] for u in free})
+            kept = baseline_keep(method, self.model_, free, self.statistics_, cost, budget, self.min_channels)
+            kept.update({u.name: np.arange(u.n_channels) for u in fixed})
             within = costs[name].evaluate({u: k.size for u, k in kept.items()}) <= budget * (1 + 1e-9)
             status = FEASIBLE if within else INFEASIBLE
             message = "" if within else f"{method} cannot meet the {name} budget with `min_channels` kept"

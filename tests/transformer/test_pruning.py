@@ -157,3 +157,16 @@ def test_prune_transformer_one_call_and_bad_inputs():
         find_units(torch.nn.Sequential(torch.nn.Linear(3, 3)))
     with pytest.raises(ValueError, match="`calibration` is empty"):
         TransformerPruner().fit(model, [])
+
+
+@pytest.mark.parametrize("method", ["orprune", "magnitude", "flap"])
+def test_mlp_only_keeps_every_head(fitted, method):
+    pruner = fitted["gpt2"]
+    result = pruner.prune(params=0.8, method=method, kinds=("neurons",))
+    assert result.params_after <= 0.8 * result.params_before
+    assert all(r.channels_after == r.channels_before for r in result.report if r.kind == "heads")
+    batch = batches("gpt2", n=1, seed=7)[0]
+    torch.testing.assert_close(output(result.model, batch), output(masked_model(pruner, result), batch),
+                               rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="`kinds`"):
+        pruner.prune(params=0.8, kinds=("layers",))
