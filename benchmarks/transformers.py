@@ -179,13 +179,13 @@ def report(args, argv, dense, params, meta, n_files, n_train, n_held, rows) -> s
         f"every method meets the same budget (FLAP's bias compensation adds an output bias of 128 per "
         f"projection, not counted).",
         "",
-        f"Dense perplexity: {dense:.3f}.",
+        f"Dense perplexity: {dense:.4f}.",
         "",
         "| method | " + " | ".join(f"{r:.0%} removed: ppl (increase)" for r in args.removed) + " |",
         "|---|" + "---|" * len(args.removed),
     ]
     for label, by_ratio in rows.items():
-        cells = [f"{ppl:.3f} (+{ppl - dense:.3f})" for ppl, _, _ in (by_ratio[r] for r in args.removed)]
+        cells = [f"{ppl:.4f} ({ppl - dense:+.4f})" for ppl, _, _ in (by_ratio[r] for r in args.removed)]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     baselines = [label for label in rows if not label.startswith("orprune")]
     lines += ["", "Perplexity increase of orprune (greedy) over the best baseline's, per budget:", ""]
@@ -193,8 +193,8 @@ def report(args, argv, dense, params, meta, n_files, n_train, n_held, rows) -> s
         best = min(baselines, key=lambda b: rows[b][r][0])
         ours = rows["orprune greedy"][r][0] - dense
         theirs = rows[best][r][0] - dense
-        ratio = f"ratio {ours / theirs:.2f}" if theirs > 0 else "no ratio (the baseline does not increase it)"
-        lines.append(f"- {r:.0%} removed: {ours:.3f} vs {theirs:.3f} ({best}): {ratio}")
+        ratio = f"ratio {ours / theirs:.3f}" if theirs > 0 else "no ratio (the baseline does not increase it)"
+        lines.append(f"- {r:.0%} removed: {ours:+.4f} vs {theirs:+.4f} ({best}): {ratio}")
     lines += ["", "Params after pruning: " + ", ".join(
         f"{r:.0%}: {rows['orprune greedy'][r][1]:,}" for r in args.removed) + "."]
     return "\n".join(lines) + "\n"
