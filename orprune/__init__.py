@@ -89,6 +89,13 @@ from orprune.spr import (
     spr_penalty,
     train_with_spr,
 )
+from orprune.transformer import (
+    TransformerPruner,
+    TransformerPruneResult,
+    find_units,
+    prune_transformer,
+    restore_widths,
+)
 from orprune.trp import TrainedRankRegularizer, TRPTraining, train_with_trp
 
 __version__ = "0.1.0.dev0"
@@ -134,6 +141,8 @@ __all__ = [
     "TargetOffset",
     "ThresholdPruning",
     "TrainedRankRegularizer",
+    "TransformerPruneResult",
+    "TransformerPruner",
     "allocate",
     "allocate_uniform",
     "apply_factorization",
@@ -146,6 +155,7 @@ __all__ = [
     "factorize",
     "find_groups",
     "find_residual_targets",
+    "find_units",
     "following_norms",
     "greedy_path",
     "join_curves",
@@ -159,9 +169,11 @@ __all__ = [
     "partition_weights",
     "prune",
     "prune_by_threshold",
+    "prune_transformer",
     "rank_curve",
     "reconstructed_copy",
     "register_solver",
+    "restore_widths",
     "select",
     "select_hierarchical",
     "select_nm",

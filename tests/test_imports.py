@@ -25,11 +25,12 @@ ALLOWED = {
     "budget": {"core", "layer", "network"},
     "training": {"core"},
     "pipeline": {"core", "layer", "network", "budget"},
+    "transformer": {"core", "layer", "network", "budget"},
     "spr": {"core", "layer", "network", "training"},
     "trp": {"core", "layer", "network", "training"},
     "examples": {"core", "layer", "network", "budget", "training", "pipeline"},
     "cli": {"core", "layer", "network", "budget", "training", "pipeline", "spr", "trp", "examples"},
-    "root": {"core", "layer", "network", "budget", "training", "pipeline", "spr", "trp", "examples", "cli"},
+    "root": {"core", "layer", "network", "budget", "training", "pipeline", "transformer", "spr", "trp", "examples", "cli"},
 }
 
 
