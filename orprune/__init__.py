@@ -5,10 +5,13 @@ The pipeline, one stage per subpackage (each may import only the stages before i
 1. :mod:`orprune.layer`: one layer's channel selection as a mixed-integer program, and its solvers;
 2. :mod:`orprune.network`: a torch model's prunable units, calibration statistics, costs and surgery;
 3. :mod:`orprune.budget`: error curves and the allocation of keep counts under a budget;
-4. :mod:`orprune.pipeline`: :class:`Pruner` and :func:`prune`, from a model to a smaller model.
+4. :mod:`orprune.pipeline`: :class:`Pruner` and :func:`prune`, from a model to a smaller model;
+   :mod:`orprune.factorize` the same with low-rank layers; :mod:`orprune.transformer` heads and MLP neurons of
+   Hugging Face transformers.
 
-Beside it, :mod:`orprune.spr` trains with the Structured Perspective Regularization;
-:mod:`orprune.examples` holds datasets, reference models and baselines; :mod:`orprune.cli` the commands.
+Beside it, :mod:`orprune.spr` and :mod:`orprune.trp` train towards prunable models (Structured Perspective
+Regularization, Trained Rank Pruning); :mod:`orprune.examples` holds datasets, reference models and baselines;
+:mod:`orprune.cli` the commands.
 """
 
 from orprune._status import FEASIBLE, INFEASIBLE, OPTIMAL, TIME_LIMIT
