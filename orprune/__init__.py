@@ -57,6 +57,7 @@ from orprune.network import (
     masked_copy,
     network_costs,
 )
+from orprune.network.saving import load, save
 from orprune.pipeline import Pruner, PruneResult, prune
 from orprune.spr import (
     PerspectiveRegularizer,
@@ -110,12 +111,14 @@ __all__ = [
     "find_residual_targets",
     "greedy_path",
     "join_curves",
+    "load",
     "masked_copy",
     "min_cost",
     "network_costs",
     "prune",
     "prune_by_threshold",
     "register_solver",
+    "save",
     "select",
     "solve_scip",
     "spr_optimal_y",

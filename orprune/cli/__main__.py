@@ -1,0 +1,7 @@
+"""``python -m orprune.cli``: the same as the ``orprune`` command."""
+
+import sys
+
+from orprune.cli import main
+
+sys.exit(main())
