@@ -61,6 +61,7 @@ def test_demo_runs_end_to_end_on_digits(tmp_path, capsys):
     rows = json.loads((tmp_path / "report.json").read_text())["rows"]
     pruned = [r for r in rows if r["method"].startswith("orprune")]
     assert pruned and all(r["macs_fraction"] <= 0.5 for r in pruned)
+    assert (tmp_path / "accuracy_vs_macs.png").stat().st_size > 0
 
 
 @pytest.mark.parametrize("costs, relative", [(None, False), ("macs", False), (None, True)])
