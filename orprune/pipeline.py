@@ -187,6 +187,7 @@ class Pruner:
     n_jobs : int, optional
         Without ``executor``: solve the curves in a pool of this many processes (spawned, one BLAS
         thread each; scripts need the ``if __name__ == "__main__":`` guard). Serial when None or 1.
+        Ctrl-C stops the workers at once (they ignore SIGINT; the parent terminates them).
     time_limit : float, optional, default 1.0
         Seconds per exact solve inside the curves. The exact solver starts from greedy and backward
         elimination polished by swap search, which already is the best mask at 57 of 60 keep counts of

@@ -15,13 +15,13 @@ LOAD_HINT = "orprune.load(path, YourModel()) with YourModel() the unpruned archi
 
 
 def accuracy_warnings(labels: torch.Tensor, before: float | None, after: float, tolerance: float,
-                      what: str = "pruned") -> list[str]:
+                      what: str = "pruned", before_what: str = "model before pruning") -> list[str]:
     """Why ``after`` is useless: at chance on ``labels``, or more than ``tolerance`` below ``before``."""
     majority = float(torch.bincount(labels.long()).max()) / max(len(labels), 1)
     chance = majority + CHANCE_MARGIN * (1 - majority)
     out = []
     if before is not None and before < chance:
-        out.append(f"the model before pruning is near chance: accuracy {before:.4f}, the most frequent class alone "
+        out.append(f"the {before_what} is near chance: accuracy {before:.4f}, the most frequent class alone "
                    f"scores {majority:.4f} (train it longer, or check the data matches the model)")
     if after < chance:
         out.append(f"the {what} model is near chance: accuracy {after:.4f}, the most frequent class alone scores "
@@ -33,4 +33,5 @@ def accuracy_warnings(labels: torch.Tensor, before: float | None, after: float, 
 
 
 def warn(prog: str, message: str) -> None:
+    sys.stdout.flush()  # after what was printed so far, also when stdout is a pipe
     print(f"{prog}: WARNING: {message}", file=sys.stderr, flush=True)

@@ -106,7 +106,7 @@ def run_spr(args: argparse.Namespace) -> int:
         "train_seconds": result.train_seconds, "finetune_seconds": result.finetune_seconds,
     }
     report["warnings"] = accuracy_warnings(test_y, report["test_accuracy_trained"], report["test_accuracy_final"],
-                                           args.tolerance)
+                                           args.tolerance, before_what="trained model (before removing groups)")
     if p.n_removed == 0:
         report["warnings"].append("no channel group was removed: train longer or with a larger --strength, or "
                                   "raise --tolerance")
