@@ -298,7 +298,10 @@ class Pruner:
 
     def _problem(self, acc: StatisticsAccumulator, consumer: Consumer, model: nn.Module) -> LayerProblem:
         gram, cross, yy = acc.statistics(center=True)
-        ridge = self.ridge * float(np.mean(np.diag(gram)))
+        scale = float(np.mean(np.diag(gram)))
+        # inputs constant over the calibration data have a zero centred Gram matrix: an absolute ridge then
+        # gives weights 0 and the bias keeps the (constant) output
+        ridge = self.ridge * (scale if scale > 0 else 1.0)
         weights = weight_matrix(model.get_submodule(consumer.name)).detach().double().numpy()
         return LayerProblem(gram, cross, yy, group_size=consumer.group_size, ridge=ridge, weights=weights)
 
