@@ -147,11 +147,11 @@ def main(argv: list[str] | None = None) -> int:
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     ok = [r for r in rows if r["outcome"] == "ok"]
     lines = [
-        f"Command: `python -m benchmarks.soak --networks {args.networks} --first-seed {args.first_seed}`",
-        "",
         f"# Soak: {args.networks} random small networks pruned in one process",
         "",
-        f"Machine: {machine()}, one torch thread. Total {total:.0f} s, peak memory (max RSS) {peak_mb:.0f} MB.",
+        f"Produced by `python -m benchmarks.soak --networks {args.networks} --first-seed {args.first_seed}` on "
+        f"{time.strftime('%Y-%m-%d')} ({machine()}, one torch thread, machine shared with other jobs: times are "
+        f"indicative). Total {total:.0f} s, peak memory (max RSS) {peak_mb:.0f} MB.",
         "",
         "| outcome | networks |",
         "|---|---|",
