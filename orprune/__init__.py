@@ -82,6 +82,7 @@ from orprune.network import (
     partition_module,
     reconstructed_copy,
 )
+from orprune.network.saving import load, save
 from orprune.pipeline import Pruner, PruneResult, prune
 from orprune.spr import (
     PerspectiveRegularizer,
@@ -163,6 +164,7 @@ __all__ = [
     "greedy_path",
     "join_curves",
     "latency_tables",
+    "load",
     "map_objective",
     "masked_copy",
     "min_cost",
@@ -177,6 +179,7 @@ __all__ = [
     "reconstructed_copy",
     "register_solver",
     "restore_widths",
+    "save",
     "select",
     "select_hierarchical",
     "select_nm",

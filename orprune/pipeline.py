@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import multiprocessing
+import math
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Executor, ProcessPoolExecutor
+from concurrent.futures import Executor
 from typing import Any
 
 import numpy as np
@@ -28,6 +28,7 @@ import torch.nn as nn
 from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
+from orprune._pool import interruptible_pool
 from orprune.budget.allocation import AllocationProblem, allocate
 from orprune.budget.curves import ErrorCurve, error_curve, join_curves
 from orprune.budget.output_errors import output_error_curves, probe_batches
@@ -107,6 +108,45 @@ def _fraction(value: float | None, name: str) -> float | None:
     return float(value)
 
 
+def _budgets(macs: float | None, params: float | None, latency: float | None,
+             allocation: str) -> tuple[float | None, float | None, float | None]:
+    """The checked budget fractions of :meth:`Pruner.prune` (also checked by :func:`prune` before it fits)."""
+    macs, params, latency = _fraction(macs, "macs"), _fraction(params, "params"), _fraction(latency, "latency")
+    if macs is None and params is None and latency is None:
+        raise ValueError("give a budget: `macs`, `params` and/or `latency` as a fraction in (0, 1].")
+    if allocation not in ("milp", "uniform"):
+        raise ValueError(f"`allocation` must be 'milp' or 'uniform', got {allocation!r}.")
+    if latency is not None and allocation == "uniform":
+        raise ValueError("a `latency` budget needs `allocation='milp'` (measured latency is not monotone in "
+                         "a uniform rate).")
+    return macs, params, latency
+
+
+def _check_calibration(model: nn.Module, batches: list[Any]) -> None:
+    """Fail before any statistics: tensor batches share one shape and finite values, and the model runs
+    on one calibration input."""
+    first = batches[0]
+    if torch.is_tensor(first):
+        for i, batch in enumerate(batches):
+            if not torch.is_tensor(batch) or batch.ndim == 0 or batch.shape[1:] != first.shape[1:] or not len(batch):
+                found = tuple(batch.shape) if torch.is_tensor(batch) else type(batch).__name__
+                raise ValueError(f"`calibration` batch {i} has inputs of shape {found}; batch 0 has "
+                                 f"{tuple(first.shape)}: every batch needs the same shape after the batch dimension.")
+            if batch.is_floating_point() and not bool(torch.isfinite(batch).all()):
+                raise ValueError(f"`calibration` batch {i} holds NaN or inf values.")
+    example = first[:1] if torch.is_tensor(first) else first
+    shape = f"shape {tuple(example.shape)}" if torch.is_tensor(example) else type(example).__name__
+    training = model.training
+    try:
+        with torch.no_grad():
+            call_model(model.eval(), example)
+    except Exception as exc:
+        raise ValueError(f"`model` does not run on the `calibration` inputs (one input of {shape}): "
+                         f"{type(exc).__name__}: {exc}") from exc
+    finally:
+        model.train(training)
+
+
 def _inputs(batch: Any) -> Any:
     return batch[0] if isinstance(batch, (tuple, list)) else batch
 
@@ -167,6 +207,7 @@ class Pruner:
     n_jobs : int, optional
         Without ``executor``: solve the curves in a pool of this many processes (spawned, one BLAS
         thread each; scripts need the ``if __name__ == "__main__":`` guard). Serial when None or 1.
+        Ctrl-C stops the workers at once (they ignore SIGINT; the parent terminates them).
     time_limit : float, optional, default 1.0
         Seconds per exact solve inside the curves. The exact solver starts from greedy and backward
         elimination polished by swap search, which already is the best mask at 57 of 60 keep counts of
@@ -240,6 +281,14 @@ class Pruner:
     def _validate(self) -> None:
         if self.solver != "auto":
             resolve_solver(self.solver, 1)  # unknown / unavailable solver: fail before any work
+        if not isinstance(self.solver, str):
+            raise ValueError(f"`solver` must be a solver name, got {self.solver!r}.")
+        if self.time_limit is not None and not (isinstance(self.time_limit, (int, float)) and self.time_limit > 0
+                                                and not isinstance(self.time_limit, bool)):
+            raise ValueError(f"`time_limit` must be a positive number of seconds or None, got {self.time_limit!r}.")
+        if self.positions_per_image is not None and (isinstance(self.positions_per_image, bool) or not isinstance(
+                self.positions_per_image, int) or self.positions_per_image < 1):
+            raise ValueError(f"`positions_per_image` must be a positive integer or None, got {self.positions_per_image!r}.")
         if not (isinstance(self.ridge, (int, float)) and np.isfinite(self.ridge) and self.ridge >= 0):
             raise ValueError(f"`ridge` must be a finite number >= 0, got {self.ridge!r}.")
         for name in ("max_options", "min_channels", "round_to"):
@@ -264,9 +313,8 @@ class Pruner:
         if self.executor is not None:
             yield self.executor.map
         elif self.n_jobs is not None and self.n_jobs > 1:
-            with ProcessPoolExecutor(self.n_jobs, mp_context=multiprocessing.get_context("spawn"),
-                                     initializer=_one_thread_worker) as pool:
-                yield pool.map
+            with interruptible_pool(self.n_jobs, initializer=_one_thread_worker) as mapper:  # Ctrl-C: workers stop
+                yield mapper
         else:
             yield map
 
@@ -274,7 +322,10 @@ class Pruner:
         gram, cross, yy = acc.statistics(center=self._intercept(consumer, model))
         if consumer.groups > 1:  # a grouped conv's own least squares: block-diagonal by group
             gram, cross = block_diagonal(gram, cross, consumer.groups, consumer.group_size)
-        ridge = self.ridge * max(float(np.mean(np.diag(gram))), 0.0)  # centring can round a constant input below 0
+        scale = float(np.mean(np.diag(gram)))
+        # inputs constant over the calibration data have a zero centred Gram matrix: an absolute ridge then
+        # gives weights 0 and the bias keeps the (constant) output
+        ridge = self.ridge * (scale if scale > 0 else 1.0)
         weights = weight_matrix(model.get_submodule(consumer.name)).detach().double().numpy()
         return LayerProblem(gram, cross, yy, group_size=consumer.group_size, ridge=ridge, weights=weights)
 
@@ -288,9 +339,13 @@ class Pruner:
         self.__dict__.pop("latency_", None)  # tables of an earlier fit price other options
         if not isinstance(model, nn.Module):
             raise ValueError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
+        if not isinstance(calibration, Iterable) or torch.is_tensor(calibration):
+            raise ValueError("`calibration` must be an iterable of batches (a list of input tensors or a DataLoader), "
+                             f"got {type(calibration).__name__}; wrap one tensor as [tensor].")
         batches = [_inputs(b).detach() if torch.is_tensor(_inputs(b)) else _inputs(b) for b in calibration]
         if not batches:
             raise ValueError("`calibration` is empty: pruning needs at least one batch of inputs.")
+        _check_calibration(model, batches)
         self.model_ = copy.deepcopy(model).eval()
         self.batches_ = batches
         self.example_inputs_ = batches[0][:1] if torch.is_tensor(batches[0]) else batches[0]
@@ -436,14 +491,10 @@ class Pruner:
             the per-layer-rate baseline. Either way the channels are the curves' best for the count.
         """
         self._check_fitted()
-        macs, params, latency = _fraction(macs, "macs"), _fraction(params, "params"), _fraction(latency, "latency")
-        if macs is None and params is None and latency is None:
-            raise ValueError("give a budget: `macs`, `params` and/or `latency` as a fraction in (0, 1].")
-        if allocation not in ("milp", "uniform"):
-            raise ValueError(f"`allocation` must be 'milp' or 'uniform', got {allocation!r}.")
-        if latency is not None and allocation == "uniform":
-            raise ValueError("a `latency` budget needs `allocation='milp'` (measured latency is not monotone in "
-                             "a uniform rate).")
+        macs, params, latency = _budgets(macs, params, latency, allocation)
+        if time_limit is not None and not (isinstance(time_limit, (int, float)) and math.isfinite(time_limit)
+                                           and time_limit > 0):
+            raise ValueError(f"`time_limit` must be a positive number of seconds or None, got {time_limit!r}.")
         if latency is not None and not hasattr(self, "latency_"):
             self.fit_latency()
         start = time.perf_counter()
@@ -522,7 +573,8 @@ def prune(
     """Prune ``model`` to at most ``macs`` (and/or ``params``, ``latency``) of its original cost.
 
     Shorthand for ``Pruner(solver=..., executor=..., **options).fit(model, calibration).prune(...)``;
-    the input model is left unchanged.
+    the input model is left unchanged. The budgets are checked before any work.
     """
+    _budgets(macs, params, latency, "milp")
     return Pruner(solver=solver, executor=executor, **options).fit(model, calibration).prune(
         macs=macs, params=params, latency=latency)

@@ -4,35 +4,42 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 import torch
-from torch import nn
 
+from orprune.cli._args import nonnegative_float, positive_float, positive_int
+from orprune.cli._io import UsageError, check_output_file, load_model
+from orprune.cli._report import LOAD_HINT, accuracy_warnings, warn
 from orprune.examples import datasets
 from orprune.examples.zoo import SmallCNN, resnet20
+from orprune.network.saving import save
 from orprune.spr.training import DEFAULT_M_SCALE, DEFAULT_STRENGTH, train_with_spr
 from orprune.training import evaluate
 
 __all__ = ["add_spr_arguments", "run_spr"]
+
+PROG = "orprune spr"
 
 
 def add_spr_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Options of ``orprune spr``: train with SPR, threshold, remove, fine-tune, save."""
     parser.add_argument("--model", choices=["resnet20", "small_cnn"], default="resnet20",
                         help="architecture trained from scratch (orprune.examples.zoo)")
-    parser.add_argument("--init", default=None, help="start from a saved model (torch.save of the whole module)")
+    parser.add_argument("--init", default=None,
+                        help="start from a saved model (torch.save of the whole module, or orprune.save)")
+    parser.add_argument("--model-module", metavar="MODULE", default=None,
+                        help="FILE.py or module name defining the --init model's class")
     parser.add_argument("--dataset", choices=["auto", "digits", "fashion-mnist"], default="auto",
-                        help="auto: Fashion-MNIST when installed, else digits")
+                        help="auto: Fashion-MNIST when installed, else digits (said so on stderr)")
     parser.add_argument("--data-root", default=None, help="a directory holding the Fashion-MNIST IDX files")
-    parser.add_argument("--train-size", type=int, default=None, help="training images (default: all not held out)")
-    parser.add_argument("--val-size", type=int, default=5000, help="training images held out for the threshold")
-    parser.add_argument("--epochs", type=float, default=2)
-    parser.add_argument("--finetune-epochs", type=float, default=0)
+    parser.add_argument("--train-size", type=positive_int, default=None, help="training images (default: all not held out)")
+    parser.add_argument("--val-size", type=positive_int, default=5000, help="training images held out for the threshold")
+    parser.add_argument("--epochs", type=positive_float, default=2)
+    parser.add_argument("--finetune-epochs", type=nonnegative_float, default=0)
     parser.add_argument("--alpha", type=float, default=0.5, help="SPR quadratic weight")
     parser.add_argument("--lam", type=float, default=None, help="SPR indicator cost (default 1 - alpha)")
-    parser.add_argument("--strength", type=float, default=DEFAULT_STRENGTH, help="multiplier of the SPR term")
-    parser.add_argument("--m-scale", type=float, default=DEFAULT_M_SCALE,
+    parser.add_argument("--strength", type=nonnegative_float, default=DEFAULT_STRENGTH, help="multiplier of the SPR term")
+    parser.add_argument("--m-scale", type=positive_float, default=DEFAULT_M_SCALE,
                         help="big-M = this x each layer's initial max |w|")
     parser.add_argument("--costs", choices=["macs", "params"], default=None,
                         help="price each channel group's indicator by the MACs / params it saves "
@@ -42,10 +49,10 @@ def add_spr_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
                              "(PerspectiveRegularizer relative=True)")
     parser.add_argument("--score", choices=["norm", "relative_norm", "optimal_y"], default=None,
                         help="what the threshold runs on (default: relative_norm with --relative, else norm)")
-    parser.add_argument("--tolerance", type=float, default=0.005, help="accepted validation accuracy drop (fraction)")
-    parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument("--tolerance", type=nonnegative_float, default=0.005, help="accepted validation accuracy drop (fraction)")
+    parser.add_argument("--lr", type=positive_float, default=0.05)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output", "-o", required=True, help="where to save the pruned model (torch.save)")
+    parser.add_argument("--output", "-o", required=True, help="where to save the pruned model (orprune.save: loads with orprune.load(path, YourModel()))")
     parser.add_argument("--report", default=None, help="JSON report path (default: OUTPUT with .json)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
@@ -53,7 +60,17 @@ def add_spr_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
 
 def run_spr(args: argparse.Namespace) -> int:
     """Run ``orprune spr`` with options parsed by :func:`add_spr_arguments`; returns the exit code."""
+    if not 0 < args.alpha <= 1:
+        raise UsageError(f"--alpha must lie in (0, 1], got {args.alpha}")
+    if args.lam is not None and args.lam < 0:
+        raise UsageError(f"--lam must be >= 0, got {args.lam}")
+    output = check_output_file(args.output, "--output")
+    report_path = check_output_file(args.report or str(output.with_suffix(".json")), "--report")
+    init = load_model(args.init, args.model_module)[0] if args.init is not None else None
     if args.dataset == "digits" or (args.dataset == "auto" and not datasets.fashion_mnist_available(args.data_root)):
+        if args.dataset == "auto":
+            warn(PROG, "Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist, or --data-root): "
+                       "using scikit-learn's 8x8 digits (1437 training images) instead")
         (x, y), (test_x, test_y), name = datasets.load_digits("train"), datasets.load_digits("test"), "digits"
     else:
         x, y = datasets.load_fashion_mnist(args.data_root, "train")
@@ -61,19 +78,15 @@ def run_spr(args: argparse.Namespace) -> int:
     order = torch.randperm(len(y), generator=torch.Generator().manual_seed(args.seed))
     n_val = min(args.val_size, len(y) // 4)
     val, rest = order[:n_val], order[n_val:][:args.train_size]
+    print(f"dataset: {name} ({len(rest)} training, {n_val} validation, {len(test_y)} test images)", flush=True)
     torch.manual_seed(args.seed)
-    if args.init is not None:
-        model = torch.load(args.init, map_location="cpu", weights_only=False)
-        if not isinstance(model, nn.Module):
-            raise SystemExit(f"orprune spr: {args.init} does not hold a whole nn.Module")
-    else:
-        model = (resnet20 if args.model == "resnet20" else SmallCNN)(in_channels=x.shape[1])
+    model = init if init is not None else (resnet20 if args.model == "resnet20" else SmallCNN)(in_channels=x.shape[1])
     score = args.score or ("relative_norm" if args.relative else "norm")
     result = train_with_spr(
         model, x[rest], y[rest], x[val], y[val], alpha=args.alpha,
         lam=1.0 - args.alpha if args.lam is None else args.lam, strength=args.strength, m_scale=args.m_scale,
         tolerance=args.tolerance, score=score, epochs=args.epochs, finetune_epochs=args.finetune_epochs, lr=args.lr,
-        seed=args.seed, progress=not args.quiet, log=None if args.quiet else print, costs=args.costs,
+        seed=args.seed, progress=not args.quiet, log=None, costs=args.costs,
         relative=args.relative)
     p = result.pruning
     report = {
@@ -92,10 +105,18 @@ def run_spr(args: argparse.Namespace) -> int:
         "test_accuracy_final": evaluate(result.model, test_x, test_y),
         "train_seconds": result.train_seconds, "finetune_seconds": result.finetune_seconds,
     }
-    torch.save(result.model, args.output)
-    report_path = Path(args.report or Path(args.output).with_suffix(".json"))
+    report["warnings"] = accuracy_warnings(test_y, report["test_accuracy_trained"], report["test_accuracy_final"],
+                                           args.tolerance, before_what="trained model (before removing groups)")
+    if p.n_removed == 0:
+        report["warnings"].append("no channel group was removed: train longer or with a larger --strength, or "
+                                  "raise --tolerance")
+    report["load"] = LOAD_HINT
+    save(result.model, output, extra={"command": "orprune spr", "dataset": name})
     report_path.write_text(json.dumps(report, indent=2))
     print(p.summary())
-    print(f"test accuracy {report['test_accuracy_trained']:.4f} (trained) -> {report['test_accuracy_final']:.4f} "
-          f"(final)\npruned model: {args.output}\nreport: {report_path}")
+    print(f"test accuracy on {len(test_y)} {name} images: {report['test_accuracy_trained']:.4f} (trained) -> "
+          f"{report['test_accuracy_final']:.4f} (final)")
+    for message in report["warnings"]:
+        warn(PROG, message)
+    print(f"pruned model: {output} (load: {LOAD_HINT})\nreport: {report_path}")
     return 0

@@ -347,9 +347,19 @@ class StatisticsAccumulator:
         if center:
             mean_x, mean_y = self.means()
             n = self.n_samples
+            raw_diagonal = np.diag(gram).copy()
             gram = gram - n * np.outer(mean_x, mean_x)
             cross = cross - n * np.outer(mean_x, mean_y)
             yy = yy - n * float(mean_y @ mean_y)
+            # A column constant over the data has centred sums that are pure cancellation error (about
+            # eps x its raw sums, of either sign, which breaks the Gram matrix's semidefiniteness): zero.
+            constant = np.diag(gram) <= 1e-9 * np.maximum(raw_diagonal, np.finfo(float).tiny)
+            if constant.any():
+                gram = gram.copy()
+                gram[constant, :] = 0.0
+                gram[:, constant] = 0.0
+                cross = cross.copy()
+                cross[constant, :] = 0.0
         return 0.5 * (gram + gram.T), cross, max(yy, 0.0)
 
     def to_problem(

@@ -328,10 +328,12 @@ def find_groups(
         for u in sorted(units, key=lambda u: order[u.root])
     ]
     excluded.sort(key=lambda e: order.get(e.root, len(order)))
-    if excluded:
-        lines = "; ".join(f"{e.root}: {e.reason}" for e in excluded)
+    # the classifier's outputs (the model output) are never prunable: nothing for the user to act on
+    actionable = [e for e in excluded if not e.reason.endswith(("reaches the model output", "(model output)"))]
+    if actionable:
+        lines = "; ".join(f"{e.root}: {e.reason}" for e in actionable)
         warnings.warn(
-            f"{len(excluded)} channel group(s) are left unpruned ({lines}).",
+            f"{len(actionable)} channel group(s) are left unpruned ({lines}).",
             UserWarning,
             stacklevel=2,
         )

@@ -181,3 +181,20 @@ def test_psd_check_follows_the_smallest_eigenvalue(smallest, accepted):
     else:
         with pytest.raises(ValueError, match="positive semidefinite"):
             check_psd(gram, "gram")
+
+
+def test_centred_statistics_of_a_constant_column_are_exactly_zero():
+    # a column constant over the data (a dead channel, a padded border) leaves only cancellation error in
+    # its centred sums, of either sign; it must not break semidefiniteness (found by benchmarks/soak.py)
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(50, 4))
+    X[:, 2] = 0.1 + 1e-17  # constant
+    Y = X @ rng.normal(size=(4, 3)) + 0.01 * rng.normal(size=(50, 3))
+    acc = StatisticsAccumulator(4, 3).update(X[:17], Y[:17]).update(X[17:], Y[17:])
+    gram, cross, _ = acc.statistics(center=True)
+    assert np.all(gram[2] == 0) and np.all(gram[:, 2] == 0) and np.all(cross[2] == 0)
+    Xc = X - X.mean(0)
+    np.testing.assert_allclose(np.delete(np.delete(gram, 2, 0), 2, 1), np.delete(np.delete(Xc.T @ Xc, 2, 0), 2, 1),
+                               rtol=1e-10)
+    assert np.linalg.eigvalsh(gram)[0] >= 0
+    acc.to_problem(center=True)  # passes the semidefiniteness check

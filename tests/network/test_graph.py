@@ -15,7 +15,8 @@ from tests.models import SMALL, mobilenet_v2, one_thread, resnet18, resnet20, sm
 
 def groups(name: str, **kwargs) -> tuple[nn.Module, PruningGraph]:
     model, x = small_model(name)
-    with pytest.warns(UserWarning, match="left unpruned"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # groups left unpruned: the tests read `excluded`
         graph = find_groups(model, x, **kwargs)
     return model, graph
 
@@ -81,8 +82,8 @@ def test_vgg_units_and_max_features():
     assert graph["features.0"].consumers[0].group_size == 9
     assert graph["classifier.0"].consumers[0].name == "classifier.3"
     # with a larger limit the flattened classifier input is a consumer with 7*7 features per channel
-    with pytest.warns(UserWarning, match="classifier.6"):
-        big = find_groups(model, torch.randn(2, 3, 32, 32), max_features=10_000)
+    big = find_groups(model, torch.randn(2, 3, 32, 32), max_features=10_000)
+    assert "classifier.6" in reasons(big)
     (consumer,) = big[f"features.{convs[-1]}"].consumers
     assert (consumer.name, consumer.kind, consumer.group_size) == ("classifier.0", "linear", 49)
     assert consumer.n_features == model.classifier[0].in_features
@@ -131,8 +132,7 @@ def test_model_is_not_modified():
     model, x = small_model("resnet20")
     model.train()
     state = copy.deepcopy(model.state_dict())
-    with pytest.warns(UserWarning):
-        find_groups(model, x)
+    find_groups(model, x)
     assert all(m.training for m in model.modules())
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
 
@@ -174,6 +174,15 @@ def test_unsupported_modules_are_excluded_with_one_warning():
     assert graph["conv2"].tie == 2 and graph["conv2"].n_channels == 4
     why = reasons(graph)
     assert "cannot be sliced" in why["conv1"] and "output" in why["conv4"]
+    assert "conv4" not in str(next(w.message for w in caught if "left unpruned" in str(w.message)))
+
+
+def test_a_classifier_left_unpruned_is_not_worth_a_warning():
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the user cannot act on it: the model output keeps its width
+        graph = find_groups(model, torch.randn(2, 1, 8, 8))
+    assert graph.names == ("0",) and "output" in reasons(graph)["3"]
 
 
 class InputResidual(nn.Module):
