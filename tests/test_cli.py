@@ -44,7 +44,7 @@ def test_prune_command_needs_a_budget(tmp_path, capsys):
     path = tmp_path / "model.pt"
     torch.save(SmallCNN(1, 10).eval(), path)
     assert main(["prune", str(path), "--dataset", "digits", "-o", str(tmp_path / "x.pt")]) == 2
-    assert "give a budget: --macs and/or --params" in capsys.readouterr().err
+    assert "give a budget: --macs, --params and/or --latency" in capsys.readouterr().err
 
 
 def test_bad_fractions_are_rejected(capsys):
