@@ -29,7 +29,7 @@ from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
 from orprune.budget.allocation import AllocationProblem, allocate
-from orprune.budget.curves import ErrorCurve, error_curve, join_curves
+from orprune.budget.curves import PATH_SOLVERS, ErrorCurve, error_curve, join_curves
 from orprune.budget.output_errors import output_error_curves, probe_batches
 from orprune.budget.uniform_allocation import allocate_uniform
 from orprune.layer.problem import LayerProblem, StatisticsAccumulator
@@ -101,8 +101,8 @@ class Pruner:
     Parameters
     ----------
     solver : str, default "auto"
-        Layer solver for the curves: ``"auto"`` certifies small units exactly and uses greedy
-        beyond; any name of :func:`orprune.available_solvers` forces one.
+        Layer solver for the curves: ``"auto"`` certifies small units exactly, uses greedy beyond
+        and the blocked forward/backward ``"path"`` on wide units (``AUTO_PATH_MIN_FEATURES``); any name of :func:`orprune.available_solvers` forces one.
     ridge : float, default 1e-4
         Ridge of each consumer's least squares, relative to the mean diagonal of its Gram matrix.
     positions_per_image : int, default 32
@@ -300,14 +300,14 @@ class Pruner:
         problems = list(self.unit_problems_.values())
         options = [_keep_options(u.n_channels, self.max_options, self.min_channels, self.round_to)
                    for u in self.graph_.units]
-        solvers = [resolve_solver(self.solver, p.n_channels) for p in problems]
-        # Greedy gives a whole curve from one path; other solvers solve each keep count alone, so
+        solvers = [resolve_solver(self.solver, p.n_channels, p.n_features) for p in problems]
+        # Greedy and path give a whole curve from one run; other solvers solve each keep count alone, so
         # each count is its own task and parallel workers share even a single slow unit.
         tasks: list[tuple[int, np.ndarray]] = []
         for i, (solver, counts) in enumerate(zip(solvers, options)):
-            tasks += [(i, counts)] if solver == "greedy" else [(i, counts[j : j + 1]) for j in range(counts.size)]
+            tasks += [(i, counts)] if solver in PATH_SOLVERS else [(i, counts[j : j + 1]) for j in range(counts.size)]
         # longest first (exact, wide, many consumers, middle counts), so that workers finish together
-        tasks.sort(key=lambda t: (solvers[t[0]] != "greedy", problems[t[0]].n_channels,
+        tasks.sort(key=lambda t: (solvers[t[0]] not in PATH_SOLVERS, problems[t[0]].n_channels,
                                   len(self.graph_.units[t[0]].consumers),
                                   -abs(int(t[1][0]) - problems[t[0]].n_channels / 2)), reverse=True)
         with self._mapper() as mapper:

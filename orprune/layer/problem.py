@@ -92,6 +92,7 @@ class LayerProblem:
                     f"`weights` must have the shape of `cross` {cross.shape}, got {weights.shape}."
                 )
         self.weights = weights
+        self.components: tuple[tuple[LayerProblem, float], ...] | None = None
         for array in (self.gram, self.cross) + ((self.weights,) if weights is not None else ()):
             array.flags.writeable = False
         # f(all channels) can never be negative; a negative value means G, B and yy do not
@@ -179,7 +180,10 @@ class LayerProblem:
             offset += p.group_size
             out_offset += p.n_outputs
         yy = float(sum(s * p.yy for p, s in zip(problems, scales)))
-        return cls._trusted(gram, cross, yy, group_size=g)
+        combined = cls._trusted(gram, cross, yy, group_size=g)
+        # the Gram matrix is block diagonal across the consumers: solvers may work on each alone
+        combined.components = tuple((p, float(s)) for p, s in zip(problems, scales))
+        return combined
 
     @classmethod
     def _trusted(cls, gram: np.ndarray, cross: np.ndarray, yy: float, *, group_size: int) -> LayerProblem:
@@ -188,6 +192,7 @@ class LayerProblem:
         prob = cls.__new__(cls)
         prob.gram, prob.cross, prob.yy = gram, cross, float(yy)
         prob.group_size, prob.ridge, prob.weights = int(group_size), 0.0, None
+        prob.components = None
         gram.flags.writeable = cross.flags.writeable = False
         return prob
 
