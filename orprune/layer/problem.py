@@ -223,6 +223,9 @@ class LayerProblem:
 
     def objective(self, mask: Any) -> float:
         """Reconstruction error ``f(S)`` of keeping the channels in ``mask``."""
+        if self.components:  # a combined problem: the consumers' errors add up, each solved alone
+            mask = channel_mask(mask, self.n_channels)
+            return float(sum(s * p.objective(mask) for p, s in self.components))
         return self._solve(self.columns(mask))[1]
 
     def refit(self, mask: Any) -> tuple[np.ndarray, float]:
@@ -243,6 +246,8 @@ class LayerProblem:
     @cached_property
     def full_objective(self) -> float:
         """``f`` with every channel kept: a lower bound on ``f(S)`` for every ``S``."""
+        if self.components:
+            return float(sum(s * p.full_objective for p, s in self.components))
         return self._solve(np.arange(self.n_features))[1]
 
     @cached_property

@@ -59,6 +59,10 @@ def test_one_channel_blocks_are_greedy_and_backward_elimination():
 def test_combined_problem_is_solved_per_consumer_with_the_same_path():
     prob = _combined(6)
     flat = LayerProblem._trusted(prob.gram.copy(), prob.cross.copy(), prob.yy, group_size=prob.group_size)
+    # the combined problem's errors are summed per consumer; the flat block-diagonal matrix agrees
+    assert prob.full_objective == pytest.approx(flat.full_objective, rel=1e-10)
+    for mask in (np.arange(24) < 5, np.arange(24) % 3 == 0):
+        assert prob.objective(mask) == pytest.approx(flat.objective(mask), rel=1e-10)
     for direction in ("forward", "backward"):
         order, errors = nested_path(prob, direction, block=3)
         flat_order, flat_errors = nested_path(flat, direction, block=3)
