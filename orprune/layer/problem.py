@@ -166,23 +166,10 @@ class LayerProblem:
         scales = np.ones(len(problems)) if scales is None else np.asarray(scales, dtype=float)
         if scales.shape != (len(problems),) or not np.all(np.isfinite(scales)) or np.any(scales <= 0):
             raise ValueError("`scales` must hold one positive finite number per problem.")
-        g = sum(p.group_size for p in problems)
-        n_out = sum(p.n_outputs for p in problems)
-        gram = np.zeros((n_channels * g, n_channels * g))
-        cross = np.zeros((n_channels * g, n_out))
-        offset, out_offset = 0, 0
-        for p, s in zip(problems, scales):
-            # column j of problem p (channel j // g_p) goes to channel-major position in the union
-            ch, within = np.divmod(np.arange(p.n_features), p.group_size)
-            cols = ch * g + offset + within
-            gram[np.ix_(cols, cols)] = s * (p.gram + p.ridge * np.eye(p.n_features))
-            cross[cols, out_offset : out_offset + p.n_outputs] = s * p.cross
-            offset += p.group_size
-            out_offset += p.n_outputs
-        yy = float(sum(s * p.yy for p, s in zip(problems, scales)))
-        combined = cls._trusted(gram, cross, yy, group_size=g)
-        # the Gram matrix is block diagonal across the consumers: solvers may work on each alone
+        combined = _CombinedProblem.__new__(_CombinedProblem)
         combined.components = tuple((p, float(s)) for p, s in zip(problems, scales))
+        combined.yy = float(sum(s * p.yy for p, s in zip(problems, scales)))
+        combined.group_size, combined.ridge, combined.weights = sum(p.group_size for p in problems), 0.0, None
         return combined
 
     @classmethod
@@ -373,3 +360,49 @@ class StatisticsAccumulator:
         """The :class:`LayerProblem` of the accumulated data (centred with ``center=True``)."""
         gram, cross, yy = self.statistics(center=center)
         return LayerProblem(gram, cross, yy, group_size=group_size, ridge=ridge, weights=weights)
+
+
+class _CombinedProblem(LayerProblem):
+    """A problem made by :meth:`LayerProblem.combine`: its dense matrices are built only when read.
+
+    The union's Gram matrix is block diagonal across the consumers (``(C sum_p g_p)^2`` entries, most
+    of them zero); solvers that use ``components`` (the paths, ``objective``) never build it.
+    """
+
+    @property
+    def n_features(self) -> int:
+        return self.n_channels * self.group_size
+
+    @property
+    def n_channels(self) -> int:
+        return self.components[0][0].n_channels
+
+    @property
+    def n_outputs(self) -> int:
+        return sum(p.n_outputs for p, _ in self.components)
+
+    @cached_property
+    def _dense(self) -> tuple[np.ndarray, np.ndarray]:
+        n_channels, g = self.n_channels, self.group_size
+        gram = np.zeros((n_channels * g, n_channels * g))
+        cross = np.zeros((n_channels * g, self.n_outputs))
+        offset, out_offset = 0, 0
+        for p, s in self.components:
+            # column j of problem p (channel j // g_p) goes to channel-major position in the union
+            ch, within = np.divmod(np.arange(p.n_features), p.group_size)
+            cols = ch * g + offset + within
+            gram[np.ix_(cols, cols)] = s * (p.gram + p.ridge * np.eye(p.n_features))
+            cross[cols, out_offset : out_offset + p.n_outputs] = s * p.cross
+            offset += p.group_size
+            out_offset += p.n_outputs
+        gram.flags.writeable = cross.flags.writeable = False
+        return gram, cross
+
+    @property
+    def gram(self) -> np.ndarray:  # type: ignore[override]
+        return self._dense[0]
+
+    @property
+    def cross(self) -> np.ndarray:  # type: ignore[override]
+        return self._dense[1]
+
