@@ -44,10 +44,13 @@ from orprune.prune_result import PruneResult, UnitReport
 __all__ = ["Pruner", "PruneResult", "UnitReport", "prune"]
 
 
-def _curve_task(problem: LayerProblem, keep_counts: np.ndarray, solver: str, time_limit: float | None) -> ErrorCurve:
+def _curve_task(problem: LayerProblem, keep_counts: np.ndarray, solver: str, time_limit: float | None,
+               progress: bool = False) -> ErrorCurve:
     """One unit's curve at ``keep_counts``; a top-level function so process pools can pickle it."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # time-limit warnings: the status is in the curve
+        if solver == "path":  # a wide unit's paths get their own progress bar (ETA)
+            return error_curve(problem, keep_counts, solver=solver, progress=progress)
         return error_curve(problem, keep_counts, solver=solver, time_limit=time_limit)
 
 
@@ -256,7 +259,8 @@ class Pruner:
         gram, cross, yy = acc.statistics(center=True)
         ridge = self.ridge * float(np.mean(np.diag(gram)))
         weights = weight_matrix(model.get_submodule(consumer.name)).detach().double().numpy()
-        return LayerProblem(gram, cross, yy, group_size=consumer.group_size, ridge=ridge, weights=weights)
+        return LayerProblem(gram, cross, yy, group_size=consumer.group_size, ridge=ridge, weights=weights,
+                            assume_psd=True)  # accumulated X^T X
 
     def fit(self, model: nn.Module, calibration: Iterable[Any]) -> Pruner:
         """Trace ``model``, accumulate calibration statistics and compute every unit's curve.
@@ -311,8 +315,10 @@ class Pruner:
                                   len(self.graph_.units[t[0]].consumers),
                                   -abs(int(t[1][0]) - problems[t[0]].n_channels / 2)), reverse=True)
         with self._mapper() as mapper:
+            in_process = mapper is map  # progress bars of the paths only in this process
             results = mapper(_curve_task, [problems[i] for i, _ in tasks], [counts for _, counts in tasks],
-                             [solvers[i] for i, _ in tasks], [self.time_limit] * len(tasks))
+                             [solvers[i] for i, _ in tasks], [self.time_limit] * len(tasks),
+                             [self.progress and in_process] * len(tasks))
             parts: dict[int, list[ErrorCurve]] = {i: [] for i in range(len(problems))}
             for (i, _), curve in zip(tasks, tqdm(results, total=len(tasks), desc="error curves",
                                                  disable=not self.progress, leave=False)):
