@@ -88,7 +88,8 @@ class _Part:
         from orprune.layer.solvers._perspective import spd_inverse
 
         self.g = prob.group_size
-        H = prob.gram * scale + (prob.ridge * scale) * np.eye(prob.n_features)
+        H = prob.gram * scale
+        H[np.diag_indices_from(H)] += prob.ridge * scale  # no dense identity: wide layers are GBs
         B = compress_outputs(prob.cross) * scale
         if forward:
             self.X, self.Y = H, B
