@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from orprune._pool import interruptible_pool
 from orprune.budget.allocation import AllocationProblem, allocate
-from orprune.budget.curves import ErrorCurve, error_curve, join_curves
+from orprune.budget.curves import PATH_SOLVERS, ErrorCurve, error_curve, join_curves
 from orprune.budget.output_errors import output_error_curves, probe_batches
 from orprune.budget.uniform_allocation import allocate_uniform
 from orprune.layer.fixed import fix_channels
@@ -49,10 +49,13 @@ from orprune.prune_result import LatencyReport, PruneResult, UnitReport
 __all__ = ["Pruner", "PruneResult", "UnitReport", "prune"]
 
 
-def _curve_task(problem: LayerProblem, keep_counts: np.ndarray, solver: str, time_limit: float | None) -> ErrorCurve:
+def _curve_task(problem: LayerProblem, keep_counts: np.ndarray, solver: str, time_limit: float | None,
+               progress: bool = False) -> ErrorCurve:
     """One unit's curve at ``keep_counts``; a top-level function so process pools can pickle it."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # time-limit warnings: the status is in the curve
+        if solver == "path":  # a wide unit's paths get their own progress bar (ETA)
+            return error_curve(problem, keep_counts, solver=solver, progress=progress)
         return error_curve(problem, keep_counts, solver=solver, time_limit=time_limit)
 
 
@@ -157,8 +160,8 @@ class Pruner:
     Parameters
     ----------
     solver : str, default "auto"
-        Layer solver for the curves: ``"auto"`` certifies small units exactly and uses greedy
-        beyond; any name of :func:`orprune.available_solvers` forces one.
+        Layer solver for the curves: ``"auto"`` certifies small units exactly, uses greedy beyond
+        and the blocked forward/backward ``"path"`` on wide units (``AUTO_PATH_MIN_FEATURES``); any name of :func:`orprune.available_solvers` forces one.
     ridge : float, default 1e-4
         Ridge of each consumer's least squares, relative to the mean diagonal of its Gram matrix.
     positions_per_image : int, default 32
@@ -327,7 +330,8 @@ class Pruner:
         # gives weights 0 and the bias keeps the (constant) output
         ridge = self.ridge * (scale if scale > 0 else 1.0)
         weights = weight_matrix(model.get_submodule(consumer.name)).detach().double().numpy()
-        return LayerProblem(gram, cross, yy, group_size=consumer.group_size, ridge=ridge, weights=weights)
+        return LayerProblem(gram, cross, yy, group_size=consumer.group_size, ridge=ridge, weights=weights,
+                            assume_psd=True)  # accumulated X^T X
 
     def fit(self, model: nn.Module, calibration: Iterable[Any]) -> Pruner:
         """Trace ``model``, accumulate calibration statistics and compute every unit's curve.
@@ -378,19 +382,21 @@ class Pruner:
         problems = list(self.unit_problems_.values())
         options = [_keep_options(u.n_channels, self.max_options, self.min_channels, self.round_to)
                    for u in self.graph_.units]
-        solvers = [resolve_solver(self.solver, p.n_channels) for p in problems]
-        # Greedy gives a whole curve from one path; other solvers solve each keep count alone, so
+        solvers = [resolve_solver(self.solver, p.n_channels, p.n_features) for p in problems]
+        # Greedy and path give a whole curve from one run; other solvers solve each keep count alone, so
         # each count is its own task and parallel workers share even a single slow unit.
         tasks: list[tuple[int, np.ndarray]] = []
         for i, (solver, counts) in enumerate(zip(solvers, options)):
-            tasks += [(i, counts)] if solver == "greedy" else [(i, counts[j : j + 1]) for j in range(counts.size)]
+            tasks += [(i, counts)] if solver in PATH_SOLVERS else [(i, counts[j : j + 1]) for j in range(counts.size)]
         # longest first (exact, wide, many consumers, middle counts), so that workers finish together
-        tasks.sort(key=lambda t: (solvers[t[0]] != "greedy", problems[t[0]].n_channels,
+        tasks.sort(key=lambda t: (solvers[t[0]] not in PATH_SOLVERS, problems[t[0]].n_channels,
                                   len(self.graph_.units[t[0]].consumers),
                                   -abs(int(t[1][0]) - problems[t[0]].n_channels / 2)), reverse=True)
         with self._mapper() as mapper:
+            in_process = mapper is map  # progress bars of the paths only in this process
             results = mapper(_curve_task, [problems[i] for i, _ in tasks], [counts for _, counts in tasks],
-                             [solvers[i] for i, _ in tasks], [self.time_limit] * len(tasks))
+                             [solvers[i] for i, _ in tasks], [self.time_limit] * len(tasks),
+                             [self.progress and in_process] * len(tasks))
             parts: dict[int, list[ErrorCurve]] = {i: [] for i in range(len(problems))}
             for (i, _), curve in zip(tasks, tqdm(results, total=len(tasks), desc="error curves",
                                                  disable=not self.progress, leave=False)):

@@ -17,8 +17,12 @@ from orprune._validation import check_integer
 from orprune.layer.problem import LayerProblem
 from orprune.layer.selection import resolve_solver, select
 from orprune.layer.solvers.greedy import greedy_path
+from orprune.layer.solvers.paths import best_paths
 
-__all__ = ["ErrorCurve", "error_curve", "join_curves"]
+__all__ = ["ErrorCurve", "error_curve", "join_curves", "PATH_SOLVERS"]
+
+#: Solvers whose one run gives the whole curve (nested paths); the others solve each count alone.
+PATH_SOLVERS = ("greedy", "path")
 
 
 @dataclass(frozen=True)
@@ -82,23 +86,29 @@ def error_curve(
 ) -> ErrorCurve:
     """Best error for each keep count (all of ``0..C`` by default).
 
-    ``"greedy"`` gets the whole curve from one forward path (nested sets). Other solvers are run
-    once per count; ``time_limit`` applies to each solve.
+    ``"greedy"`` gets the whole curve from one forward path (nested sets), ``"path"`` from a
+    blocked forward and a blocked backward path (the better mask at each count; see
+    :mod:`orprune.layer.solvers.paths`). Other solvers are run once per count; ``time_limit``
+    applies to each solve.
     """
     import time
 
     start = time.perf_counter()
     counts = _keep_counts(prob, keep_counts)
-    name = resolve_solver(solver, prob.n_channels)
+    name = resolve_solver(solver, prob.n_channels, prob.n_features)
     C = prob.n_channels
     masks = np.zeros((counts.size, C), dtype=bool)
-    if name == "greedy":
-        order, path_errors = greedy_path(prob, int(counts.max()))
-        for i, k in enumerate(counts):
-            masks[i, order[:k]] = True
+    if name in PATH_SOLVERS:
+        if name == "greedy":
+            order, path_errors = greedy_path(prob, int(counts.max()))
+            for i, k in enumerate(counts):
+                masks[i, order[:k]] = True
+            errors = path_errors[counts]
+        else:
+            masks, errors = best_paths(prob, counts, progress=bool(options.get("progress", False)))
         # The path's running errors equal the prefix refits up to rounding (tested), and cost
         # nothing; refitting every prefix would dominate the time of a whole network's curves.
-        errors = np.maximum(path_errors[counts], 0.0)
+        errors = np.maximum(errors, 0.0)
         bounds = np.full(counts.size, prob.full_objective)
         statuses = tuple(OPTIMAL if k in (0, C) else FEASIBLE for k in counts)
         bounds[counts == 0] = prob.yy

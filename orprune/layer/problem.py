@@ -51,6 +51,10 @@ class LayerProblem:
         Absolute ridge weight ``r >= 0`` on ``||W||_F^2``.
     weights : array_like, shape (C*g, n_out), optional
         The layer's original weights in the same layout, used by the ``magnitude`` baseline.
+    assume_psd : bool, default False
+        Skip the positive-semidefiniteness check (a Cholesky factorisation, ``(Cg)^3 / 3`` flops):
+        for ``gram`` accumulated as ``X^T X``, PSD by construction. The consistency check of
+        ``gram``, ``cross`` and ``yy`` still runs.
 
     Notes
     -----
@@ -66,6 +70,7 @@ class LayerProblem:
         group_size: int = 1,
         ridge: float = 0.0,
         weights: Any | None = None,
+        assume_psd: bool = False,
     ) -> None:
         gram = as_finite_array(gram, "gram", ndim=2)
         if gram.shape[0] != gram.shape[1]:
@@ -81,7 +86,8 @@ class LayerProblem:
         self.group_size = check_group_size(group_size, gram.shape[0])
         self.ridge = check_nonnegative_scalar(ridge, "ridge")
         self.yy = check_nonnegative_scalar(yy, "yy")
-        self.gram = check_psd(gram, "gram")
+        # accumulated X^T X is PSD by construction: skip the O((Cg)^3) check (only symmetrise)
+        self.gram = 0.5 * (gram + gram.T) if assume_psd else check_psd(gram, "gram")
         self.cross = cross
         if weights is not None:
             weights = as_finite_array(weights, "weights", ndim=(1, 2))
@@ -92,6 +98,7 @@ class LayerProblem:
                     f"`weights` must have the shape of `cross` {cross.shape}, got {weights.shape}."
                 )
         self.weights = weights
+        self.components: tuple[tuple[LayerProblem, float], ...] | None = None
         for array in (self.gram, self.cross) + ((self.weights,) if weights is not None else ()):
             array.flags.writeable = False
         # f(all channels) can never be negative; a negative value means G, B and yy do not
@@ -165,21 +172,11 @@ class LayerProblem:
         scales = np.ones(len(problems)) if scales is None else np.asarray(scales, dtype=float)
         if scales.shape != (len(problems),) or not np.all(np.isfinite(scales)) or np.any(scales <= 0):
             raise ValueError("`scales` must hold one positive finite number per problem.")
-        g = sum(p.group_size for p in problems)
-        n_out = sum(p.n_outputs for p in problems)
-        gram = np.zeros((n_channels * g, n_channels * g))
-        cross = np.zeros((n_channels * g, n_out))
-        offset, out_offset = 0, 0
-        for p, s in zip(problems, scales):
-            # column j of problem p (channel j // g_p) goes to channel-major position in the union
-            ch, within = np.divmod(np.arange(p.n_features), p.group_size)
-            cols = ch * g + offset + within
-            gram[np.ix_(cols, cols)] = s * (p.gram + p.ridge * np.eye(p.n_features))
-            cross[cols, out_offset : out_offset + p.n_outputs] = s * p.cross
-            offset += p.group_size
-            out_offset += p.n_outputs
-        yy = float(sum(s * p.yy for p, s in zip(problems, scales)))
-        return cls._trusted(gram, cross, yy, group_size=g)
+        combined = _CombinedProblem.__new__(_CombinedProblem)
+        combined.components = tuple((p, float(s)) for p, s in zip(problems, scales))
+        combined.yy = float(sum(s * p.yy for p, s in zip(problems, scales)))
+        combined.group_size, combined.ridge, combined.weights = sum(p.group_size for p in problems), 0.0, None
+        return combined
 
     @classmethod
     def _trusted(cls, gram: np.ndarray, cross: np.ndarray, yy: float, *, group_size: int) -> LayerProblem:
@@ -188,6 +185,7 @@ class LayerProblem:
         prob = cls.__new__(cls)
         prob.gram, prob.cross, prob.yy = gram, cross, float(yy)
         prob.group_size, prob.ridge, prob.weights = int(group_size), 0.0, None
+        prob.components = None
         gram.flags.writeable = cross.flags.writeable = False
         return prob
 
@@ -218,6 +216,9 @@ class LayerProblem:
 
     def objective(self, mask: Any) -> float:
         """Reconstruction error ``f(S)`` of keeping the channels in ``mask``."""
+        if self.components:  # a combined problem: the consumers' errors add up, each solved alone
+            mask = channel_mask(mask, self.n_channels)
+            return float(sum(s * p.objective(mask) for p, s in self.components))
         return self._solve(self.columns(mask))[1]
 
     def refit(self, mask: Any) -> tuple[np.ndarray, float]:
@@ -238,6 +239,8 @@ class LayerProblem:
     @cached_property
     def full_objective(self) -> float:
         """``f`` with every channel kept: a lower bound on ``f(S)`` for every ``S``."""
+        if self.components:
+            return float(sum(s * p.full_objective for p, s in self.components))
         return self._solve(np.arange(self.n_features))[1]
 
     @cached_property
@@ -373,3 +376,49 @@ class StatisticsAccumulator:
         """The :class:`LayerProblem` of the accumulated data (centred with ``center=True``)."""
         gram, cross, yy = self.statistics(center=center)
         return LayerProblem(gram, cross, yy, group_size=group_size, ridge=ridge, weights=weights)
+
+
+class _CombinedProblem(LayerProblem):
+    """A problem made by :meth:`LayerProblem.combine`: its dense matrices are built only when read.
+
+    The union's Gram matrix is block diagonal across the consumers (``(C sum_p g_p)^2`` entries, most
+    of them zero); solvers that use ``components`` (the paths, ``objective``) never build it.
+    """
+
+    @property
+    def n_features(self) -> int:
+        return self.n_channels * self.group_size
+
+    @property
+    def n_channels(self) -> int:
+        return self.components[0][0].n_channels
+
+    @property
+    def n_outputs(self) -> int:
+        return sum(p.n_outputs for p, _ in self.components)
+
+    @cached_property
+    def _dense(self) -> tuple[np.ndarray, np.ndarray]:
+        n_channels, g = self.n_channels, self.group_size
+        gram = np.zeros((n_channels * g, n_channels * g))
+        cross = np.zeros((n_channels * g, self.n_outputs))
+        offset, out_offset = 0, 0
+        for p, s in self.components:
+            # column j of problem p (channel j // g_p) goes to channel-major position in the union
+            ch, within = np.divmod(np.arange(p.n_features), p.group_size)
+            cols = ch * g + offset + within
+            gram[np.ix_(cols, cols)] = s * (p.gram + p.ridge * np.eye(p.n_features))
+            cross[cols, out_offset : out_offset + p.n_outputs] = s * p.cross
+            offset += p.group_size
+            out_offset += p.n_outputs
+        gram.flags.writeable = cross.flags.writeable = False
+        return gram, cross
+
+    @property
+    def gram(self) -> np.ndarray:  # type: ignore[override]
+        return self._dense[0]
+
+    @property
+    def cross(self) -> np.ndarray:  # type: ignore[override]
+        return self._dense[1]
+

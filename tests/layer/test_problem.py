@@ -198,3 +198,13 @@ def test_centred_statistics_of_a_constant_column_are_exactly_zero():
                                rtol=1e-10)
     assert np.linalg.eigvalsh(gram)[0] >= 0
     acc.to_problem(center=True)  # passes the semidefiniteness check
+
+
+def test_assume_psd_skips_only_the_psd_check():
+    gram, cross, yy = _stats(3)
+    checked = LayerProblem(gram, cross, yy, group_size=2, ridge=0.1)
+    trusted = LayerProblem(gram, cross, yy, group_size=2, ridge=0.1, assume_psd=True)
+    for mask in ([0], [1, 3], [0, 1, 2, 3]):
+        assert trusted.objective(mask) == pytest.approx(checked.objective(mask), rel=1e-12)
+    with pytest.raises(ValueError, match="inconsistent"):  # the consistency check still runs
+        LayerProblem(gram, cross, 0.0, group_size=2, assume_psd=True)
