@@ -27,6 +27,7 @@ from orprune.budget import (
 )
 from orprune.factorize import FactorizeResult, LayerRank, factorize
 from orprune.layer import (
+    FixedChannels,
     HierarchicalSelection,
     LayerProblem,
     NMSelection,
@@ -37,6 +38,7 @@ from orprune.layer import (
     StatisticsAccumulator,
     available_solvers,
     backward_elimination,
+    fix_channels,
     greedy_path,
     map_objective,
     partition_layer,
@@ -47,6 +49,7 @@ from orprune.layer import (
     select_hierarchical,
     select_nm,
     select_rank,
+    select_with_fixed,
     solve_scip,
     swap_local_search,
     to_pyomo,
@@ -114,6 +117,7 @@ __all__ = [
     "ExcludedGroup",
     "FEASIBLE",
     "FactorizeResult",
+    "FixedChannels",
     "HierarchicalSelection",
     "INFEASIBLE",
     "LatencyModel",
@@ -160,6 +164,7 @@ __all__ = [
     "find_groups",
     "find_residual_targets",
     "find_units",
+    "fix_channels",
     "following_norms",
     "greedy_path",
     "join_curves",
@@ -184,6 +189,7 @@ __all__ = [
     "select_hierarchical",
     "select_nm",
     "select_rank",
+    "select_with_fixed",
     "solve_scip",
     "spr_optimal_y",
     "spr_penalty",

@@ -5,6 +5,7 @@ SCIP model, the best low-rank map (:func:`select_rank`), N:M masks (:func:`selec
 :func:`select_hierarchical`. May import only the private core (``orprune._status``, ``_validation``, ``_highs``).
 """
 
+from orprune.layer.fixed import FixedChannels, fix_channels, select_with_fixed
 from orprune.layer.hierarchical import HierarchicalSelection, select_hierarchical
 from orprune.layer.low_rank import RankCurve, RankSelection, map_objective, rank_curve, select_rank
 from orprune.layer.milp_model import solve_scip, to_pyomo, write_model
@@ -19,6 +20,7 @@ from orprune.layer.solvers.greedy import greedy_path
 from orprune.layer.solvers.local_search import backward_elimination, swap_local_search
 
 __all__ = [
+    "FixedChannels",
     "HierarchicalSelection",
     "LayerProblem",
     "NMSelection",
@@ -29,6 +31,7 @@ __all__ = [
     "StatisticsAccumulator",
     "available_solvers",
     "backward_elimination",
+    "fix_channels",
     "greedy_path",
     "map_objective",
     "partition_layer",
@@ -39,6 +42,7 @@ __all__ = [
     "select_hierarchical",
     "select_nm",
     "select_rank",
+    "select_with_fixed",
     "solve_scip",
     "swap_local_search",
     "to_pyomo",
