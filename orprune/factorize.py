@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from orprune._pipeline_steps import batch_inputs, check_fraction, forward_order, keep_options
 from orprune.budget.allocation import Allocation, AllocationProblem, allocate
 from orprune.layer.low_rank import RankCurve, rank_curve, select_rank
 from orprune.layer.problem import LayerProblem, StatisticsAccumulator
@@ -35,7 +36,6 @@ from orprune.network.costs import count_macs_params
 from orprune.network.factorization import LayerFactors, apply_factorization, factorizable_layers, following_norms
 from orprune.network.graph import DEFAULT_MAX_FEATURES, call_model, weight_matrix
 from orprune.network.residual_targets import find_residual_targets
-from orprune.pipeline import _forward_order, _fraction, _inputs, _keep_options
 
 __all__ = ["FactorizeResult", "LayerRank", "factorize", "factorization_options"]
 
@@ -126,7 +126,7 @@ def factorization_options(n_features: int, n_outputs: int, positions: int, max_o
     """
     whole = positions * n_features * n_outputs
     below = (n_features * n_outputs - 1) // (n_features + n_outputs)  # largest r with r (n + m) < n m
-    ranks = _keep_options(max(below, 0), max(max_options - 1, 1), min_rank) if below >= min_rank else np.zeros(0, int)
+    ranks = keep_options(max(below, 0), max(max_options - 1, 1), min_rank) if below >= min_rank else np.zeros(0, int)
     ranks = ranks[ranks >= min_rank]
     macs = positions * ranks * (n_features + n_outputs)
     return np.r_[ranks, -1].astype(int), np.r_[macs, whole].astype(np.int64)
@@ -197,7 +197,7 @@ def factorize(
     FactorizeResult
     """
     start = time.perf_counter()
-    macs, params = _fraction(macs, "macs"), _fraction(params, "params")
+    macs, params = check_fraction(macs, "macs"), check_fraction(params, "params")
     if macs is None and params is None:
         raise ValueError("give a budget: `macs` and/or `params` as a fraction in (0, 1].")
     if not (isinstance(ridge, (int, float)) and np.isfinite(ridge) and ridge >= 0):
@@ -207,7 +207,7 @@ def factorize(
             raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
     if not isinstance(model, nn.Module):
         raise ValueError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
-    batches = [_inputs(b).detach() if torch.is_tensor(_inputs(b)) else _inputs(b) for b in calibration]
+    batches = [batch_inputs(b).detach() if torch.is_tensor(batch_inputs(b)) else batch_inputs(b) for b in calibration]
     if not batches:
         raise ValueError("`calibration` is empty: factorization needs at least one batch of inputs.")
     names = factorizable_layers(model, ignored_layers)  # on the user's model: ignored modules are its own
@@ -243,7 +243,7 @@ def factorize(
     factored = [n for n in names if chosen[n] >= 0]
     norms = following_norms(original, example, factored)
     factors: dict[str, LayerFactors] = {}
-    order = [c.name for c in _forward_order(original, [types.SimpleNamespace(name=n) for n in factored], example)]
+    order = [c.name for c in forward_order(original, [types.SimpleNamespace(name=n) for n in factored], example)]
     for n in tqdm(order, desc="refit", disable=not progress, leave=False):
         if sequential:
             working = apply_factorization(original, factors, norms)

@@ -18,28 +18,36 @@ import copy
 import math
 import time
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn as nn
-from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
+from orprune._pipeline_steps import (
+    batch_inputs,
+    check_budgets,
+    check_calibration,
+    curve_task,
+    forward_order,
+    keep_options,
+    one_thread_worker,
+    unit_part,
+)
 from orprune._pool import interruptible_pool
 from orprune.budget.allocation import AllocationProblem, allocate
-from orprune.budget.curves import PATH_SOLVERS, ErrorCurve, error_curve, join_curves
+from orprune.budget.curves import PATH_SOLVERS, ErrorCurve, join_curves
 from orprune.budget.output_errors import output_error_curves, probe_batches
 from orprune.budget.uniform_allocation import allocate_uniform
-from orprune.layer.fixed import fix_channels
 from orprune.layer.problem import LayerProblem, StatisticsAccumulator
 from orprune.layer.selection import resolve_solver
-from orprune.layer.tied import block_diagonal, tie_channels
+from orprune.layer.tied import block_diagonal
 from orprune.network.calibration import DEFAULT_POSITIONS_PER_IMAGE, TargetCache, collect_statistics
 from orprune.network.costs import count_macs_params, network_costs
-from orprune.network.graph import DEFAULT_MAX_FEATURES, Consumer, call_model, find_groups, weight_matrix
+from orprune.network.graph import DEFAULT_MAX_FEATURES, Consumer, find_groups, weight_matrix
 from orprune.network.latency import LatencyModel, latency_tables
 from orprune.network.residual_targets import ResidualTarget, find_residual_targets
 from orprune.network.surgery import ConsumerUpdate, PruningPlan, apply_pruning, masked_copy
@@ -47,111 +55,6 @@ from orprune.network.timing import call_times, torch_threads
 from orprune.prune_result import LatencyReport, PruneResult, UnitReport
 
 __all__ = ["Pruner", "PruneResult", "UnitReport", "prune"]
-
-
-def _curve_task(problem: LayerProblem, keep_counts: np.ndarray, solver: str, time_limit: float | None,
-               progress: bool = False) -> ErrorCurve:
-    """One unit's curve at ``keep_counts``; a top-level function so process pools can pickle it."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # time-limit warnings: the status is in the curve
-        if solver == "path":  # a wide unit's paths get their own progress bar (ETA)
-            return error_curve(problem, keep_counts, solver=solver, progress=progress)
-        return error_curve(problem, keep_counts, solver=solver, time_limit=time_limit)
-
-
-def _one_thread_worker() -> None:
-    """Pool initializer: one BLAS and torch thread per worker, so ``n_jobs`` workers share the cores."""
-    threadpool_limits(1)
-    torch.set_num_threads(1)
-
-
-@torch.no_grad()
-def _forward_order(model: nn.Module, consumers: Sequence[Consumer], example_inputs: Any) -> list[Consumer]:
-    """``consumers`` in the order a forward pass first runs them (module order for ties)."""
-    seen: list[str] = []
-    handles = [model.get_submodule(c.name).register_forward_hook(
-        lambda *_args, name=c.name: seen.append(name) if name not in seen else None) for c in consumers]
-    try:
-        call_model(model, example_inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
-    rank = {name: i for i, name in enumerate(seen)}
-    return sorted(consumers, key=lambda c: rank.get(c.name, len(rank)))
-
-
-def _unit_part(problem: LayerProblem, consumer: Consumer) -> LayerProblem:
-    """A consumer's problem over one unit's channels: after a concatenation, the layer's other input
-    channels are kept (eliminated, ``formulations/fixed_columns.md``)."""
-    if consumer.tie > 1:  # a grouped conv: one decision per position in every group
-        return tie_channels(problem, consumer.tie)
-    if consumer.channels is None:
-        return problem
-    fixed = np.ones(consumer.n_input_channels, dtype=bool)
-    fixed[consumer.input_channels] = False
-    return fix_channels(problem, fixed).reduced
-
-
-def _keep_options(n_channels: int, max_options: int, min_channels: int, round_to: int = 1) -> np.ndarray:
-    """Candidate keep counts: multiples of ``round_to`` from ``min_channels`` on, and the full width."""
-    low = min(min_channels, n_channels)
-    counts = np.arange(low, n_channels + 1)
-    counts = counts[(counts % round_to == 0) | (counts == n_channels)]  # the full width is always there
-    if counts.size <= max_options:
-        return counts
-    picks = np.unique(np.round(np.linspace(0, counts.size - 1, max_options)).astype(int))
-    return counts[picks]
-
-
-def _fraction(value: float | None, name: str) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
-        raise ValueError(f"`{name}` must be a fraction of the original in (0, 1], got {value!r}.")
-    return float(value)
-
-
-def _budgets(macs: float | None, params: float | None, latency: float | None,
-             allocation: str) -> tuple[float | None, float | None, float | None]:
-    """The checked budget fractions of :meth:`Pruner.prune` (also checked by :func:`prune` before it fits)."""
-    macs, params, latency = _fraction(macs, "macs"), _fraction(params, "params"), _fraction(latency, "latency")
-    if macs is None and params is None and latency is None:
-        raise ValueError("give a budget: `macs`, `params` and/or `latency` as a fraction in (0, 1].")
-    if allocation not in ("milp", "uniform"):
-        raise ValueError(f"`allocation` must be 'milp' or 'uniform', got {allocation!r}.")
-    if latency is not None and allocation == "uniform":
-        raise ValueError("a `latency` budget needs `allocation='milp'` (measured latency is not monotone in "
-                         "a uniform rate).")
-    return macs, params, latency
-
-
-def _check_calibration(model: nn.Module, batches: list[Any]) -> None:
-    """Fail before any statistics: tensor batches share one shape and finite values, and the model runs
-    on one calibration input."""
-    first = batches[0]
-    if torch.is_tensor(first):
-        for i, batch in enumerate(batches):
-            if not torch.is_tensor(batch) or batch.ndim == 0 or batch.shape[1:] != first.shape[1:] or not len(batch):
-                found = tuple(batch.shape) if torch.is_tensor(batch) else type(batch).__name__
-                raise ValueError(f"`calibration` batch {i} has inputs of shape {found}; batch 0 has "
-                                 f"{tuple(first.shape)}: every batch needs the same shape after the batch dimension.")
-            if batch.is_floating_point() and not bool(torch.isfinite(batch).all()):
-                raise ValueError(f"`calibration` batch {i} holds NaN or inf values.")
-    example = first[:1] if torch.is_tensor(first) else first
-    shape = f"shape {tuple(example.shape)}" if torch.is_tensor(example) else type(example).__name__
-    training = model.training
-    try:
-        with torch.no_grad():
-            call_model(model.eval(), example)
-    except Exception as exc:
-        raise ValueError(f"`model` does not run on the `calibration` inputs (one input of {shape}): "
-                         f"{type(exc).__name__}: {exc}") from exc
-    finally:
-        model.train(training)
-
-
-def _inputs(batch: Any) -> Any:
-    return batch[0] if isinstance(batch, (tuple, list)) else batch
 
 
 class Pruner:
@@ -316,7 +219,7 @@ class Pruner:
         if self.executor is not None:
             yield self.executor.map
         elif self.n_jobs is not None and self.n_jobs > 1:
-            with interruptible_pool(self.n_jobs, initializer=_one_thread_worker) as mapper:  # Ctrl-C: workers stop
+            with interruptible_pool(self.n_jobs, initializer=one_thread_worker) as mapper:  # Ctrl-C: workers stop
                 yield mapper
         else:
             yield map
@@ -346,10 +249,10 @@ class Pruner:
         if not isinstance(calibration, Iterable) or torch.is_tensor(calibration):
             raise ValueError("`calibration` must be an iterable of batches (a list of input tensors or a DataLoader), "
                              f"got {type(calibration).__name__}; wrap one tensor as [tensor].")
-        batches = [_inputs(b).detach() if torch.is_tensor(_inputs(b)) else _inputs(b) for b in calibration]
+        batches = [batch_inputs(b).detach() if torch.is_tensor(batch_inputs(b)) else batch_inputs(b) for b in calibration]
         if not batches:
             raise ValueError("`calibration` is empty: pruning needs at least one batch of inputs.")
-        _check_calibration(model, batches)
+        check_calibration(model, batches)
         self.model_ = copy.deepcopy(model).eval()
         self.batches_ = batches
         self.example_inputs_ = batches[0][:1] if torch.is_tensor(batches[0]) else batches[0]
@@ -371,16 +274,16 @@ class Pruner:
                                    progress=self.progress)
         self.statistics_ = stats
         layers = list({c.name: c for c in reversed(self.graph_.consumers)}.values())[::-1]  # one per layer
-        self.consumer_order_ = _forward_order(self.model_, layers, self.example_inputs_)
+        self.consumer_order_ = forward_order(self.model_, layers, self.example_inputs_)
         self.problems_ = {c.name: self._problem(stats[c.name], c, self.model_) for c in layers}
         self.unit_problems_: dict[str, LayerProblem] = {}
         for unit in self.graph_.units:
             whole = [self.problems_[c.name] for c in unit.consumers]
-            parts = [_unit_part(p, c) for p, c in zip(whole, unit.consumers)]
+            parts = [unit_part(p, c) for p, c in zip(whole, unit.consumers)]
             # each consumer's error relative to its own ||Y||^2: layers of any scale compare
             self.unit_problems_[unit.name] = LayerProblem.combine(parts, scales=[1.0 / max(p.yy, 1e-300) for p in whole])
         problems = list(self.unit_problems_.values())
-        options = [_keep_options(u.n_channels, self.max_options, self.min_channels, self.round_to)
+        options = [keep_options(u.n_channels, self.max_options, self.min_channels, self.round_to)
                    for u in self.graph_.units]
         solvers = [resolve_solver(self.solver, p.n_channels, p.n_features) for p in problems]
         # Greedy and path give a whole curve from one run; other solvers solve each keep count alone, so
@@ -394,7 +297,7 @@ class Pruner:
                                   -abs(int(t[1][0]) - problems[t[0]].n_channels / 2)), reverse=True)
         with self._mapper() as mapper:
             in_process = mapper is map  # progress bars of the paths only in this process
-            results = mapper(_curve_task, [problems[i] for i, _ in tasks], [counts for _, counts in tasks],
+            results = mapper(curve_task, [problems[i] for i, _ in tasks], [counts for _, counts in tasks],
                              [solvers[i] for i, _ in tasks], [self.time_limit] * len(tasks),
                              [self.progress and in_process] * len(tasks))
             parts: dict[int, list[ErrorCurve]] = {i: [] for i in range(len(problems))}
@@ -497,7 +400,7 @@ class Pruner:
             the per-layer-rate baseline. Either way the channels are the curves' best for the count.
         """
         self._check_fitted()
-        macs, params, latency = _budgets(macs, params, latency, allocation)
+        macs, params, latency = check_budgets(macs, params, latency, allocation)
         if time_limit is not None and not (isinstance(time_limit, (int, float)) and math.isfinite(time_limit)
                                            and time_limit > 0):
             raise ValueError(f"`time_limit` must be a positive number of seconds or None, got {time_limit!r}.")
@@ -581,6 +484,6 @@ def prune(
     Shorthand for ``Pruner(solver=..., executor=..., **options).fit(model, calibration).prune(...)``;
     the input model is left unchanged. The budgets are checked before any work.
     """
-    _budgets(macs, params, latency, "milp")
+    check_budgets(macs, params, latency, "milp")
     return Pruner(solver=solver, executor=executor, **options).fit(model, calibration).prune(
         macs=macs, params=params, latency=latency)
