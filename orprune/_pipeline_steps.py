@@ -1,0 +1,137 @@
+"""The steps of :class:`orprune.Pruner` shared with :func:`orprune.factorize`: input checks, keep options,
+the forward order of consumers, one unit's part of a consumer's problem, and the curve task run by the executor.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+from threadpoolctl import threadpool_limits
+
+from orprune.budget.curves import ErrorCurve, error_curve
+from orprune.layer.fixed import fix_channels
+from orprune.layer.problem import LayerProblem
+from orprune.layer.tied import tie_channels
+from orprune.network.graph import Consumer, call_model
+
+__all__ = [
+    "batch_inputs",
+    "check_budgets",
+    "check_calibration",
+    "check_fraction",
+    "curve_task",
+    "forward_order",
+    "keep_options",
+    "one_thread_worker",
+    "unit_part",
+]
+
+
+def curve_task(problem: LayerProblem, keep_counts: np.ndarray, solver: str, time_limit: float | None,
+               progress: bool = False) -> ErrorCurve:
+    """One unit's curve at ``keep_counts``; a top-level function so process pools can pickle it."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # time-limit warnings: the status is in the curve
+        if solver == "path":  # a wide unit's paths get their own progress bar (ETA)
+            return error_curve(problem, keep_counts, solver=solver, progress=progress)
+        return error_curve(problem, keep_counts, solver=solver, time_limit=time_limit)
+
+
+def one_thread_worker() -> None:
+    """Pool initializer: one BLAS and torch thread per worker, so ``n_jobs`` workers share the cores."""
+    threadpool_limits(1)
+    torch.set_num_threads(1)
+
+
+@torch.no_grad()
+def forward_order(model: nn.Module, consumers: Sequence[Consumer], example_inputs: Any) -> list[Consumer]:
+    """``consumers`` in the order a forward pass first runs them (module order for ties)."""
+    seen: list[str] = []
+    handles = [model.get_submodule(c.name).register_forward_hook(
+        lambda *_args, name=c.name: seen.append(name) if name not in seen else None) for c in consumers]
+    try:
+        call_model(model, example_inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    rank = {name: i for i, name in enumerate(seen)}
+    return sorted(consumers, key=lambda c: rank.get(c.name, len(rank)))
+
+
+def unit_part(problem: LayerProblem, consumer: Consumer) -> LayerProblem:
+    """A consumer's problem over one unit's channels: after a concatenation, the layer's other input
+    channels are kept (eliminated, ``formulations/fixed_columns.md``)."""
+    if consumer.tie > 1:  # a grouped conv: one decision per position in every group
+        return tie_channels(problem, consumer.tie)
+    if consumer.channels is None:
+        return problem
+    fixed = np.ones(consumer.n_input_channels, dtype=bool)
+    fixed[consumer.input_channels] = False
+    return fix_channels(problem, fixed).reduced
+
+
+def keep_options(n_channels: int, max_options: int, min_channels: int, round_to: int = 1) -> np.ndarray:
+    """Candidate keep counts: multiples of ``round_to`` from ``min_channels`` on, and the full width."""
+    low = min(min_channels, n_channels)
+    counts = np.arange(low, n_channels + 1)
+    counts = counts[(counts % round_to == 0) | (counts == n_channels)]  # the full width is always there
+    if counts.size <= max_options:
+        return counts
+    picks = np.unique(np.round(np.linspace(0, counts.size - 1, max_options)).astype(int))
+    return counts[picks]
+
+
+def check_fraction(value: float | None, name: str) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise ValueError(f"`{name}` must be a fraction of the original in (0, 1], got {value!r}.")
+    return float(value)
+
+
+def check_budgets(macs: float | None, params: float | None, latency: float | None,
+             allocation: str) -> tuple[float | None, float | None, float | None]:
+    """The checked budget fractions of :meth:`Pruner.prune` (also checked by :func:`prune` before it fits)."""
+    macs, params, latency = check_fraction(macs, "macs"), check_fraction(params, "params"), check_fraction(latency, "latency")
+    if macs is None and params is None and latency is None:
+        raise ValueError("give a budget: `macs`, `params` and/or `latency` as a fraction in (0, 1].")
+    if allocation not in ("milp", "uniform"):
+        raise ValueError(f"`allocation` must be 'milp' or 'uniform', got {allocation!r}.")
+    if latency is not None and allocation == "uniform":
+        raise ValueError("a `latency` budget needs `allocation='milp'` (measured latency is not monotone in "
+                         "a uniform rate).")
+    return macs, params, latency
+
+
+def check_calibration(model: nn.Module, batches: list[Any]) -> None:
+    """Fail before any statistics: tensor batches share one shape and finite values, and the model runs
+    on one calibration input."""
+    first = batches[0]
+    if torch.is_tensor(first):
+        for i, batch in enumerate(batches):
+            if not torch.is_tensor(batch) or batch.ndim == 0 or batch.shape[1:] != first.shape[1:] or not len(batch):
+                found = tuple(batch.shape) if torch.is_tensor(batch) else type(batch).__name__
+                raise ValueError(f"`calibration` batch {i} has inputs of shape {found}; batch 0 has "
+                                 f"{tuple(first.shape)}: every batch needs the same shape after the batch dimension.")
+            if batch.is_floating_point() and not bool(torch.isfinite(batch).all()):
+                raise ValueError(f"`calibration` batch {i} holds NaN or inf values.")
+    example = first[:1] if torch.is_tensor(first) else first
+    shape = f"shape {tuple(example.shape)}" if torch.is_tensor(example) else type(example).__name__
+    training = model.training
+    try:
+        with torch.no_grad():
+            call_model(model.eval(), example)
+    except Exception as exc:
+        raise ValueError(f"`model` does not run on the `calibration` inputs (one input of {shape}): "
+                         f"{type(exc).__name__}: {exc}") from exc
+    finally:
+        model.train(training)
+
+
+def batch_inputs(batch: Any) -> Any:
+    return batch[0] if isinstance(batch, (tuple, list)) else batch
