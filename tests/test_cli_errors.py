@@ -3,7 +3,6 @@ shows it); Ctrl-C: one line, status 130, no process left; results load in a fres
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -17,7 +16,7 @@ import orprune
 from orprune.cli import main
 from orprune.examples.zoo import SmallCNN
 from tests.models import one_thread  # noqa: F401  (module fixture)
-from tests.test_pipeline_inputs import alive, descendants
+from tests.test_pipeline_inputs import alive, interrupt_group
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -186,23 +185,15 @@ def test_ctrl_c_exits_130_with_one_line_and_no_process_left(tmp_path, jobs):
     command += [] if jobs is None else ["--jobs", str(jobs)]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
                             start_new_session=True)  # its own group: a terminal's Ctrl-C reaches the whole group
-    try:
+    def ready():
         seen = ""
         while "error curves" not in seen:  # the progress bar of the curves: the pool is up
             char = proc.stderr.read(1)
             assert char, seen
             seen += char
-        time.sleep(2.0)
-        children = descendants(proc.pid)
-        assert jobs is None or len(children) >= jobs
-        start = time.monotonic()
-        os.killpg(proc.pid, signal.SIGINT)
-        _, err = proc.communicate(timeout=20)
-        took = time.monotonic() - start
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
+
+    children, err, took = interrupt_group(proc, ready, settle=2.0)
+    assert jobs is None or len(children) >= jobs
     assert proc.returncode == 130, err
     assert took < 3.0, err  # measured 0.5-1.7 s at a load average of 12 on 2 cores
     last = [line for line in err.replace("\r", "\n").splitlines() if line.strip()][-1]

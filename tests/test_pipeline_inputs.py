@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -89,6 +90,24 @@ def descendants(pid: int) -> set[int]:
     return found
 
 
+def interrupt_group(proc: subprocess.Popen, ready: Callable[[], None], settle: float) -> tuple[set[int], str, float]:
+    """Ctrl-C as a terminal sends it: once ``ready()`` returns and ``settle`` seconds pass, SIGINT to the whole
+    process group of ``proc`` (started with ``start_new_session=True``). Returns the processes below ``proc``
+    just before, its stderr, and the seconds it took to exit; the group is killed if anything fails."""
+    try:
+        ready()
+        time.sleep(settle)
+        children = descendants(proc.pid)
+        start = time.monotonic()
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=20)
+        return children, err, time.monotonic() - start
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+
+
 def alive(pids: set[int]) -> set[int]:
     out = set()
     for pid in pids:
@@ -132,19 +151,11 @@ def test_ctrl_c_stops_a_process_pool_within_seconds(tmp_path):
     # a terminal's Ctrl-C sends SIGINT to the whole foreground process group: the workers too
     proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=env, start_new_session=True)
-    try:
+    def ready():
         assert proc.stdout.readline().strip() == "pool up"
-        time.sleep(3.0)  # the workers are up and solving
-        children = descendants(proc.pid)
-        assert len(children) >= 2
-        start = time.monotonic()
-        os.killpg(proc.pid, signal.SIGINT)
-        _, err = proc.communicate(timeout=20)
-        took = time.monotonic() - start
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
+
+    children, err, took = interrupt_group(proc, ready, settle=3.0)  # the workers are up and solving
+    assert len(children) >= 2
     assert took < 3.0, err
     assert proc.returncode == -signal.SIGINT, err  # KeyboardInterrupt reached the top of the script
     assert "InvalidStateError" not in err and err.count("KeyboardInterrupt") == 1, err
