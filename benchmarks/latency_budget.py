@@ -104,7 +104,8 @@ def run(name: str, args: argparse.Namespace, batch_size: int) -> tuple[list[dict
             "untabulated": lat.untabulated}
     rows: list[dict] = []
     for b in args.budgets:
-        candidates = [("orprune latency", pruners[1], {"latency": b}),
+        candidates = [("orprune latency, tables only", pruners[1], {"latency": b, "latency_rounds": 0}),
+                      ("orprune latency, measured rounds", pruners[1], {"latency": b}),
                       ("orprune macs", pruners[1], {"macs": b}),
                       (f"orprune macs, round_to={args.round_to}", pruners[args.round_to], {"macs": b})]
         for method, pruner, budget in candidates:
@@ -114,7 +115,7 @@ def run(name: str, args: argparse.Namespace, batch_size: int) -> tuple[list[dict
                 rows.append({"method": method, "budget": b, "model": None})
                 continue
             rows.append({"method": method, "budget": b, "model": result.model, "macs": result.macs_after,
-                         "predicted": result.latency.predicted_fraction})
+                         "predicted": result.latency.predicted_fraction, "rounds": len(result.latency.rounds)})
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             tp_model = torch_pruning_baseline(model, example, macs=b)
@@ -143,13 +144,14 @@ def table(name: str, rows: list[dict], meta: dict, args: argparse.Namespace) -> 
              "| speed-up | speed-up / (1 / MACs kept) |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
+        method = r["method"] + (f" ({r['rounds']})" if r.get("rounds") else "")
         if r["model"] is None:
-            lines.append(f"| {r['method']} | {r['budget']:.2f} | not reachable (below the smallest keep counts) "
+            lines.append(f"| {method} | {r['budget']:.2f} | not reachable (below the smallest keep counts) "
                          "| | | | | |")
             continue
         kept = r["macs"] / meta["base_macs"]
         predicted = "" if r["predicted"] is None else f"{r['predicted']:.3f}"
-        lines.append(f"| {r['method']} | {r['budget']:.2f} | {kept:.3f} | {predicted} | {r['measured']:.3f} | "
+        lines.append(f"| {method} | {r['budget']:.2f} | {kept:.3f} | {predicted} | {r['measured']:.3f} | "
                      f"{r['measured'] / r['budget']:.2f} | {1 / r['measured']:.2f} | {kept / r['measured']:.2f} |")
     return lines + [""]
 
@@ -181,6 +183,9 @@ def main(argv: list[str] | None = None) -> None:
              "a quiet machine.", "",
              "Untrained weights and random calibration inputs (speed only; accuracy is not measured here). "
              f"Curves: greedy, {args.max_options} keep counts per unit, no sequential refit. "
+             "*measured rounds*: `prune(latency=b)` (default `latency_rounds=3`) measures the pruned model and "
+             "re-solves with the tables' budget moved until the measurement meets b (the round count in "
+             "brackets); *tables only*: `latency_rounds=0`. "
              "*predicted latency*: the latency tables summed at the chosen keep counts, as a fraction of the "
              "unpruned model's measured latency (for `round_to` rows, the tables of that pruner). *measured "
              "latency*: pruned / unpruned median call. *speed-up / (1 / MACs kept)*: how much of the MACs "

@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from orprune._latency_loop import check_latency_loop, prune_to_measured_latency
 from orprune._pipeline_steps import (
     batch_inputs,
     check_budgets,
@@ -380,7 +381,8 @@ class Pruner:
                           status=curve.statuses[i], solve_time=curve.solve_time)
 
     def prune(self, *, macs: float | None = None, params: float | None = None, latency: float | None = None,
-              time_limit: float | None = None, allocation: str = "milp") -> PruneResult:
+              time_limit: float | None = None, allocation: str = "milp", latency_rounds: int = 3,
+              latency_tolerance: float = 0.05) -> PruneResult:
         """A pruned copy of the fitted model within the budgets.
 
         Parameters
@@ -398,9 +400,24 @@ class Pruner:
             errors: the ``errors`` parameter);
             ``"uniform"``: the same keep fraction in every unit (:func:`orprune.allocate_uniform`),
             the per-layer-rate baseline. Either way the channels are the curves' best for the count.
+        latency_rounds : int, default 3
+            With a ``latency`` budget: how many times the pruned model is measured and the allocation re-solved
+            with the tables' budget moved (a secant step), until the *measured* latency is within
+            ``[latency * (1 - latency_tolerance), latency]``; 0 trusts the tables. The result's
+            ``latency.rounds`` lists them (:mod:`orprune._latency_loop`).
+        latency_tolerance : float, default 0.05
+            How far below the budget a measurement may be and still end the loop, in [0, 1).
         """
         self._check_fitted()
         macs, params, latency = check_budgets(macs, params, latency, allocation)
+        check_latency_loop(latency_rounds, latency_tolerance)
+        if latency is not None and latency_rounds > 0:
+            if not hasattr(self, "latency_"):
+                self.fit_latency()
+            return prune_to_measured_latency(
+                lambda fraction: self.prune(macs=macs, params=params, latency=fraction, time_limit=time_limit,
+                                            allocation=allocation, latency_rounds=0),
+                latency, latency_rounds, latency_tolerance)
         if time_limit is not None and not (isinstance(time_limit, (int, float)) and math.isfinite(time_limit)
                                            and time_limit > 0):
             raise ValueError(f"`time_limit` must be a positive number of seconds or None, got {time_limit!r}.")

@@ -10,7 +10,7 @@ import torch.nn as nn
 from orprune.budget.allocation import Allocation
 from orprune.network.surgery import PruningPlan
 
-__all__ = ["LatencyReport", "PruneResult", "UnitReport"]
+__all__ = ["LatencyReport", "LatencyRound", "PruneResult", "UnitReport"]
 
 
 @dataclass(frozen=True)
@@ -28,12 +28,25 @@ class UnitReport:
 
 
 @dataclass(frozen=True)
+class LatencyRound:
+    """One allocation of a measured-latency loop: the tables' budget, their prediction and the measurement,
+    as fractions of the unpruned latency, and the allocation's summed error."""
+
+    table_fraction: float
+    predicted_fraction: float
+    measured_fraction: float
+    objective: float
+
+
+@dataclass(frozen=True)
 class LatencyReport:
     """Latency of the pruned model: predicted by the tables and measured (seconds per call).
 
     ``before`` and ``after`` are medians of calls alternating between the unpruned and the pruned model
     (the same machine state for both); ``predicted`` is the tables' sum at the chosen keep counts and
     ``table_full`` their sum at full width (the measured unpruned latency when the tables were made).
+    ``rounds``: with a ``latency`` budget and ``latency_rounds``, every allocation tried on the way to a
+    measured latency within the budget (the tables' budget moved after each measurement).
     """
 
     batch_size: int
@@ -43,6 +56,7 @@ class LatencyReport:
     table_full: float
     before: float
     after: float
+    rounds: tuple[LatencyRound, ...] = ()
 
     @property
     def predicted_fraction(self) -> float:
@@ -76,7 +90,8 @@ class PruneResult:
             *([] if self.latency is None else [
                 f"latency (batch {self.latency.batch_size}, {self.latency.threads} thread(s)): predicted "
                 f"{self.latency.predicted_fraction:.3f}, measured {self.latency.measured_fraction:.3f} of the "
-                f"unpruned ({1e3 * self.latency.before:.3g} -> {1e3 * self.latency.after:.3g} ms)"]),
+                f"unpruned ({1e3 * self.latency.before:.3g} -> {1e3 * self.latency.after:.3g} ms)"
+                + (f", {len(self.latency.rounds)} measured round(s)" if self.latency.rounds else "")]),
             f"{'unit':<32} {'channels':>10} {'solver':>10} {'rel. error':>11} {'status':>10}",
         ]
         lines += [

@@ -1,4 +1,4 @@
-"""Pruner.prune(latency=): the table budget is met exactly and optimally, reported, and validated.
+"""Pruner.prune(latency=, latency_rounds=0): the table budget is met exactly and optimally, reported, validated.
 
 The latency timer is mocked (deterministic, not monotone in the width) so the allocation is reproducible.
 """
@@ -55,7 +55,7 @@ def test_latency_budget_is_met_on_the_tables_and_optimal(pruner, fraction):
     pruner.fit_latency(batch_size=4)
     lat = pruner.latency_
     assert lat.batch_size == 4 and lat.cache_file is not None
-    result = pruner.prune(latency=fraction)
+    result = pruner.prune(latency=fraction, latency_rounds=0)
     budget = fraction * lat.full
     keep = dict(result.allocation.keep)
     # the chosen counts re-evaluated on the tables, independently of the MILP
@@ -76,7 +76,7 @@ def test_latency_budget_is_met_on_the_tables_and_optimal(pruner, fraction):
 def test_latency_with_a_macs_budget(pruner):
     pruner.fit_latency(batch_size=2)
     full = pruner.costs_.evaluate()["macs"]
-    result = pruner.prune(latency=0.7, macs=0.5)
+    result = pruner.prune(latency=0.7, macs=0.5, latency_rounds=0)
     keep = dict(result.allocation.keep)
     assert pruner.latency_.cost.evaluate(keep) <= 0.7 * pruner.latency_.full * (1 + 1e-12)
     assert pruner.costs_.macs.evaluate(keep) <= 0.5 * full * (1 + 1e-12)
@@ -87,7 +87,7 @@ def test_latency_with_a_macs_budget(pruner):
 
 def test_latency_budget_fits_tables_on_demand(pruner):
     assert not hasattr(pruner, "latency_")
-    result = pruner.prune(latency=0.9)
+    result = pruner.prune(latency=0.9, latency_rounds=0)
     assert pruner.latency_.batch_size == 1 and pruner.latency_.threads == 1
     assert result.latency is not None
 

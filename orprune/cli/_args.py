@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 
-__all__ = ["fraction", "fractions", "nonnegative_float", "positive_float", "positive_int"]
+__all__ = ["fraction", "fractions", "nonnegative_float", "nonnegative_int", "positive_float", "positive_int"]
 
 
 def fractions(text: str) -> list[float]:
@@ -30,14 +30,22 @@ def fraction(text: str) -> float:
     return value
 
 
-def positive_int(text: str) -> int:
+def _int(text: str, low: int) -> int:
     try:
         value = int(text)
     except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from exc
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a whole number >= {low}, got {text!r}") from exc
+    if value < low:
+        raise argparse.ArgumentTypeError(f"must be >= {low}, got {text!r}")
     return value
+
+
+def positive_int(text: str) -> int:
+    return _int(text, 1)
+
+
+def nonnegative_int(text: str) -> int:
+    return _int(text, 0)
 
 
 def _float(text: str, low_ok: bool) -> float:

@@ -7,7 +7,7 @@ import json
 
 import torch
 
-from orprune.cli._args import fraction, nonnegative_float, positive_int
+from orprune.cli._args import fraction, nonnegative_float, nonnegative_int, positive_int
 from orprune.cli._data import DATA_HELP, load_data
 from orprune.cli._io import UsageError, check_output_file, load_model
 from orprune.cli._report import LOAD_HINT, accuracy_warnings, warn
@@ -46,6 +46,10 @@ def add_prune_arguments(prune: argparse.ArgumentParser) -> argparse.ArgumentPars
     prune.add_argument("--latency", type=fraction, default=None,
                        help="fraction of the measured latency to keep, in (0, 1]: every pruned layer is timed at each "
                             "keep count on this machine first (cached), at --batch-size and --threads")
+    prune.add_argument("--latency-rounds", type=nonnegative_int, default=3, metavar="N",
+                       help="with --latency: measure the pruned model and re-solve with the tables' budget moved, up "
+                            "to N times, until the measured latency meets the budget; 0 trusts the tables "
+                            "(default: %(default)s)")
     prune.add_argument("--batch-size", type=positive_int, default=None,
                        help="batch size at which latency is measured (default 1); also reports the latency of a "
                             "--macs / --params pruning")
@@ -112,7 +116,8 @@ def run_prune(args: argparse.Namespace) -> int:
     pruner.fit(model, list(batches(images, 128, args.calibration)))
     if args.latency is not None or args.batch_size is not None:
         pruner.fit_latency(batch_size=args.batch_size or 1, threads=args.threads)
-    result = pruner.prune(macs=args.macs, params=args.params, latency=args.latency, allocation=args.allocation)
+    result = pruner.prune(macs=args.macs, params=args.params, latency=args.latency, allocation=args.allocation,
+                          latency_rounds=args.latency_rounds)
     report = {**result.to_dict(), "allocation_errors": args.errors, "calibration_inputs": min(len(images),
               args.calibration), "data": args.data or args.dataset, "saved_as": "module" if args.save_module
               else "orprune.save", "load": "torch.load(path, weights_only=False)" if args.save_module else LOAD_HINT}
