@@ -20,8 +20,10 @@ Groups where that reconstruction does not apply are reported and left alone:
   concatenation is followed: each consumer selects among the unit's columns with the other
   producers' columns kept, ``formulations/fixed_columns.md``);
 * groups touching a module the user ignores, or a module orprune cannot slice per channel
-  (LayerNorm, GroupNorm, attention, unwrapped parameters). A grouped conv (producer or consumer)
-  ties the channels at one position of every group into one decision (``PrunableUnit.tie``);
+  (attention, unwrapped parameters, a LayerNorm over more than the channels). A grouped conv (producer
+  or consumer) or a GroupNorm ties the channels at one position of every group into one decision
+  (``PrunableUnit.tie``). A LayerNorm / GroupNorm over the channels is sliced with them and then
+  normalises over the kept channels only (``PrunableUnit.norms``, ``formulations/channel_norms.md``);
 * channels combined with a tensor the graph does not track (the model input, a buffer, a functional
   layer's parameter). A module's own weight and bias behind an op of its forward (a fused
   BatchNorm's ``F.batch_norm``, a Linear's ``addmm`` on a 3-D input) are not such tensors;
@@ -44,6 +46,7 @@ from torch_pruning.ops import OPTYPE
 
 from orprune.network._graph_rules import (
     _PASS_THROUGH,
+    _channel_norm,
     _consumer_layout,
     _following_norm,
     _has_outside_operand,
@@ -192,6 +195,7 @@ def _classify(
         return excluded(f"touches ignored layer(s) {sorted(touched)}")
     consumers: list[tuple[nn.Module, tuple[int, tuple[int, ...] | None, int]]] = []
     carried: list[str] = []
+    channel_norms: list[tuple[str, tuple[int, ...]]] = []  # LayerNorms / GroupNorms over the channels
     for it in items:
         node = it.dep.target
         # a consumer may produce the model output; the unit's own channels may not
@@ -214,6 +218,15 @@ def _classify(
         if node.type in _CARRIED:
             carried.append(names[node.module])
             continue
+        if node.type in (OPTYPE.LN, OPTYPE.GN) and node.module in names:
+            rule = _channel_norm(node.module, list(it.idxs), list(it.root_idxs), n)
+            if isinstance(rule, str):
+                return excluded(f"{names[node.module]}: {rule}")
+            if rule[0] > 1:
+                ties.add(rule[0])
+            carried.append(names[node.module])
+            channel_norms.append((names[node.module], rule[1]))
+            continue
         module = node.module
         if _is_out(dg, it) or node.type not in (OPTYPE.CONV, OPTYPE.LINEAR):
             return excluded(
@@ -229,7 +242,7 @@ def _classify(
     if not consumers:
         return excluded("nothing consumes these channels (model output)")
     if len(ties) > 1:
-        return excluded(f"grouped convs with different group counts {sorted(ties)} share these channels")
+        return excluded(f"grouped convs / GroupNorms with different group counts {sorted(ties)} share these channels")
     tie = ties.pop() if ties else 1
     if tie > 1 and any(channels is not None for _, (_, channels, _) in consumers):
         return excluded("grouped conv channels go through a concatenation")
@@ -249,7 +262,8 @@ def _classify(
         groups = module.groups if isinstance(module, nn.Conv2d) else 1
         out.append(Consumer(names[module], kind, names[root], n // tie, g, n_out, norm, channels,
                             None if channels is None else n_inputs, norms, tie, groups))
-    unit = PrunableUnit(names[root], names[root], n // tie, tuple(out), tuple(dict.fromkeys(carried)), tie)
+    unit = PrunableUnit(names[root], names[root], n // tie, tuple(out), tuple(dict.fromkeys(carried)), tie,
+                        tuple(dict.fromkeys(channel_norms)))
     return unit, None
 
 
