@@ -1,5 +1,5 @@
 """Networks built from the pieces of issue 21, for the coverage suite: concatenation (DenseNet), grouped
-convolutions (ResNeXt), fused norms and token MLPs, and ``transformers`` vision models at tiny widths.
+convolutions (ResNeXt), fused norms and token MLPs, LayerNorm / GroupNorm over the channels, and ``transformers`` vision models at tiny widths.
 
 Random initialisation (BatchNorm statistics randomised as after training), a few channels per layer, 16x16
 or 32x32 inputs: :data:`CASES` maps a name to a builder returning ``(model, calibration batches)``.
@@ -21,6 +21,7 @@ __all__ = [
     "DenseNet",
     "FusedNet",
     "LayerNorm2d",
+    "NormNet",
     "ResNeXt",
     "ResNeXtBlock",
     "TRANSFORMERS_CASES",
@@ -171,6 +172,29 @@ class FusedNet(nn.Module):
         return self.head(tokens.mean(1))
 
 
+class NormNet(nn.Module):
+    """Norms over the channels: conv -> GroupNorm(2) -> conv -> LayerNorm2d -> tokens -> Linear ->
+    LayerNorm -> token MLP (residual) -> head (``formulations/channel_norms.md``)."""
+
+    def __init__(self, n_classes: int = 4):
+        super().__init__()
+        self.conv1, self.gn = nn.Conv2d(3, 8, 3, padding=1), nn.GroupNorm(2, 8)
+        self.conv2, self.ln2d = nn.Conv2d(8, 12, 3, padding=1), LayerNorm2d(12)
+        self.fc0, self.ln = nn.Linear(12, 10), nn.LayerNorm(10)
+        self.fc1, self.fc2 = nn.Linear(10, 16), nn.Linear(16, 10)
+        self.head = nn.Linear(10, n_classes)
+        with torch.no_grad():  # non-trivial affine parameters, as after training
+            for m in (self.gn, self.ln2d, self.ln):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0, 0.3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.ln2d(self.conv2(F.relu(self.gn(self.conv1(x)))))
+        tokens = self.fc0(x.flatten(2).transpose(1, 2))  # (B, T, C)
+        tokens = tokens + self.fc2(F.gelu(self.fc1(self.ln(tokens))))
+        return self.head(tokens.mean(1))
+
+
 class _Logits(nn.Module):
     """A ``transformers`` image classifier as ``pixel_values -> logits``."""
 
@@ -243,6 +267,7 @@ CASES: dict[str, Callable[[], tuple[nn.Module, list[torch.Tensor]]]] = {
     "resnext": _case(lambda: ResNeXt(width=16, groups=4), 8),
     "fused_bn_token_mlp": _case(FusedNet, 8),
     "fused_layernorm": _case(lambda: FusedNet(layer_norm=True), 8),
+    "norms": _case(NormNet, 8),
 }
 #: ``transformers`` cases (tiny configs, random init, 32x32 inputs).
 TRANSFORMERS_CASES: dict[str, Callable[[], tuple[nn.Module, list[torch.Tensor]]]] = {

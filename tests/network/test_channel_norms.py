@@ -10,12 +10,11 @@ import warnings
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 import torch_pruning as tp
 from torch import nn
 
 import orprune
-from orprune.examples.coverage_zoo import LayerNorm2d
+from orprune.examples.coverage_zoo import LayerNorm2d, NormNet
 from orprune.network._kept_norms import KeptChannelsNorm, mask_norm
 from orprune.network.costs import network_costs
 from orprune.network.graph import find_groups
@@ -23,31 +22,9 @@ from orprune.network.surgery import ConsumerUpdate, PruningPlan, _masked_weights
 from tests.models import one_thread  # noqa: F401  (module fixture)
 
 
-class NormNet(nn.Module):
-    """conv -> GroupNorm(2) -> conv -> LayerNorm2d (channels of NCHW) -> tokens -> LayerNorm -> MLP -> head."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv1, self.gn = nn.Conv2d(3, 8, 3, padding=1), nn.GroupNorm(2, 8)
-        self.conv2, self.ln2d = nn.Conv2d(8, 12, 3, padding=1), LayerNorm2d(12)
-        self.fc0, self.ln = nn.Linear(12, 10), nn.LayerNorm(10)
-        self.fc1, self.fc2 = nn.Linear(10, 16), nn.Linear(16, 10)
-        self.head = nn.Linear(10, 4)
-
-    def forward(self, x):
-        x = self.ln2d(self.conv2(F.relu(self.gn(self.conv1(x)))))
-        tokens = self.fc0(x.flatten(2).transpose(1, 2))  # (B, T, C)
-        tokens = tokens + self.fc2(F.gelu(self.fc1(self.ln(tokens))))
-        return self.head(tokens.mean(1))
-
-
 def norm_net():
     torch.manual_seed(0)
     model = NormNet().eval()
-    with torch.no_grad():  # non-trivial affine parameters, as after training
-        for m in (model.gn, model.ln2d, model.ln):
-            m.weight.uniform_(0.5, 1.5)
-            m.bias.normal_(0, 0.3)
     gen = torch.Generator().manual_seed(1)
     return model, [torch.randn(6, 3, 6, 6, generator=gen) for _ in range(3)]
 
