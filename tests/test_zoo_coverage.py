@@ -1,5 +1,5 @@
-"""Coverage of issue 21: networks built from concatenations, grouped convs, fused norms, token MLPs and
-``transformers`` vision models prune to 50% of their MACs (or the best reachable, with the reason), the
+"""Coverage of issue 21: networks built from concatenations (DenseNet, Inception), grouped convs, fused norms,
+LayerNorm / GroupNorm over the channels, token MLPs, ShuffleNetV2 blocks and ``transformers`` vision models prune to 50% of their MACs (or the best reachable, with the reason), the
 output shape is unchanged, the input model is unchanged, and the physically pruned model computes what
 the masked model computes. The same table for torch-pruning: ``benchmarks/coverage.py``.
 

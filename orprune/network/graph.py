@@ -189,6 +189,8 @@ def _classify(
         if isinstance(module, nn.modules.conv._ConvNd) and module.groups != 1:
             ties.add(module.groups)  # every producer is sliced at the same (tied) channels
         if len(it.idxs) != n or list(it.idxs) != list(it.root_idxs):
+            if any(other.dep.target.type in _SPLITTING for other in items):  # ShuffleNet's split + shuffle
+                return excluded("goes through a split or slice and a channel shuffle (producers in another order)")
             return excluded("producers tied through a residual add do not share the channel order")
     touched = {_node_label(names, it.dep.target) for it in items} & ignored
     if touched:
