@@ -1,7 +1,8 @@
 """Coverage of issue 21: networks built from concatenations (DenseNet, Inception), grouped convs, fused norms,
-LayerNorm / GroupNorm over the channels, token MLPs, ShuffleNetV2 blocks and ``transformers`` vision models prune to 50% of their MACs (or the best reachable, with the reason), the
-output shape is unchanged, the input model is unchanged, and the physically pruned model computes what
-the masked model computes. The same table for torch-pruning: ``benchmarks/coverage.py``.
+LayerNorm / GroupNorm over the channels, token MLPs, ShuffleNetV2 blocks and ``transformers`` vision models
+prune to 50% of their MACs (or the best reachable, with the reason), the output shape is unchanged, the input
+model is unchanged, and the physically pruned model computes what the masked model computes. The same table for
+torch-pruning: ``benchmarks/coverage.py``.
 
 Slow cases (tens of seconds on one core) run with ``ORPRUNE_SLOW=1``.
 """

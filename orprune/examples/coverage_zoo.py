@@ -1,5 +1,6 @@
 """Networks built from the pieces of issue 21, for the coverage suite: concatenation (DenseNet), grouped
-convolutions (ResNeXt), parallel branches concatenated (Inception), fused norms and token MLPs, LayerNorm / GroupNorm over the channels, and ``transformers`` vision models at tiny widths.
+convolutions (ResNeXt), parallel branches concatenated (Inception), split and channel shuffle (ShuffleNetV2), fused
+norms and token MLPs, LayerNorm / GroupNorm over the channels, and ``transformers`` vision models at tiny widths.
 
 Random initialisation (BatchNorm statistics randomised as after training), a few channels per layer, 16x16
 or 32x32 inputs: :data:`CASES` maps a name to a builder returning ``(model, calibration batches)``.

@@ -162,7 +162,9 @@ def _norms_through_concat(
     return tuple(out)
 
 
-def _channel_norm(module: nn.Module, idxs: list[int], root_idxs: list[int], n: int) -> tuple[int, tuple[int, ...]] | str:
+def _channel_norm(
+    module: nn.Module, idxs: list[int], root_idxs: list[int], n: int
+) -> tuple[int, tuple[int, ...]] | str:
     """How a LayerNorm / GroupNorm on a unit's ``n`` root channels is sliced with them: ``(tie, channels)``,
     the groups every group must lose channels from alike (1 for a LayerNorm) and the norm's channel of each
     root channel; or why it cannot be (``formulations/channel_norms.md``)."""

@@ -16,8 +16,9 @@ on the remaining channels as for any unit (``residual=False`` leaves such groups
 Groups where that reconstruction does not apply are reported and left alone:
 
 * the model's outputs (the classifier's logits): nothing consumes them;
-* channels that go through a split, chunk or slice between producer and consumer (a
-  concatenation is followed: each consumer selects among the unit's columns with the other
+* channels that go through a split, chunk, slice or channel shuffle between producer and consumer
+  (torch-pruning 1.6's index maps through them are wrong, ``formulations/split_and_shuffle.md``;
+  a concatenation is followed: each consumer selects among the unit's columns with the other
   producers' columns kept, ``formulations/fixed_columns.md``);
 * groups touching a module the user ignores, or a module orprune cannot slice per channel
   (attention, unwrapped parameters, a LayerNorm over more than the channels). A grouped conv (producer
