@@ -147,3 +147,27 @@ def test_network_with_norms_prunes_to_half_macs_and_pruned_equals_masked():
     with torch.no_grad():
         pruned, masked = result.model(x), masked_copy(model, pruner.graph_, result.plan)(x)
     torch.testing.assert_close(pruned, masked, rtol=1e-4, atol=1e-4 * float(masked.abs().max()))
+
+
+def test_an_ambiguous_channel_dimension_is_an_error_not_a_guess():
+    norm = LayerNorm2d(6)  # its own forward: the channel dimension is found from the input's shape
+    masked = copy.deepcopy(norm)
+    mask_norm(masked, [0, 2, 4])
+    assert masked(torch.randn(2, 6, 3, 4)).shape == (2, 6, 3, 4)
+    with pytest.raises(ValueError, match="which dimension"):
+        masked(torch.randn(2, 6, 6, 6))
+
+
+def test_group_norm_and_grouped_conv_with_different_group_counts_are_left_alone():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1, self.gn = nn.Conv2d(3, 8, 3, padding=1), nn.GroupNorm(2, 8)
+            self.conv2, self.conv3 = nn.Conv2d(8, 8, 3, padding=1, groups=4), nn.Conv2d(8, 2, 1)
+
+        def forward(self, x):
+            return self.conv3(self.conv2(self.gn(self.conv1(x))))
+
+    graph = quiet_groups(Net(), torch.randn(1, 3, 6, 6))
+    assert "conv1" not in graph.names
+    assert any("different group counts [2, 4]" in e.reason for e in graph.excluded)
