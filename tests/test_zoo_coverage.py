@@ -1,7 +1,8 @@
-"""Coverage of issue 21: networks built from concatenations, grouped convs, fused norms, token MLPs and
-``transformers`` vision models prune to 50% of their MACs (or the best reachable, with the reason), the
-output shape is unchanged, the input model is unchanged, and the physically pruned model computes what
-the masked model computes. The same table for torch-pruning: ``benchmarks/coverage.py``.
+"""Coverage of issue 21: networks built from concatenations (DenseNet, Inception), grouped convs, fused norms,
+LayerNorm / GroupNorm over the channels, token MLPs, ShuffleNetV2 blocks and ``transformers`` vision models
+prune to 50% of their MACs (or the best reachable, with the reason), the output shape is unchanged, the input
+model is unchanged, and the physically pruned model computes what the masked model computes. The same table for
+torch-pruning: ``benchmarks/coverage.py``.
 
 Slow cases (tens of seconds on one core) run with ``ORPRUNE_SLOW=1``.
 """
@@ -21,10 +22,8 @@ slow = pytest.mark.skipif(not os.environ.get("ORPRUNE_SLOW"), reason="slow: set 
 transformers = pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="needs transformers")
 
 #: Cases that cannot reach 50% of the MACs, and why (the unpruned groups).
-BEST_REACHABLE = {
-    "hf_convnext": "LayerNorm over the channels is not sliced yet (issue 21, left)",
-}
-SLOW = {"hf_convnext", "hf_mobilenet_v2", "hf_efficientnet"}
+BEST_REACHABLE: dict[str, str] = {}
+SLOW = {"hf_mobilenet_v2", "hf_efficientnet"}
 
 
 def _check(name: str, make) -> None:

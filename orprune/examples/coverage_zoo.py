@@ -1,5 +1,6 @@
 """Networks built from the pieces of issue 21, for the coverage suite: concatenation (DenseNet), grouped
-convolutions (ResNeXt), fused norms and token MLPs, and ``transformers`` vision models at tiny widths.
+convolutions (ResNeXt), parallel branches concatenated (Inception), split and channel shuffle (ShuffleNetV2), fused
+norms and token MLPs, LayerNorm / GroupNorm over the channels, and ``transformers`` vision models at tiny widths.
 
 Random initialisation (BatchNorm statistics randomised as after training), a few channels per layer, 16x16
 or 32x32 inputs: :data:`CASES` maps a name to a builder returning ``(model, calibration batches)``.
@@ -17,13 +18,20 @@ from torch import nn
 __all__ = [
     "CASES",
     "BatchNormAct2d",
+    "ConvBN",
     "DenseLayer",
     "DenseNet",
     "FusedNet",
+    "Inception",
+    "InceptionBlock",
     "LayerNorm2d",
+    "NormNet",
     "ResNeXt",
     "ResNeXtBlock",
+    "ShuffleBlock",
+    "ShuffleNetV2",
     "TRANSFORMERS_CASES",
+    "channel_shuffle",
     "randomize_batchnorm",
 ]
 
@@ -130,6 +138,99 @@ class ResNeXt(nn.Module):
         return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
 
 
+class ConvBN(nn.Sequential):
+    """torchvision's ``BasicConv2d``: conv (no bias), BatchNorm, ReLU."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel: int):
+        super().__init__(nn.Conv2d(in_channels, out_channels, kernel, padding=kernel // 2, bias=False),
+                         nn.BatchNorm2d(out_channels), nn.ReLU())
+
+
+class InceptionBlock(nn.Module):
+    """GoogLeNet's Inception module: 1x1; 1x1 -> 3x3; 1x1 -> 3x3 -> 3x3; 3x3 max-pool -> 1x1; concatenated."""
+
+    def __init__(self, in_channels: int, b1: int, r3: int, b3: int, r5: int, b5: int, pool: int):
+        super().__init__()
+        self.branch1 = ConvBN(in_channels, b1, 1)
+        self.branch2 = nn.Sequential(ConvBN(in_channels, r3, 1), ConvBN(r3, b3, 3))
+        self.branch3 = nn.Sequential(ConvBN(in_channels, r5, 1), ConvBN(r5, b5, 3), ConvBN(b5, b5, 3))
+        self.branch4 = nn.Sequential(nn.MaxPool2d(3, stride=1, padding=1), ConvBN(in_channels, pool, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.branch1(x), self.branch2(x), self.branch3(x), self.branch4(x)], 1)
+
+
+class Inception(nn.Module):
+    """A GoogLeNet in miniature: a stem, two Inception modules with a max-pool between, pooled Linear head."""
+
+    def __init__(self, n_classes: int = 5):
+        super().__init__()
+        self.stem = ConvBN(3, 12, 3)
+        self.block1 = InceptionBlock(12, 8, 6, 8, 4, 4, 4)  # 24 channels out
+        self.block2 = InceptionBlock(24, 8, 8, 12, 4, 6, 6)  # 32 channels out
+        self.fc = nn.Linear(32, n_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.max_pool2d(self.block1(self.stem(x)), 2)
+        x = self.block2(x)
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """ShuffleNet's channel shuffle: channel ``g * per + i`` moves to ``i * groups + g``."""
+    b, c, h, w = x.size()
+    x = torch.transpose(x.view(b, groups, c // groups, h, w), 1, 2).contiguous()
+    return x.view(b, c, h, w)
+
+
+class ShuffleBlock(nn.Module):
+    """torchvision's ShuffleNetV2 ``InvertedResidual``. Stride 1: split the channels in two halves, keep the
+    first, run the second through 1x1 -> depthwise 3x3 -> 1x1; stride 2: both branches read the whole input.
+    Concatenate and shuffle."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int):
+        super().__init__()
+        self.stride, half = stride, out_channels // 2
+        if stride > 1:
+            self.branch1 = nn.Sequential(
+                nn.Conv2d(in_channels, in_channels, 3, stride, 1, groups=in_channels, bias=False),
+                nn.BatchNorm2d(in_channels), nn.Conv2d(in_channels, half, 1, bias=False), nn.BatchNorm2d(half),
+                nn.ReLU())
+        branch_in = in_channels if stride > 1 else half
+        self.branch2 = nn.Sequential(
+            nn.Conv2d(branch_in, half, 1, bias=False), nn.BatchNorm2d(half), nn.ReLU(),
+            nn.Conv2d(half, half, 3, stride, 1, groups=half, bias=False), nn.BatchNorm2d(half),
+            nn.Conv2d(half, half, 1, bias=False), nn.BatchNorm2d(half), nn.ReLU())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stride == 1:
+            x1, x2 = x.chunk(2, dim=1)
+            out = torch.cat((x1, self.branch2(x2)), dim=1)
+        else:
+            out = torch.cat((self.branch1(x), self.branch2(x)), dim=1)
+        return channel_shuffle(out, 2)
+
+
+class ShuffleNetV2(nn.Module):
+    """A ShuffleNetV2 in miniature: stem, two stages of a stride-2 and a stride-1 block, 1x1 conv5, head.
+
+    One stride-1 block per stage: torch-pruning 1.6 cannot trace two in a row (a ``ZeroDivisionError`` in its
+    reshape index mapping), so neither library could prune torchvision's stages of 3-7 stride-1 blocks.
+    """
+
+    def __init__(self, widths: tuple[int, int] = (16, 32), n_classes: int = 5):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+        self.stage = nn.Sequential(ShuffleBlock(8, widths[0], 2), ShuffleBlock(widths[0], widths[0], 1),
+                                   ShuffleBlock(widths[0], widths[1], 2), ShuffleBlock(widths[1], widths[1], 1))
+        self.conv5 = nn.Sequential(nn.Conv2d(widths[1], 24, 1, bias=False), nn.BatchNorm2d(24), nn.ReLU())
+        self.fc = nn.Linear(24, n_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv5(self.stage(self.stem(x)))
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
 class BatchNormAct2d(nn.BatchNorm2d):
     """timm's fused BatchNorm + ReLU: ``F.batch_norm`` inside the module's own forward."""
 
@@ -168,6 +269,29 @@ class FusedNet(nn.Module):
             x = x + self.offset
         tokens = x.flatten(2).transpose(1, 2)  # (B, T, C)
         tokens = tokens + self.fc2(F.gelu(self.fc1(tokens)))
+        return self.head(tokens.mean(1))
+
+
+class NormNet(nn.Module):
+    """Norms over the channels: conv -> GroupNorm(2) -> conv -> LayerNorm2d -> tokens -> Linear ->
+    LayerNorm -> token MLP (residual) -> head (``formulations/channel_norms.md``)."""
+
+    def __init__(self, n_classes: int = 4):
+        super().__init__()
+        self.conv1, self.gn = nn.Conv2d(3, 8, 3, padding=1), nn.GroupNorm(2, 8)
+        self.conv2, self.ln2d = nn.Conv2d(8, 12, 3, padding=1), LayerNorm2d(12)
+        self.fc0, self.ln = nn.Linear(12, 10), nn.LayerNorm(10)
+        self.fc1, self.fc2 = nn.Linear(10, 16), nn.Linear(16, 10)
+        self.head = nn.Linear(10, n_classes)
+        with torch.no_grad():  # non-trivial affine parameters, as after training
+            for m in (self.gn, self.ln2d, self.ln):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0, 0.3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.ln2d(self.conv2(F.relu(self.gn(self.conv1(x)))))
+        tokens = self.fc0(x.flatten(2).transpose(1, 2))  # (B, T, C)
+        tokens = tokens + self.fc2(F.gelu(self.fc1(self.ln(tokens))))
         return self.head(tokens.mean(1))
 
 
@@ -243,6 +367,9 @@ CASES: dict[str, Callable[[], tuple[nn.Module, list[torch.Tensor]]]] = {
     "resnext": _case(lambda: ResNeXt(width=16, groups=4), 8),
     "fused_bn_token_mlp": _case(FusedNet, 8),
     "fused_layernorm": _case(lambda: FusedNet(layer_norm=True), 8),
+    "norms": _case(NormNet, 8),
+    "inception": _case(Inception, 8),
+    "shufflenet_v2": _case(ShuffleNetV2, 16),
 }
 #: ``transformers`` cases (tiny configs, random init, 32x32 inputs).
 TRANSFORMERS_CASES: dict[str, Callable[[], tuple[nn.Module, list[torch.Tensor]]]] = {

@@ -160,3 +160,28 @@ def _norms_through_concat(
         order = np.argsort(np.asarray(items[0].root_idxs))
         out.append((names[bn], tuple(int(i) for i in np.asarray(items[0].idxs)[order])))
     return tuple(out)
+
+
+def _channel_norm(
+    module: nn.Module, idxs: list[int], root_idxs: list[int], n: int
+) -> tuple[int, tuple[int, ...]] | str:
+    """How a LayerNorm / GroupNorm on a unit's ``n`` root channels is sliced with them: ``(tie, channels)``,
+    the groups every group must lose channels from alike (1 for a LayerNorm) and the norm's channel of each
+    root channel; or why it cannot be (``formulations/channel_norms.md``)."""
+    if isinstance(module, nn.LayerNorm):
+        if len(module.normalized_shape) != 1:
+            return f"LayerNorm over the shape {tuple(module.normalized_shape)}, not over the channels alone"
+        width = module.normalized_shape[0]
+    elif isinstance(module, nn.GroupNorm):
+        width = module.num_channels
+    else:
+        return f"{type(module).__name__} is not a LayerNorm or a GroupNorm"
+    order = np.argsort(np.asarray(root_idxs), kind="stable")
+    channels = tuple(int(i) for i in np.asarray(idxs)[order])
+    if len(channels) != n or sorted(np.asarray(root_idxs).tolist()) != list(range(n)):
+        return "a norm reads these channels partly or twice"
+    if not isinstance(module, nn.GroupNorm) or module.num_groups == 1:
+        return 1, channels
+    if width != n or channels != tuple(range(n)):  # the groups are the root's channels in order
+        return "a GroupNorm reads these channels through a concatenation or out of order"
+    return module.num_groups, channels

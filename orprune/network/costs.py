@@ -14,7 +14,9 @@ positions per image:
   ``kh kw P c(k)``; params ``kh kw c_in c_out / groups`` (+ ``c_out``);
 * Linear: ``R c_in(k) c_out(k) + c_out(k) / batch`` (``R`` rows per sample; torch-pruning does not
   multiply the bias by the batch), params ``c_in c_out + c_out``;
-* BatchNorm / InstanceNorm / GroupNorm: ``2 P c(k)`` when affine, params ``2 c(k)``;
+* BatchNorm / InstanceNorm / GroupNorm: ``2 P c(k)`` when affine, params ``2 c(k)``; a LayerNorm over
+  the channels (``normalized_shape = (C,)``): ``2 R c(k)`` when affine (``R`` rows per sample), params
+  ``2 c(k)`` (``formulations/channel_norms.md``);
 * activations and pooling: ``P c(k)`` (their output resp. input elements); Upsample: the
   elements of one output sample, ``P c(k) / batch``.
 
@@ -261,11 +263,17 @@ def _add_macs(poly: _Poly, module: nn.Module, node: Any, in_shapes: tuple, out_s
         per_channel = math.prod(shape) / shape[1] / batch
         poly.add(ch.out_of(node, shape[1]), factor * per_channel)
         return True
+    if isinstance(module, nn.LayerNorm) and len(module.normalized_shape) == 1 and node is not None:
+        # torch-pruning: the input's elements (twice when affine), the channels in the last dimension
+        width = module.normalized_shape[0]
+        factor = 2.0 if module.elementwise_affine else 1.0
+        poly.add(ch.out_of(node, width), factor * math.prod(in_shapes[0]) / width / batch)
+        return True
     if isinstance(module, nn.Upsample) and len(out_shape) > 2:
         # torch-pruning counts the elements of the first sample only, once per call
         poly.add(ch.out_of(node, out_shape[1]), math.prod(out_shape[2:]) / batch)
         return True
-    # LayerNorm, RNNs, attention: torch-pruning's own formula, unpruned
+    # a LayerNorm over more than the channels, RNNs, attention: torch-pruning's own formula, unpruned
     counter = op_counter.MODULES_MAPPING[type(module)]
     module.__flops__ = 0
     try:
@@ -301,8 +309,9 @@ def _add_params(poly: _Poly, module: nn.Module, own: list[nn.Parameter], node: A
             else:
                 poly.add_product(ch.in_of(node, module.in_features), c_out)
         return True
-    per_channel = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
-    if isinstance(module, per_channel) and node is not None:
+    per_channel = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm, nn.GroupNorm)
+    channel_ln = isinstance(module, nn.LayerNorm) and len(module.normalized_shape) == 1
+    if (isinstance(module, per_channel) or channel_ln) and node is not None:
         for p in own:
             poly.add(ch.out_of(node, p.shape[0]))
         return True

@@ -16,12 +16,15 @@ on the remaining channels as for any unit (``residual=False`` leaves such groups
 Groups where that reconstruction does not apply are reported and left alone:
 
 * the model's outputs (the classifier's logits): nothing consumes them;
-* channels that go through a split, chunk or slice between producer and consumer (a
-  concatenation is followed: each consumer selects among the unit's columns with the other
+* channels that go through a split, chunk, slice or channel shuffle between producer and consumer
+  (torch-pruning 1.6's index maps through them are wrong, ``formulations/split_and_shuffle.md``;
+  a concatenation is followed: each consumer selects among the unit's columns with the other
   producers' columns kept, ``formulations/fixed_columns.md``);
 * groups touching a module the user ignores, or a module orprune cannot slice per channel
-  (LayerNorm, GroupNorm, attention, unwrapped parameters). A grouped conv (producer or consumer)
-  ties the channels at one position of every group into one decision (``PrunableUnit.tie``);
+  (attention, unwrapped parameters, a LayerNorm over more than the channels). A grouped conv (producer
+  or consumer) or a GroupNorm ties the channels at one position of every group into one decision
+  (``PrunableUnit.tie``). A LayerNorm / GroupNorm over the channels is sliced with them and then
+  normalises over the kept channels only (``PrunableUnit.norms``, ``formulations/channel_norms.md``);
 * channels combined with a tensor the graph does not track (the model input, a buffer, a functional
   layer's parameter). A module's own weight and bias behind an op of its forward (a fused
   BatchNorm's ``F.batch_norm``, a Linear's ``addmm`` on a 3-D input) are not such tensors;
@@ -44,6 +47,7 @@ from torch_pruning.ops import OPTYPE
 
 from orprune.network._graph_rules import (
     _PASS_THROUGH,
+    _channel_norm,
     _consumer_layout,
     _following_norm,
     _has_outside_operand,
@@ -186,12 +190,15 @@ def _classify(
         if isinstance(module, nn.modules.conv._ConvNd) and module.groups != 1:
             ties.add(module.groups)  # every producer is sliced at the same (tied) channels
         if len(it.idxs) != n or list(it.idxs) != list(it.root_idxs):
+            if any(other.dep.target.type in _SPLITTING for other in items):  # ShuffleNet's split + shuffle
+                return excluded("goes through a split or slice and a channel shuffle (producers in another order)")
             return excluded("producers tied through a residual add do not share the channel order")
     touched = {_node_label(names, it.dep.target) for it in items} & ignored
     if touched:
         return excluded(f"touches ignored layer(s) {sorted(touched)}")
     consumers: list[tuple[nn.Module, tuple[int, tuple[int, ...] | None, int]]] = []
     carried: list[str] = []
+    channel_norms: list[tuple[str, tuple[int, ...]]] = []  # LayerNorms / GroupNorms over the channels
     for it in items:
         node = it.dep.target
         # a consumer may produce the model output; the unit's own channels may not
@@ -214,6 +221,15 @@ def _classify(
         if node.type in _CARRIED:
             carried.append(names[node.module])
             continue
+        if node.type in (OPTYPE.LN, OPTYPE.GN) and node.module in names:
+            rule = _channel_norm(node.module, list(it.idxs), list(it.root_idxs), n)
+            if isinstance(rule, str):
+                return excluded(f"{names[node.module]}: {rule}")
+            if rule[0] > 1:
+                ties.add(rule[0])
+            carried.append(names[node.module])
+            channel_norms.append((names[node.module], rule[1]))
+            continue
         module = node.module
         if _is_out(dg, it) or node.type not in (OPTYPE.CONV, OPTYPE.LINEAR):
             return excluded(
@@ -229,7 +245,7 @@ def _classify(
     if not consumers:
         return excluded("nothing consumes these channels (model output)")
     if len(ties) > 1:
-        return excluded(f"grouped convs with different group counts {sorted(ties)} share these channels")
+        return excluded(f"grouped convs / GroupNorms with different group counts {sorted(ties)} share these channels")
     tie = ties.pop() if ties else 1
     if tie > 1 and any(channels is not None for _, (_, channels, _) in consumers):
         return excluded("grouped conv channels go through a concatenation")
@@ -249,7 +265,8 @@ def _classify(
         groups = module.groups if isinstance(module, nn.Conv2d) else 1
         out.append(Consumer(names[module], kind, names[root], n // tie, g, n_out, norm, channels,
                             None if channels is None else n_inputs, norms, tie, groups))
-    unit = PrunableUnit(names[root], names[root], n // tie, tuple(out), tuple(dict.fromkeys(carried)), tie)
+    unit = PrunableUnit(names[root], names[root], n // tie, tuple(out), tuple(dict.fromkeys(carried)), tie,
+                        tuple(dict.fromkeys(channel_norms)))
     return unit, None
 
 

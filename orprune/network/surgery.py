@@ -5,7 +5,8 @@ weights (the ``(C*g, n_out)`` matrix of :class:`orprune.layer.result.Selection`,
 ignored) and bias. Two realisations give the same function:
 
 * :func:`masked_copy` keeps the architecture: the dropped channels' consumer weights are zero, the new
-  weights and biases are written;
+  weights and biases are written, and a LayerNorm / GroupNorm over the channels normalises over the kept
+  ones only (``formulations/channel_norms.md``);
 * :func:`apply_pruning` takes that masked copy and removes the dropped channels through
   torch-pruning's dependency groups (the producer's filters, BatchNorm entries, depthwise filters and
   the consumers' input slices), leaving a smaller plain ``nn.Module``.
@@ -27,6 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from orprune.network._kept_norms import channel_count, mask_norm
 from orprune.network.graph import (
     Consumer,
     PruningGraph,
@@ -189,8 +191,26 @@ def masked_copy(model: nn.Module, graph: PruningGraph, plan: PruningPlan) -> nn.
     """A deep copy of ``model`` that computes what the pruned model computes, without removing anything.
 
     The input weights of dropped channels are zero in every consumer of their unit, and each
-    update's weight and bias are written (see the module docstring for biases).
+    update's weight and bias are written (see the module docstring for biases). A LayerNorm or
+    GroupNorm over a unit's channels gets a forward hook that normalises over the kept channels only
+    (:class:`orprune.network._kept_norms.KeptChannelsNorm`): what the pruned norm computes.
     """
+    model = _masked_weights(model, graph, plan)
+    dropped: dict[str, set[int]] = {}
+    for unit_name, kept in plan.keep.items():
+        unit = graph[unit_name]
+        gone = unit.root_channels(np.setdiff1d(np.arange(unit.n_channels), kept))
+        for name, channels in unit.norms:
+            dropped.setdefault(name, set()).update(channels[r] for r in gone)
+    for name, gone in dropped.items():
+        if gone:
+            module = model.get_submodule(name)
+            mask_norm(module, sorted(set(range(channel_count(module))) - gone))
+    return model
+
+
+def _masked_weights(model: nn.Module, graph: PruningGraph, plan: PruningPlan) -> nn.Module:
+    """A deep copy of ``model`` with the plan's consumer weights and biases written, dropped inputs zero."""
     consumers = _validate(graph, plan)
     model = copy.deepcopy(model)
     for name, (consumer, dropped) in consumers.items():
@@ -229,7 +249,7 @@ def apply_pruning(
         Same classes and module names as ``model``, smaller layers; same training flag. Its outputs
         equal those of ``masked_copy(model, graph, plan)`` up to rounding.
     """
-    pruned = masked_copy(model, graph, plan)
+    pruned = _masked_weights(model, graph, plan)
     dg, _ = build_dependency_graph(pruned, example_inputs)
     for unit_name, kept in plan.keep.items():
         unit = graph[unit_name]

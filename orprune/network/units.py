@@ -104,7 +104,12 @@ class PrunableUnit:
         Root channels per decision. A grouped convolution (``groups = G``) as producer or consumer
         keeps its group count only if every group loses the same channels; the unit's channel ``c``
         then stands for the root channels ``c + j * n_channels``, ``j < G`` (position ``c`` in every
-        group), and ``n_channels`` is the root's channels over ``G``.
+        group), and ``n_channels`` is the root's channels over ``G``. A GroupNorm of ``G`` groups on the
+        channels ties them the same way (every group keeps as many channels).
+    norms : tuple of (str, tuple of int)
+        The LayerNorms / GroupNorms over the channels (carried too), each with its channel of every root
+        channel: removing channels changes what they normalise over (``formulations/channel_norms.md``),
+        so :func:`orprune.network.surgery.masked_copy` replaces them by norms over the kept channels.
     """
 
     name: str
@@ -113,6 +118,7 @@ class PrunableUnit:
     consumers: tuple[Consumer, ...]
     carried: tuple[str, ...]
     tie: int = 1
+    norms: tuple[tuple[str, tuple[int, ...]], ...] = ()
 
     def root_channels(self, idxs: Any) -> list[int]:
         """The root module's channels of the unit's channels ``idxs``."""

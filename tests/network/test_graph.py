@@ -150,7 +150,8 @@ def test_ignored_layers_exclude_every_group_touching_them(by_name):
 
 
 class GroupNormNet(nn.Module):
-    """A conv followed by GroupNorm (mixes channels: no reconstruction), then a plain chain."""
+    """A conv followed by GroupNorm (sliced with the channels, tied by its groups), a grouped conv, a
+    LayerNorm over the whole feature map (left alone), then a plain chain."""
 
     def __init__(self):
         super().__init__()
@@ -158,10 +159,11 @@ class GroupNormNet(nn.Module):
         self.gn = nn.GroupNorm(2, 8)
         self.conv2 = nn.Conv2d(8, 8, 3, padding=1, groups=2)  # grouped: a tied unit (issue 21)
         self.conv3 = nn.Conv2d(8, 6, 3)
+        self.ln = nn.LayerNorm([6, 6, 6])  # over (C, H, W): not a norm over the channels alone
         self.conv4 = nn.Conv2d(6, 4, 1)
 
     def forward(self, x):
-        return self.conv4(torch.relu(self.conv3(self.conv2(self.gn(self.conv1(x))))))
+        return self.conv4(self.ln(torch.relu(self.conv3(self.conv2(self.gn(self.conv1(x)))))))
 
 
 def test_unsupported_modules_are_excluded_with_one_warning():
@@ -170,10 +172,11 @@ def test_unsupported_modules_are_excluded_with_one_warning():
         warnings.simplefilter("always")
         graph = find_groups(model, torch.randn(2, 3, 8, 8))
     assert len([w for w in caught if "left unpruned" in str(w.message)]) == 1
-    assert graph.names == ("conv2", "conv3")
+    assert graph.names == ("conv1", "conv2")
+    assert graph["conv1"].tie == 2 and graph["conv1"].norms[0][0] == "gn"
     assert graph["conv2"].tie == 2 and graph["conv2"].n_channels == 4
     why = reasons(graph)
-    assert "cannot be sliced" in why["conv1"] and "output" in why["conv4"]
+    assert "not over the channels alone" in why["conv3"] and "output" in why["conv4"]
     assert "conv4" not in str(next(w.message for w in caught if "left unpruned" in str(w.message)))
 
 
@@ -224,3 +227,17 @@ def test_every_small_model_has_units():
         _, graph = groups(name)
         assert graph.units and all(u.consumers for u in graph.units)
         assert len(set(graph.names)) == len(graph.units)
+
+
+def test_shufflenet_split_and_shuffle_groups_are_left_alone_with_the_reason():
+    from orprune.examples.coverage_zoo import ShuffleNetV2
+
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        graph = find_groups(ShuffleNetV2().eval(), torch.randn(1, 3, 16, 16))
+    why = reasons(graph)
+    # torch-pruning maps the shuffle's view(b, 2, c/2, h, w) as a flatten: those groups are not followed
+    assert "channel shuffle" in why["stage.1.branch2.5"] and "channel shuffle" in why["stage.3.branch2.5"]
+    # the branches' inner channels, the stem (read by both branches of a stride-2 block) and conv5 are units
+    assert {"stem.0", "stage.0.branch2.0", "stage.1.branch2.0", "conv5.0"} <= set(graph.names)
