@@ -40,7 +40,8 @@ def stage(module: str) -> str:
     if module in CORE:
         return "core"
     part = module.split(".")[1]
-    return {"prune_result": "pipeline", "_pipeline_steps": "pipeline", "factorize": "pipeline"}.get(part, part)
+    return {"prune_result": "pipeline", "_pipeline_steps": "pipeline", "factorize": "pipeline",
+            "mixed": "pipeline"}.get(part, part)
 
 
 def modules() -> dict[str, Path]:
