@@ -45,6 +45,13 @@ def describe(fitted: orprune.MixedPruner, result: orprune.MixedResult) -> str:
     return f"pruned: {', '.join(pruned) or 'none'}; factorized: {', '.join(factored) or 'none'}"
 
 
+def output_error(model: torch.nn.Module, reference: torch.nn.Module, images: torch.Tensor) -> float:
+    """``||f(x) - f_ref(x)||^2 / ||f_ref(x)||^2`` of the logits over ``images`` (what the layer errors stand for)."""
+    with torch.no_grad():
+        ref = reference.eval()(images)
+        return float((model.eval()(images) - ref).square().sum() / ref.square().sum())
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--macs", type=float, nargs="+", default=[0.5, 0.33], help="MACs budgets (fractions)")
@@ -76,12 +83,13 @@ def main(argv: list[str] | None = None) -> None:
                 result = fitted.prune(macs=budget, mode=mode)
             seconds, cpu = time.perf_counter() - t, time.process_time() - c
             acc = evaluate(result.model, test_images, test_labels)
+            out_err = output_error(result.model, model, test_images)
             tuned = None
             if args.finetune_epochs > 0:
                 net = train(copy.deepcopy(result.model), images, labels, epochs=args.finetune_epochs,
                             lr=args.finetune_lr, seed=args.seed, flip=False, threads=1, progress=False)
                 tuned = evaluate(net, test_images, test_labels)
-            rows.append((budget, mode, result.objective, acc, tuned, result.macs_after / result.macs_before,
+            rows.append((budget, mode, result.objective, out_err, acc, tuned, result.macs_after / result.macs_before,
                          result.params_after / result.params_before, seconds, cpu))
             details.append(f"- {budget:.0%} MACs, {mode}: {describe(fitted, result)}")
             print(rows[-1], flush=True)
@@ -96,17 +104,19 @@ def main(argv: list[str] | None = None) -> None:
         f"test accuracy {accuracy:.2%} on the 360 test images (one image is 0.28%). Calibration: the first "
         f"{args.calibration} training images. One `MixedPruner(solver={args.solver!r})` fit ({fit_time:.0f} s wall, "
         f"{fit_cpu:.0f} s CPU), then the allocation MILP per budget and mode. `objective`: the MILP's summed "
-        "relative layer errors (channel curves + rank curves), the quantity it minimises. MACs and params as "
+        "relative layer errors (channel curves + rank curves), the quantity it minimises; `output error`: "
+        "||f(x) - f_0(x)||^2 / ||f_0(x)||^2 of the logits on the test images, f_0 the unpruned model. MACs and params as "
         "torch-pruning counts the built models, relative to the unpruned model (the MILP's costs equal these "
         "counts). No BatchNorm re-estimation."
         + (f" Fine-tune: {args.finetune_epochs:g} epoch(s) of SGD (one-cycle, peak lr {args.finetune_lr:g}) on the "
            "training split." if args.finetune_epochs > 0 else ""),
         "",
-        "| MACs budget | mode | objective | test accuracy | after fine-tune | MACs | params | prune time (s wall / CPU) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| MACs budget | mode | objective | output error | test accuracy | after fine-tune | MACs | params | "
+        "prune time (s wall / CPU) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for budget, mode, objective, acc, tuned, m, p, seconds, cpu in rows:
-        lines.append(f"| {budget:.0%} | {mode} | {objective:.4f} | {acc:.2%} | "
+    for budget, mode, objective, out_err, acc, tuned, m, p, seconds, cpu in rows:
+        lines.append(f"| {budget:.0%} | {mode} | {objective:.4f} | {out_err:.4f} | {acc:.2%} | "
                      f"{'-' if tuned is None else f'{tuned:.2%}'} | {m:.1%} | {p:.1%} | {seconds:.0f} / {cpu:.0f} |")
     lines += ["", "What each allocation chose (pruned units kept/full; factorized layers rank/max rank):", "",
               *details, ""]
