@@ -59,6 +59,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--calibration", type=int, default=1024, help="calibration images (train split)")
     parser.add_argument("--solver", default="greedy", help="channel curve solver")
+    parser.add_argument("--errors", choices=["layer", "output"], default="layer",
+                        help="what the MILP sums: relative layer errors, or the network's relative output error of "
+                             "each option alone (MixedPruner(errors=...))")
     parser.add_argument("--finetune-epochs", type=float, default=0, help="fine-tune epochs (0: none)")
     parser.add_argument("--finetune-lr", type=float, default=0.01)
     parser.add_argument("--output", default=str(RESULTS_DIR / "low_rank_mixed.md"))
@@ -72,7 +75,8 @@ def main(argv: list[str] | None = None) -> None:
     t, c = time.perf_counter(), time.process_time()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        fitted = orprune.MixedPruner(solver=args.solver, progress=False).fit(model, calibration)
+        fitted = orprune.MixedPruner(solver=args.solver, errors=args.errors, progress=False).fit(model,
+                                                                                                    calibration)
     fit_time, fit_cpu = time.perf_counter() - t, time.process_time() - c
     rows, details = [], []
     for budget in args.macs:
@@ -102,9 +106,11 @@ def main(argv: list[str] | None = None) -> None:
         "",
         f"ResNet-20 (1 input channel) trained {args.epochs} epochs on the 8x8 digits' train split (1437 images): "
         f"test accuracy {accuracy:.2%} on the 360 test images (one image is 0.28%). Calibration: the first "
-        f"{args.calibration} training images. One `MixedPruner(solver={args.solver!r})` fit ({fit_time:.0f} s wall, "
+        f"{args.calibration} training images. One `MixedPruner(solver={args.solver!r}, errors={args.errors!r})` fit ({fit_time:.0f} s wall, "
         f"{fit_cpu:.0f} s CPU), then the allocation MILP per budget and mode. `objective`: the MILP's summed "
-        "relative layer errors (channel curves + rank curves), the quantity it minimises; `output error`: "
+        + ("relative layer errors (channel curves + rank curves)" if args.errors == "layer" else
+           "relative output errors of each option alone (512 probe images)")
+        + ", the quantity it minimises; `output error`: "
         "||f(x) - f_0(x)||^2 / ||f_0(x)||^2 of the logits on the test images, f_0 the unpruned model. MACs and params as "
         "torch-pruning counts the built models, relative to the unpruned model (the MILP's costs equal these "
         "counts). No BatchNorm re-estimation."

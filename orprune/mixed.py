@@ -20,19 +20,27 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from orprune._pipeline_steps import check_fraction, forward_order
 from orprune._status import FEASIBLE
 from orprune.budget.allocation import Allocation, AllocationProblem, CostModel, TableCost, allocate
+from orprune.budget.output_errors import probe_batches
 from orprune.factorize import factorization_options, output_positions
 from orprune.layer.low_rank import RankCurve, rank_curve, select_rank
 from orprune.layer.problem import LayerProblem, StatisticsAccumulator
 from orprune.network.calibration import collect_statistics
 from orprune.network.costs import count_macs_params
-from orprune.network.factorization import LayerFactors, apply_factorization, factorizable_layers, following_norms
-from orprune.network.graph import weight_matrix
+from orprune.network.factorization import (
+    LayerFactors,
+    apply_factorization,
+    factorizable_layers,
+    following_norms,
+    reconstructed_copy,
+)
+from orprune.network.graph import call_model, weight_matrix
 from orprune.network.residual_targets import find_residual_targets
 from orprune.pipeline import Pruner
 from orprune.prune_result import PruneResult
@@ -101,7 +109,8 @@ class MixedPruner:
         Rank options per layer (a grid of the ranks that save MACs, and the whole layer).
     min_rank : int, default 1
     **options
-        Passed to :class:`orprune.Pruner` (``errors`` must stay ``"layer"``): the channel curves, the ridge,
+        Passed to :class:`orprune.Pruner`: the channel curves, the ridge, ``errors`` (``"output"``: units and
+        ranks are both priced by the network's relative output error with the unit / layer alone changed),
         the positions, ``ignored_layers`` (also never factorized), ``max_features`` (wider layers are not
         factorized either), ``sequential`` / ``residual_targets`` (also for the factorized layers' refit).
 
@@ -111,6 +120,8 @@ class MixedPruner:
         The fitted channel pruner.
     curves_ : dict layer -> RankCurve
         Certified rank curves of the layers offered factorization.
+    rank_output_errors_ : dict layer -> array or None
+        With ``errors="output"``: each layer's relative output error at each rank option (whole last, 0).
     rank_options_ : dict layer -> (ranks, macs)
         Each layer's rank options (``-1``: whole, last) and their MACs labels.
     touching_ : dict layer -> tuple of str
@@ -121,9 +132,6 @@ class MixedPruner:
         for name, value in (("max_ranks", max_ranks), ("min_rank", min_rank)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
-        if options.get("errors", "layer") != "layer":
-            raise ValueError(f"`errors` must be 'layer' for the mixed allocation, got {options['errors']!r}: the "
-                             "rank curves are per-layer errors.")
         self.max_ranks, self.min_rank, self.options = max_ranks, min_rank, options
 
     def fit(self, model: nn.Module, calibration: Iterable[Any]) -> MixedPruner:
@@ -153,10 +161,44 @@ class MixedPruner:
             if ranks.size > 1:  # some rank saves MACs
                 self.curves_[n], self.rank_options_[n] = rank_curve(prob), (ranks, labels)
         self.problems_ = {n: problems[n] for n in self.curves_}
+        self.rank_output_errors_ = self._rank_output_errors() if p.errors == "output" else None
         self.touching_ = {n: tuple(sorted({c.unit for c in p.graph_.consumers if c.name == n}
                                           | {u.name for u in p.graph_.units if u.root == n or n in u.carried}))
                           for n in self.curves_}
         return self
+
+    def _rank_output_errors(self) -> dict[str, np.ndarray]:
+        """Each layer's relative output error at each of its ranks, the layer alone factorized (original
+        statistics' optimal map and bias), on the pruner's probe images; 0 for "whole" (last)."""
+        p = self.pruner_
+        probe = probe_batches(p.batches_, p.probe_images)
+        with torch.no_grad():
+            reference = [call_model(p.model_, b).double() for b in probe]
+        scale = sum(float((r**2).sum()) for r in reference)
+        out = {}
+        for n, (ranks, _) in tqdm(self.rank_options_.items(), desc="rank output errors", disable=not p.progress,
+                                  leave=False):
+            errs = np.zeros(ranks.size)
+            for i, r in enumerate(ranks[:-1]):
+                one = reconstructed_copy(p.model_, {n: self._layer_factors(n, p.model_, self.statistics_[n],
+                                                                          self.problems_[n], int(r))}, self.norms_)
+                with torch.no_grad():
+                    errs[i] = sum(float(((call_model(one, b).double() - ref) ** 2).sum())
+                                  for b, ref in zip(probe, reference)) / scale
+            out[n] = errs
+        return out
+
+    def _layer_factors(self, name: str, base: nn.Module, acc: StatisticsAccumulator, prob: LayerProblem,
+                       rank: int) -> LayerFactors:
+        """The optimal rank-``rank`` factors of ``prob`` and, with an intercept, the compensated bias."""
+        sel = select_rank(prob, rank)
+        bias = None
+        if self.intercepts_[name]:
+            mean_x, mean_y = acc.means()
+            module = base.get_submodule(name)
+            old = module.bias.detach().double().numpy() if module.bias is not None else 0.0
+            bias = old + mean_y - mean_x @ sel.weights
+        return LayerFactors(sel.left, sel.right, bias)
 
     def _problem(self, name: str, acc: StatisticsAccumulator) -> LayerProblem:
         """A layer's problem built as the pruner builds a consumer's (centred when it has an intercept)."""
@@ -181,12 +223,14 @@ class MixedPruner:
         errors: dict[Hashable, np.ndarray] = {}
         for u, curve in p.curves_.items():
             sl = slice(-1, None) if mode == "factorize" else slice(None)
-            options[u], errors[u] = curve.keep_counts[sl], curve.errors[sl]
+            unit_errors = curve.errors if p.output_errors_ is None else p.output_errors_[u]
+            options[u], errors[u] = curve.keep_counts[sl], unit_errors[sl]
         macs_shift = params_shift = 0.0
         macs_lin, params_lin = dict(p.costs_.macs.linear), dict(p.costs_.params.linear)
         for n, (ranks, labels) in self.rank_options_.items():
             key, whole = rank_unit(n), float(labels[-1])
-            errs = np.r_[self.curves_[n].relative_errors[ranks[:-1]], 0.0]
+            errs = (np.r_[self.curves_[n].relative_errors[ranks[:-1]], 0.0] if self.rank_output_errors_ is None
+                    else self.rank_output_errors_[n])
             sl = slice(-1, None) if mode == "channels" else slice(None)
             options[key], errors[key] = labels[sl], errs[sl]
             macs_lin[key], macs_shift = 1.0, macs_shift + whole  # MACs of the option replace the whole layer's
@@ -310,14 +354,7 @@ class MixedPruner:
                 prob = self._problem(n, acc)
             else:
                 acc, prob = self.statistics_[n], self.problems_[n]
-            sel = select_rank(prob, ranks[n])
-            bias = None
-            if self.intercepts_[n]:
-                mean_x, mean_y = acc.means()
-                module = base.get_submodule(n)
-                old = module.bias.detach().double().numpy() if module.bias is not None else 0.0
-                bias = old + mean_y - mean_x @ sel.weights
-            factors[n] = LayerFactors(sel.left, sel.right, bias)
+            factors[n] = self._layer_factors(n, base, acc, prob, ranks[n])
         return factors
 
     def _check_fitted(self) -> None:

@@ -4,6 +4,7 @@ import itertools
 import math
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -146,11 +147,35 @@ def test_bad_inputs(tiny):
         tiny.prune(macs=0.5, mode="both")
     with pytest.raises(ValueError, match="give a budget"):
         tiny.prune()
-    with pytest.raises(ValueError, match="`errors` must be 'layer'"):
-        MixedPruner(errors="output")
     with pytest.raises(ValueError, match="`max_ranks` must be a positive integer"):
         MixedPruner(max_ranks=0)
     with pytest.raises(RuntimeError, match="not fitted"):
         MixedPruner().prune(macs=0.5)
     with pytest.raises(ValueError, match="`macs` must be a fraction"):
         orprune.prune_and_factorize(TinyNet(), calibration((2, 5, 5)), macs=2.0)
+
+
+def test_output_errors_price_units_and_ranks_alike():
+    torch.manual_seed(0)
+    model = TinyNet().eval()
+    cal = calibration((2, 5, 5))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fitted = MixedPruner(positions_per_image=None, solver="exact", max_options=4, max_ranks=4, sequential=False,
+                             errors="output", probe_images=16, progress=False).fit(model, cal)
+    problem, _ = fitted.allocation_problem()
+    probe = torch.cat(cal)[:16]
+    with torch.no_grad():
+        ref = model(probe)
+    for n, (ranks, _) in fitted.rank_options_.items():
+        errs = problem.errors[rank_unit(n)]
+        assert errs[-1] == 0.0 and np.all(errs[:-1] > 0)
+        r = int(ranks[0])  # the layer alone factorized at its smallest rank, through the public surgery
+        one = fitted.apply({}, {n: r})
+        with torch.no_grad():
+            measured = float((one.model(probe) - ref).double().square().sum() / ref.double().square().sum())
+        assert errs[0] == pytest.approx(measured, rel=1e-4)
+    for u in fitted.pruner_.curves_:
+        np.testing.assert_array_equal(problem.errors[u], fitted.pruner_.output_errors_[u])
+    result = fitted.prune(macs=0.6)
+    assert result.allocation.objective == pytest.approx(brute_force(fitted, "mixed", 0.6), rel=1e-9, abs=1e-12)
