@@ -55,6 +55,7 @@ from orprune.layer import (
     to_pyomo,
     write_model,
 )
+from orprune.mixed import MixedPruner, MixedResult, prune_and_factorize
 from orprune.network import (
     Consumer,
     ConsumerUpdate,
@@ -124,6 +125,8 @@ __all__ = [
     "LayerFactors",
     "LayerProblem",
     "LayerRank",
+    "MixedPruner",
+    "MixedResult",
     "NMSelection",
     "NetworkCosts",
     "OPTIMAL",
@@ -178,6 +181,7 @@ __all__ = [
     "partition_module",
     "partition_weights",
     "prune",
+    "prune_and_factorize",
     "prune_by_threshold",
     "prune_transformer",
     "rank_curve",

@@ -37,7 +37,7 @@ from orprune.network.factorization import LayerFactors, apply_factorization, fac
 from orprune.network.graph import DEFAULT_MAX_FEATURES, call_model, weight_matrix
 from orprune.network.residual_targets import find_residual_targets
 
-__all__ = ["FactorizeResult", "LayerRank", "factorize", "factorization_options"]
+__all__ = ["FactorizeResult", "LayerRank", "factorize", "factorization_options", "output_positions"]
 
 
 @dataclass(frozen=True)
@@ -99,7 +99,7 @@ class FactorizeResult:
         return {layer.name: layer.rank for layer in self.layers}
 
 
-def _positions(model: nn.Module, names: list[str], example_inputs: Any) -> dict[str, int]:
+def output_positions(model: nn.Module, names: list[str], example_inputs: Any) -> dict[str, int]:
     """Output positions per sample of each layer (H_out W_out of a conv, rows of a Linear)."""
     found: dict[str, int] = {}
 
@@ -215,7 +215,7 @@ def factorize(
     example = batches[0][:1] if torch.is_tensor(batches[0]) else batches[0]
     if not names:
         raise ValueError("the model has no Linear or Conv2d (groups=1) layer to factorize.")
-    positions = _positions(original, names, example)
+    positions = output_positions(original, names, example)
     names = [n for n in names if n in positions]  # layers the forward pass never runs are left alone
     wide = [n for n in names if weight_matrix(original.get_submodule(n)).shape[0] > max_features]
     if wide:

@@ -18,7 +18,7 @@ import copy
 import math
 import time
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Executor
 from typing import Any
 
@@ -39,7 +39,7 @@ from orprune._pipeline_steps import (
     unit_part,
 )
 from orprune._pool import interruptible_pool
-from orprune.budget.allocation import AllocationProblem, allocate
+from orprune.budget.allocation import Allocation, AllocationProblem, allocate
 from orprune.budget.curves import PATH_SOLVERS, ErrorCurve, join_curves
 from orprune.budget.output_errors import output_error_curves, probe_batches
 from orprune.budget.uniform_allocation import allocate_uniform
@@ -443,6 +443,16 @@ class Pruner:
                 chosen = allocate(problem, costs=costs, budgets=budgets, time_limit=time_limit)
         except ValueError as exc:
             raise ValueError(f"the budget cannot be met by pruning the prunable groups: {exc}") from exc
+        return self.apply(chosen, budgets, start=start)
+
+    def apply(self, chosen: Allocation, budgets: Mapping[str, float] | None = None, *,
+              start: float | None = None) -> PruneResult:
+        """The pruned copy of the fitted model for the keep counts of ``chosen`` (surgery and refit of
+        :meth:`prune`, without the allocation): each unit keeps the curve's best channels for its count.
+        ``budgets`` (absolute MACs / params / latency) only produce warnings and the latency report."""
+        self._check_fitted()
+        start = time.perf_counter() if start is None else start
+        budgets = dict(budgets or {})
         keep = {u: np.flatnonzero(self.curves_[u].mask_for(k)) for u, k in chosen.keep.items()}
         pruned_units = [u.name for u in self.graph_.units if keep[u.name].size < u.n_channels]
         pruned_keep = {u: keep[u] for u in pruned_units}

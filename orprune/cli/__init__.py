@@ -1,7 +1,7 @@
-"""Command line: ``orprune demo``, ``orprune prune`` and ``orprune spr``.
+"""Command line: ``orprune demo``, ``orprune prune``, ``orprune spr`` and ``orprune trp``.
 
 The top of the package: it may import every stage. Each command lives in its own module
-(:mod:`orprune.cli.prune`, :mod:`orprune.cli.spr`; the demo is :mod:`orprune.examples.demo`).
+(:mod:`orprune.cli.prune`, :mod:`orprune.cli.spr`, :mod:`orprune.cli.trp`; the demo is :mod:`orprune.examples.demo`).
 A mistake of the user (a bad option, a missing or unreadable file, data that does not fit the model)
 is one line on stderr and exit status 2; Ctrl-C is one line and status 130; ``--debug`` shows the
 traceback instead.
@@ -23,6 +23,7 @@ from orprune.cli._args import fractions, positive_int
 from orprune.cli._io import UsageError
 from orprune.cli.prune import add_prune_arguments, run_prune
 from orprune.cli.spr import add_spr_arguments, run_spr
+from orprune.cli.trp import add_trp_arguments, run_trp
 from orprune.examples.demo import run_demo
 from orprune.layer.solvers.registry import SOLVERS
 
@@ -44,7 +45,7 @@ def _parser() -> argparse.ArgumentParser:
     debug.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     parser = _Parser(prog="orprune", description="Channel pruning as a mixed-integer program.",
                                      parents=[debug])
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,prune,spr}", parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,prune,spr,trp}", parser_class=_Parser)
     defaults = argparse.ArgumentDefaultsHelpFormatter
 
     demo = sub.add_parser("demo", parents=[debug], formatter_class=defaults,
@@ -64,6 +65,9 @@ def _parser() -> argparse.ArgumentParser:
     add_spr_arguments(sub.add_parser(
         "spr", parents=[debug], formatter_class=defaults,
         help="train with the perspective regularizer, remove channels below a threshold, save"))
+    add_trp_arguments(sub.add_parser(
+        "trp", parents=[debug], formatter_class=defaults,
+        help="train with Trained Rank Pruning, split each layer in two at its energy rank, save"))
     return parser
 
 
@@ -86,7 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (2 for the user's mistakes, 130 for Ctrl-C)."""
     args = _parser().parse_args(argv)
     prog = f"orprune {args.command}"
-    run = {"demo": run_demo, "spr": run_spr, "prune": run_prune}[args.command]
+    run = {"demo": run_demo, "spr": run_spr, "prune": run_prune, "trp": run_trp}[args.command]
     show = warnings.showwarning
     if not args.debug:
         warnings.showwarning = _one_line_warnings

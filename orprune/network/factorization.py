@@ -27,8 +27,8 @@ from torch import nn
 
 from orprune.network.graph import _following_norm, build_dependency_graph, set_weight_matrix, weight_matrix
 
-__all__ = ["LayerFactors", "apply_factorization", "factorizable_layers", "factorized_layer", "following_norms",
-           "reconstructed_copy"]
+__all__ = ["LayerFactors", "apply_factorization", "balanced", "factorizable_layers", "factorized_layer",
+           "following_norms", "reconstructed_copy"]
 
 
 def _array(value: Any, name: str, ndim: int) -> torch.Tensor:
@@ -111,11 +111,25 @@ def factorizable_layers(model: nn.Module, ignored_layers: Any = ()) -> list[str]
     return out
 
 
+def balanced(left: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same product ``left @ right`` with each rank component's two factors of equal norm.
+
+    ``select_rank`` whitens the intermediate channels against the *summed* Gram matrix, so its left factor is
+    of order ``1 / sqrt(samples)`` and its right factor of order ``sqrt(samples)``: a function-preserving
+    rescaling ``left_t * d_t``, ``right_t / d_t`` with ``d_t = sqrt(||right_t|| / ||left_t||)`` keeps SGD on
+    the two layers well conditioned (a fine-tune of the unbalanced form diverges). Zero components stay.
+    """
+    a, b = left.norm(dim=0), right.norm(dim=1)
+    d = torch.where((a > 0) & (b > 0), (b / torch.where(a > 0, a, 1.0)).sqrt(), torch.ones_like(a))
+    return left * d, right / d[:, None]
+
+
 def factorized_layer(module: nn.Module, factors: LayerFactors, *, bias: bool | None = None) -> nn.Sequential:
     """The two-layer replacement of ``module`` for ``factors`` (see the module docstring).
 
     ``bias``: whether the second layer has a bias (default: when ``module`` has one or ``factors``
-    gives one). Its value is ``factors.bias``, else the module's bias, else zero.
+    gives one). Its value is ``factors.bias``, else the module's bias, else zero. The two weights are the
+    :func:`balanced` split of ``left @ right`` (the same map).
     """
     _check_layer(module, type(module).__name__)
     if not isinstance(factors, LayerFactors):
@@ -125,16 +139,17 @@ def factorized_layer(module: nn.Module, factors: LayerFactors, *, bias: bool | N
         raise ValueError(f"`factors` give a ({factors.left.shape[0]}, {factors.right.shape[1]}) map; the layer "
                          f"needs ({n}, {n_out}).")
     ref, r = module.weight, factors.rank
+    left, right = balanced(factors.left, factors.right)
     has_bias = (module.bias is not None or factors.bias is not None) if bias is None else bool(bias)
     if isinstance(module, nn.Linear):
         first, second = nn.Linear(n, r, bias=False), nn.Linear(r, n_out, bias=has_bias)
-        w1, w2 = factors.left.T, factors.right.T
+        w1, w2 = left.T, right.T
     else:
         first = nn.Conv2d(module.in_channels, r, module.kernel_size, module.stride, module.padding,
                           module.dilation, bias=False, padding_mode=module.padding_mode)
         second = nn.Conv2d(r, n_out, 1, bias=has_bias)
-        w1 = factors.left.T.reshape(r, module.in_channels, *module.kernel_size)
-        w2 = factors.right.T.reshape(n_out, r, 1, 1)
+        w1 = left.T.reshape(r, module.in_channels, *module.kernel_size)
+        w2 = right.T.reshape(n_out, r, 1, 1)
     first, second = first.to(ref), second.to(ref)
     with torch.no_grad():
         first.weight.copy_(w1.to(ref))

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from orprune import LayerFactors, apply_factorization, following_norms, reconstructed_copy
-from orprune.network.factorization import factorizable_layers, factorized_layer
+from orprune.network.factorization import balanced, factorizable_layers, factorized_layer
 from orprune.network.graph import weight_matrix
 
 
@@ -96,3 +96,18 @@ def test_bad_inputs():
         apply_factorization(net, {"depthwise": random_factors(net, "fc", 2, rng)})
     with pytest.raises(ValueError, match="the layer needs"):
         apply_factorization(net, {"conv1": random_factors(net, "fc", 2, rng)})
+
+
+def test_the_surgery_writes_the_balanced_split_of_the_same_map():
+    gen = torch.Generator().manual_seed(0)
+    left = torch.randn(18, 3, generator=gen, dtype=torch.float64) * 1e-3
+    right = torch.randn(3, 5, generator=gen, dtype=torch.float64) * 1e3
+    right[1] = 0.0  # a zero component stays as it is
+    a, b = balanced(left, right)
+    torch.testing.assert_close(a @ b, left @ right)
+    torch.testing.assert_close(a.norm(dim=0)[[0, 2]], b.norm(dim=1)[[0, 2]])
+    torch.testing.assert_close(a[:, 1], left[:, 1])
+    conv = torch.nn.Conv2d(2, 5, 3)
+    two = factorized_layer(conv, LayerFactors(left, right))
+    torch.testing.assert_close(two[0].weight.double().reshape(3, -1).T, a)
+    torch.testing.assert_close(two[1].weight.double().reshape(5, 3).T, b)
