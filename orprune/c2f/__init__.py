@@ -10,7 +10,7 @@ from orprune.c2f.gates import GatedWeight, band_stop
 from orprune.c2f.gcn import GraphConv, GridGCN, grid_adjacency, normalize_adjacency
 from orprune.c2f.hardening import GatingMasks, split_budget
 from orprune.c2f.regularizer import CoarseToFineGating
-from orprune.c2f.training import GatingTraining, train_with_gating
+from orprune.c2f.training import GatingTraining, finetune_with_masks, train_with_gating
 
 __all__ = [
     "CoarseToFineGating",
@@ -20,6 +20,7 @@ __all__ = [
     "GraphConv",
     "GridGCN",
     "band_stop",
+    "finetune_with_masks",
     "grid_adjacency",
     "normalize_adjacency",
     "split_budget",

@@ -242,6 +242,23 @@ class CoarseToFineGating(nn.Module):
                            self.target, status, solver, source, time.perf_counter() - start, out["weights"],
                            {"budget": budget, "data_layers": sorted(problems)})
 
+    @torch.no_grad()
+    def fix_masks(self, masks: Mapping[str, object]) -> None:
+        """Use the given hard masks (one per gated layer, the weight's shape; nonzero = kept), e.g. a baseline's."""
+        missing = sorted(set(self.layer_names) - set(masks))
+        if missing or set(masks) - set(self.layer_names):
+            raise ValueError(f"`masks` must hold exactly the gated layers {list(self.layer_names)}; "
+                             f"missing {missing}, unknown {sorted(set(masks) - set(self.layer_names))}.")
+        fixed = {}
+        for name in self.layer_names:
+            weight = self.raw_weight(name)
+            mask = torch.as_tensor(np.asarray(masks[name]) != 0, dtype=weight.dtype, device=weight.device)
+            if mask.shape != weight.shape:
+                raise ValueError(f"`masks[{name!r}]` must have shape {tuple(weight.shape)}, got {tuple(mask.shape)}.")
+            fixed[name] = mask
+        for name, mask in fixed.items():
+            self.gate(name).hard_mask = mask
+
     def soften(self) -> None:
         """Drop the hard masks: the layers use the soft gates again."""
         for name in self.layer_names:

@@ -16,7 +16,7 @@ from orprune.c2f.hardening import GatingMasks
 from orprune.c2f.regularizer import CoarseToFineGating
 from orprune.layer.problem import LayerProblem
 
-__all__ = ["GatingTraining", "train_with_gating"]
+__all__ = ["GatingTraining", "finetune_with_masks", "train_with_gating"]
 
 
 @dataclass(frozen=True)
@@ -145,19 +145,47 @@ def train_with_gating(
             f"groups {masks.n_groups}")
     start = time.perf_counter()
     if finetune_epochs > 0:
-        finetune = torch.optim.Adam(weights, lr=lr, weight_decay=weight_decay)
-        steps = max(1, round(finetune_epochs * per_epoch))
-        done = 0
-        while done < steps:
-            for index in torch.randperm(len(labels), generator=generator).split(batch_size):
-                if done == steps:
-                    break
-                loss = F.cross_entropy(trained(images[index]), labels[index])
-                finetune.zero_grad(set_to_none=True)
-                loss.backward()
-                finetune.step()
-                done += 1
+        finetune_with_masks(trained, gating, images, labels, epochs=finetune_epochs, lr=lr, weight_decay=weight_decay,
+                            batch_size=batch_size, seed=seed + 1)
     finetune_seconds = time.perf_counter() - start
     trained.eval()
     return GatingTraining(trained, gating, masks, soft, train_seconds, finetune_seconds,
                           time.process_time() - cpu_start, history)
+
+
+def finetune_with_masks(
+    model: nn.Module,
+    gating: CoarseToFineGating,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    epochs: float,
+    lr: float = 1e-3,
+    weight_decay: float = 0.0,
+    batch_size: int = 64,
+    seed: int = 0,
+) -> nn.Module:
+    """Train ``model`` (in place) on the task loss with the gating's hard masks fixed; the thresholds are not trained.
+
+    Returns the model in eval mode.
+    """
+    if not gating.hard:
+        raise ValueError("`gating` has no hard masks: call `harden()` or `fix_masks()` first.")
+    epochs = _number(epochs, "epochs", 0, strict=True)
+    gates = {id(p) for p in gating.gate_parameters()}
+    optimizer = torch.optim.Adam([p for p in model.parameters() if id(p) not in gates], lr=lr,
+                                 weight_decay=weight_decay)
+    generator = torch.Generator().manual_seed(seed)
+    steps = max(1, round(epochs * -(-len(labels) // batch_size)))
+    done = 0
+    model.train()
+    while done < steps:
+        for index in torch.randperm(len(labels), generator=generator).split(batch_size):
+            if done == steps:
+                break
+            loss = F.cross_entropy(model(images[index]), labels[index])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            done += 1
+    return model.eval()

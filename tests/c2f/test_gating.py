@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from orprune import LayerProblem, select_hierarchical
-from orprune.c2f import CoarseToFineGating, band_stop, split_budget, train_with_gating
+from orprune.c2f import CoarseToFineGating, band_stop, finetune_with_masks, split_budget, train_with_gating
 from orprune.c2f.hardening import harden_layer, score_problem
 
 
@@ -182,6 +182,25 @@ def test_training_end_to_end_meets_the_budget():
     for name, mask in result.masks.masks.items():
         module = dict(result.model.named_modules())[name]
         assert torch.equal(module.weight.detach() != 0, torch.as_tensor(mask) & (gating_raw(result, name) != 0))
+
+
+def test_fixed_masks_stay_fixed_during_finetuning():
+    model = small()
+    gating = CoarseToFineGating(model, 0.5)
+    with pytest.raises(ValueError, match="hard masks"):
+        finetune_with_masks(model, gating, torch.randn(4, 3, 4, 4), torch.zeros(4, dtype=torch.long), epochs=1)
+    rng = np.random.default_rng(0)
+    masks = {n: rng.random(tuple(gating.raw_weight(n).shape)) < 0.3 for n in gating.layer_names}
+    gating.fix_masks(masks)
+    X, y = torch.randn(64, 3, 4, 4), torch.randint(0, 5, (64,))
+    finetune_with_masks(model, gating, X, y, epochs=2, lr=1e-2, batch_size=16)
+    modules = dict(model.named_modules())
+    for name, mask in masks.items():
+        assert torch.all(modules[name].weight.detach()[torch.as_tensor(~mask)] == 0)
+    with pytest.raises(ValueError, match="`masks`"):
+        gating.fix_masks({"conv": masks["conv"]})
+    with pytest.raises(ValueError, match="shape"):
+        gating.fix_masks({**masks, "fc2": np.ones((2, 2))})
 
 
 def gating_raw(result, name):
