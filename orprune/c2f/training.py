@@ -71,7 +71,7 @@ def train_with_gating(
     seed: int = 0,
     layers: Iterable[str] | None = None,
     ignored_layers: Iterable[str] = (),
-    problems: Mapping[str, LayerProblem] | None = None,
+    problems: Mapping[str, LayerProblem] | Callable[[nn.Module], Mapping[str, LayerProblem]] | None = None,
     solver: str = "greedy",
     log: Callable[[str], None] | None = None,
 ) -> GatingTraining:
@@ -80,7 +80,10 @@ def train_with_gating(
     Loss :math:`L(W \odot m(W)) + s\,(\bar m - \rho)^2` (:class:`CoarseToFineGating`), Adam on the weights
     (``lr``, ``weight_decay``) and on the thresholds (``gate_lr``, no decay), the gate temperature lowered
     geometrically from ``temperature[0]`` to ``temperature[1]``. Then :meth:`CoarseToFineGating.harden`
-    (``problems`` / ``solver`` passed on), and ``finetune_epochs`` of the task loss with the masks fixed.
+    (``problems`` / ``solver`` passed on; with ``problems`` the masks come from the data MIP and its
+    least-squares weights are written into the layers), and ``finetune_epochs`` of the task loss with the masks
+    fixed. ``problems`` may be a function of the trained (soft-gated) model returning the mapping, so that the
+    statistics are those of the trained network (a gated layer's ``weight`` is its soft-masked weight).
     The input ``model`` is not modified.
     """
     if not isinstance(model, nn.Module):
@@ -139,6 +142,9 @@ def train_with_gating(
     train_seconds = time.perf_counter() - start
     with torch.no_grad():
         soft = float(gating.kept_fraction())
+    if callable(problems):
+        trained.eval()
+        problems = problems(trained)
     masks = gating.harden(problems=problems, solver=solver, refit=problems is not None)
     if log:
         log(f"hardened: {masks.kept}/{masks.total} weights kept ({masks.kept_fraction:.4f}), "

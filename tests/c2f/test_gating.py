@@ -13,6 +13,7 @@ from torch import nn
 from orprune import LayerProblem, select_hierarchical
 from orprune.c2f import CoarseToFineGating, band_stop, finetune_with_masks, split_budget, train_with_gating
 from orprune.c2f.hardening import harden_layer, score_problem
+from orprune.layer.nm import nm_refit
 
 
 class Small(nn.Module):
@@ -182,6 +183,28 @@ def test_training_end_to_end_meets_the_budget():
     for name, mask in result.masks.masks.items():
         module = dict(result.model.named_modules())[name]
         assert torch.equal(module.weight.detach() != 0, torch.as_tensor(mask) & (gating_raw(result, name) != 0))
+
+
+def test_training_with_data_hardening_reads_the_trained_network():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6, bias=False), nn.ReLU(), nn.Linear(6, 2, bias=False))
+    X = torch.randn(64, 4)
+    y = (X[:, 0] > 0).long()
+    seen = {}
+
+    def problems(gated):
+        hidden = torch.relu(gated[0](X)).detach().double().numpy()
+        w = gated[2].weight.detach().double().numpy()  # the soft-masked weight of the trained layer
+        seen["prob"] = LayerProblem.from_arrays(hidden, hidden @ w.T, ridge=1e-6)
+        return {"2": seen["prob"]}
+
+    result = train_with_gating(model, X, y, target=0.5, epochs=2, batch_size=16, layers=["2"], problems=problems)
+    assert result.masks.source == "data" and result.masks.kept == 6
+    mask = result.masks.masks["2"]
+    assert not mask[:, ~result.masks.groups["2"]].any()
+    # the written weights are the least-squares refit of the final mask on the trained network's statistics
+    assert np.allclose(result.masks.weights["2"], nm_refit(seen["prob"], mask.T)[0].T, atol=1e-9)
+    assert np.allclose(result.model[2].weight.detach().numpy(), result.masks.weights["2"] * mask, atol=1e-5)
 
 
 def test_fixed_masks_stay_fixed_during_finetuning():
