@@ -122,7 +122,7 @@ def masked_model(model, masks, weights):
     with torch.no_grad():
         for name, mask in masks.items():
             w = torch.as_tensor(weights[name], dtype=torch.float32) if name in weights else modules[name].weight
-            modules[name].weight.copy_(w * torch.as_tensor(mask, dtype=torch.float32))
+            modules[name].weight.copy_(w * torch.as_tensor(np.array(mask), dtype=torch.float32))
     return pruned
 
 

@@ -65,6 +65,11 @@ class GatingMasks:
     weights: dict[str, np.ndarray] = field(default_factory=dict)
     info: Mapping[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        for table in (self.masks, self.groups, self.weights):
+            for array in table.values():
+                array.flags.writeable = False
+
     @property
     def success(self) -> bool:
         return self.status in SOLUTION_PRESENT

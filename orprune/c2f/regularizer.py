@@ -149,8 +149,8 @@ class CoarseToFineGating(nn.Module):
 
     @property
     def hard(self) -> bool:
-        """Whether the layers use the fixed masks of :meth:`harden`."""
-        return self.gate(self.layer_names[0]).hard_mask is not None
+        """Whether the layers use fixed masks (:meth:`harden` or :meth:`fix_masks`); ``False`` after :meth:`remove`."""
+        return bool(self.layer_names) and self.gate(self.layer_names[0]).hard_mask is not None
 
     # ------------------------------------------------------------------ penalty
     def soft_masks(self) -> dict[str, torch.Tensor]:

@@ -122,13 +122,14 @@ def test_hard_gated_layer_equals_the_masked_dense_layer(layer):
     masks = gating.harden()
     module = dict(model.named_modules())[layer]
     raw = gating.raw_weight(layer).detach()
-    mask = torch.as_tensor(masks.masks[layer], dtype=raw.dtype)
+    mask = torch.as_tensor(masks.masks[layer].copy(), dtype=raw.dtype)
     x = torch.randn(4, 3, 4, 4) if layer == "conv" else torch.randn(4, 96)
     dense = F.conv2d(x, raw * mask, module.bias, padding=1) if layer == "conv" else F.linear(x, raw * mask, module.bias)
     assert torch.allclose(module(x), dense, atol=1e-6)
     inputs = torch.randn(2, 3, 4, 4)
     before = model(inputs)
     gating.remove()
+    assert not gating.hard
     assert type(module.weight) is nn.Parameter and torch.allclose(model(inputs), before)
     assert torch.equal(module.weight.detach() != 0, (raw * mask) != 0)
 
@@ -182,7 +183,7 @@ def test_training_end_to_end_meets_the_budget():
     assert type(model[0].weight) is nn.Parameter  # the input model is untouched
     for name, mask in result.masks.masks.items():
         module = dict(result.model.named_modules())[name]
-        assert torch.equal(module.weight.detach() != 0, torch.as_tensor(mask) & (gating_raw(result, name) != 0))
+        assert torch.equal(module.weight.detach() != 0, torch.as_tensor(mask.copy()) & (gating_raw(result, name) != 0))
 
 
 def test_training_with_data_hardening_reads_the_trained_network():
