@@ -25,6 +25,7 @@ from orprune.budget import (
     join_curves,
     min_cost,
 )
+from orprune.c2f import CoarseToFineGating, GatingMasks, GatingTraining, GraphConv, GridGCN, train_with_gating
 from orprune.factorize import FactorizeResult, LayerRank, factorize
 from orprune.layer import (
     FixedChannels,
@@ -111,6 +112,7 @@ __version__ = "0.1.0.dev0"
 __all__ = [
     "Allocation",
     "AllocationProblem",
+    "CoarseToFineGating",
     "Consumer",
     "ConsumerUpdate",
     "CostModel",
@@ -119,6 +121,10 @@ __all__ = [
     "FEASIBLE",
     "FactorizeResult",
     "FixedChannels",
+    "GatingMasks",
+    "GatingTraining",
+    "GraphConv",
+    "GridGCN",
     "HierarchicalSelection",
     "INFEASIBLE",
     "LatencyModel",
@@ -199,6 +205,7 @@ __all__ = [
     "spr_penalty",
     "swap_local_search",
     "to_pyomo",
+    "train_with_gating",
     "train_with_spr",
     "train_with_trp",
     "write_model",
