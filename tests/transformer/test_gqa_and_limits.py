@@ -84,3 +84,27 @@ def test_no_unit_is_left_empty():
         TransformerPruner(min_channels=0).fit(llama(), batches("llama"))
     with pytest.raises(ValueError, match="`widths"):
         restore_widths(llama(), {pruner.units_[0].name: 0})
+
+
+def test_taylor_scores_of_gpt2_fused_heads():
+    """Taylor importance from plain backward(): GPT-2's fused c_attn thirds and Conv1D's (in, out) layout."""
+    from orprune.transformer.baselines import channel_scores, next_token_loss, taylor_gradients
+    from tests.transformer.models import gpt2
+
+    model, data = gpt2(), batches("gpt2")
+    units = find_units(model)
+    taylor = taylor_gradients(model, units, data)
+    assert all(p.grad is None for p in model.parameters())  # the model's .grad is left alone
+    model.zero_grad()
+    for batch in data:
+        next_token_loss(model, batch).backward()
+    attn = model.transformer.h[0].attn
+    hd, width = 8, 32
+    c_attn = (attn.c_attn.weight * attn.c_attn.weight.grad).abs().detach()  # (in, 3 * width)
+    c_attn_bias = (attn.c_attn.bias * attn.c_attn.bias.grad).abs().detach()
+    c_proj = (attn.c_proj.weight * attn.c_proj.weight.grad).abs().detach()  # (width, out)
+    scores = channel_scores("taylor", model, units[0], None, taylor)
+    for head in range(4):
+        cols = torch.cat([third * width + head * hd + torch.arange(hd) for third in range(3)])
+        expected = c_attn[:, cols].sum() + c_attn_bias[cols].sum() + c_proj[head * hd : (head + 1) * hd].sum()
+        assert scores[head] == pytest.approx(float(expected), rel=1e-5)
