@@ -49,6 +49,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--corpus-mb", type=float, default=8.0, help="megabytes of standard library sources")
     parser.add_argument("--calibration", type=int, default=64, help="calibration sequences (from training text)")
     parser.add_argument("--eval", type=int, default=256, help="held-out sequences for perplexity")
+    parser.add_argument("--swap-time", type=float, default=30.0, help="seconds of swap search per unit")
     parser.add_argument("--removed", type=float, nargs="+", default=[0.2, 0.3, 0.5],
                         help="fractions of all params to remove")
     parser.add_argument("--seed", type=int, default=0)
@@ -146,6 +147,8 @@ def main(argv: list[str] | None = None) -> None:
     rows: dict[str, dict[float, tuple[float, int, float, float]]] = {}
     fitted: dict[str, tuple[TransformerPruner, float, float]] = {}
     for label, options, method, kinds in METHODS:
+        if options.get("swap"):
+            options = dict(options, swap_time=args.swap_time)
         key = repr(sorted(options.items()))
         if key not in fitted:
             start, cpu = time.perf_counter(), time.process_time()

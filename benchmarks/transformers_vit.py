@@ -73,6 +73,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=2e-3, help="AdamW peak learning rate (cosine decay)")
     parser.add_argument("--calibration", type=int, default=1024, help="calibration images (from training set)")
     parser.add_argument("--test", type=int, default=10000, help="test images for the accuracy (the first ones)")
+    parser.add_argument("--swap-time", type=float, default=30.0, help="seconds of swap search per unit")
     parser.add_argument("--removed", type=float, nargs="+", default=[0.2, 0.3, 0.5],
                         help="fractions of all params to remove")
     parser.add_argument("--seed", type=int, default=0)
@@ -146,6 +147,8 @@ def main(argv: list[str] | None = None) -> None:
     rows: dict[str, dict[float, tuple[float, int, float, float]]] = {}
     fitted: dict[str, tuple[TransformerPruner, float, float]] = {}
     for label, options, method, kinds in METHODS:
+        if options.get("swap"):
+            options = dict(options, swap_time=args.swap_time)
         key = repr(sorted(options.items()))
         if key not in fitted:
             start, cpu = time.perf_counter(), time.process_time()
@@ -187,7 +190,8 @@ def report(args, argv, dense, params, meta, rows, len_test) -> str:
         f"Calibration: {args.calibration} training images (with labels, which only the Taylor baseline uses). "
         f"Budgets are fractions of *all* params; every method meets the same budget (FLAP's bias compensation "
         f"changes existing output biases only). Time: pruning at that budget, wall / CPU seconds, orprune's "
-        f"including its one-off fit (calibration and error curves).",
+        f"including its one-off fit (calibration and error curves); swap: at most {args.swap_time:g} s (wall) of "
+        f"1-swaps per unit.",
         "",
         f"Dense accuracy: {dense:.4f}.",
         "",
