@@ -1,4 +1,4 @@
-"""Heads and neurons of a small LLaMA-style byte-level LM: orprune vs magnitude / Wanda-sp / FLAP.
+"""Heads and neurons of a small LLaMA-style byte-level LM: orprune vs magnitude / Wanda-sp / FLAP / Taylor.
 
 Trains (once, cached under ``benchmarks/cache/``) a ``LlamaForCausalLM`` from a small config (4 layers,
 d=128, 4 query heads sharing 2 key/value heads, gated MLP) on the Python standard library's own
@@ -33,21 +33,23 @@ METHODS = [("orprune greedy", dict(solver="greedy"), "orprune", HEADS_AND_MLP),
            ("orprune greedy + swap", dict(solver="greedy", swap=True), "orprune", HEADS_AND_MLP),
            ("orprune greedy, sequential refit", dict(solver="greedy", sequential=True), "orprune", HEADS_AND_MLP),
            ("magnitude", {}, "magnitude", HEADS_AND_MLP), ("Wanda-sp", {}, "wanda_sp", HEADS_AND_MLP),
-           ("FLAP", {}, "flap", HEADS_AND_MLP),
+           ("FLAP", {}, "flap", HEADS_AND_MLP), ("Taylor (LLM-Pruner)", {}, "taylor", HEADS_AND_MLP),
            ("magnitude, MLP only", {}, "magnitude", MLP_ONLY), ("Wanda-sp, MLP only", {}, "wanda_sp", MLP_ONLY),
-           ("FLAP, MLP only", {}, "flap", MLP_ONLY)]
+           ("FLAP, MLP only", {}, "flap", MLP_ONLY), ("Taylor, MLP only", {}, "taylor", MLP_ONLY)]
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--train-seconds", type=float, default=300.0, help="training time on one thread")
+    parser.add_argument("--train-seconds", type=float, default=300.0,
+                        help="training CPU time (process time, one thread: wall time varies on a shared machine)")
     parser.add_argument("--seq-len", type=int, default=128, help="tokens (bytes) per sequence")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=3e-3, help="AdamW peak learning rate (cosine decay)")
     parser.add_argument("--corpus-mb", type=float, default=8.0, help="megabytes of standard library sources")
     parser.add_argument("--calibration", type=int, default=64, help="calibration sequences (from training text)")
     parser.add_argument("--eval", type=int, default=256, help="held-out sequences for perplexity")
+    parser.add_argument("--swap-time", type=float, default=30.0, help="seconds of swap search per unit")
     parser.add_argument("--removed", type=float, nargs="+", default=[0.2, 0.3, 0.5],
                         help="fractions of all params to remove")
     parser.add_argument("--seed", type=int, default=0)
@@ -88,7 +90,7 @@ def build(seed: int, seq_len: int):
 
 
 def trained(args: argparse.Namespace, train_data: np.ndarray) -> tuple[torch.nn.Module, dict]:
-    key = _key(seconds=args.train_seconds, seq=args.seq_len, batch=args.batch_size, lr=args.lr, mb=args.corpus_mb,
+    key = _key(cpu_seconds=args.train_seconds, seq=args.seq_len, batch=args.batch_size, lr=args.lr, mb=args.corpus_mb,
                seed=args.seed)
     path = CACHE_DIR / f"llama_bytes_{key}.pt"
     model = build(args.seed, args.seq_len)
@@ -98,9 +100,9 @@ def trained(args: argparse.Namespace, train_data: np.ndarray) -> tuple[torch.nn.
         return model.eval(), saved["meta"]
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1, betas=(0.9, 0.95))
     rng = np.random.default_rng(args.seed)
-    start, steps = time.perf_counter(), 0
+    start, cpu_start, steps = time.perf_counter(), time.process_time(), 0
     model.train()
-    while (elapsed := time.perf_counter() - start) < args.train_seconds:
+    while (elapsed := time.process_time() - cpu_start) < args.train_seconds:
         fraction = elapsed / args.train_seconds
         lr = args.lr * min(1.0, 20 * fraction) * 0.5 * (1 + math.cos(math.pi * fraction))
         for group in optimizer.param_groups:
@@ -113,7 +115,8 @@ def trained(args: argparse.Namespace, train_data: np.ndarray) -> tuple[torch.nn.
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         steps += 1
-    meta = {"steps": steps, "seconds": time.perf_counter() - start, "last_loss": float(loss.detach())}
+    meta = {"steps": steps, "seconds": time.perf_counter() - start, "cpu_seconds": time.process_time() - cpu_start,
+            "last_loss": float(loss.detach())}
     CACHE_DIR.mkdir(parents=True, exist_ok=True)
     torch.save({"state_dict": model.state_dict(), "meta": meta}, path)
     return model.eval(), meta
@@ -141,25 +144,32 @@ def main(argv: list[str] | None = None) -> None:
     calibration_batches = list(calibration.split(16))
     dense = perplexity(model, evaluation)
     print(f"dense perplexity {dense:.3f}", flush=True)
-    rows: dict[str, dict[float, tuple[float, int, float]]] = {}
-    fitted: dict[str, TransformerPruner] = {}
+    rows: dict[str, dict[float, tuple[float, int, float, float]]] = {}
+    fitted: dict[str, tuple[TransformerPruner, float, float]] = {}
     for label, options, method, kinds in METHODS:
+        if options.get("swap"):
+            options = dict(options, swap_time=args.swap_time)
         key = repr(sorted(options.items()))
         if key not in fitted:
-            start = time.perf_counter()
-            fitted[key] = TransformerPruner(**options).fit(model, calibration_batches)
-            print(f"fit {label}: {time.perf_counter() - start:.1f} s", flush=True)
+            start, cpu = time.perf_counter(), time.process_time()
+            pruner = TransformerPruner(**options).fit(model, calibration_batches)
+            fitted[key] = (pruner, time.perf_counter() - start, time.process_time() - cpu)
+            print(f"fit {label}: {fitted[key][1]:.1f} s", flush=True)
+        pruner, fit_wall, fit_cpu = fitted[key]
         rows[label] = {}
         for removed in args.removed:
-            start = time.perf_counter()
-            result = fitted[key].prune(params=1 - removed, method=method, seq_len=args.seq_len, kinds=kinds)
+            start, cpu = time.perf_counter(), time.process_time()
+            result = pruner.prune(params=1 - removed, method=method, seq_len=args.seq_len, kinds=kinds)
+            wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+            if method == "orprune":  # the error curves belong to the method's cost
+                wall, cpu = wall + fit_wall, cpu + fit_cpu
             ppl = perplexity(result.model, evaluation)
-            rows[label][removed] = (ppl, result.params_after, time.perf_counter() - start)
+            rows[label][removed] = (ppl, result.params_after, wall, cpu)
             widths = [r.channels_after for r in result.report]
             print(f"{label} removed {removed:.0%}: ppl {ppl:.3f}, params {result.params_after}, widths {widths}",
                   flush=True)
     params = sum(p.numel() for p in model.parameters())
-    ranks = effective_ranks(next(iter(fitted.values())))
+    ranks = effective_ranks(next(iter(fitted.values()))[0])
     args.out.write_text(report(args, argv, dense, params, meta, n_files, train_data.size, held_out.size, rows,
                                ranks))
     print(args.out.read_text())
@@ -178,26 +188,30 @@ def effective_ranks(pruner: TransformerPruner, energy: float = 0.999) -> dict[st
 def report(args, argv, dense, params, meta, n_files, n_train, n_held, rows, ranks) -> str:
     command = "python -m benchmarks.transformers" + "".join(f" {a}" for a in (sys.argv[1:] if argv is None else argv))
     lines = [
-        "# Heads and neurons of a small LLaMA-style LM: orprune vs magnitude / Wanda-sp / FLAP",
+        "# Heads and neurons of a small LLaMA-style LM: orprune vs magnitude / Wanda-sp / FLAP / Taylor",
         "",
         f"Produced by `{command}` on {date.today().isoformat()} ({machine()}, 1 torch thread).",
         "",
         f"Model: LlamaForCausalLM, 4 layers, d=128, 4 query heads / 2 key-value heads (head_dim 32), gated MLP of "
-        f"352, byte vocabulary; {params:,} params. Trained {meta['seconds']:.0f} s ({meta['steps']} AdamW steps, "
+        f"352, byte vocabulary; {params:,} params. Trained {meta['cpu_seconds']:.0f} s CPU ({meta['seconds']:.0f} s wall, "
+        f"{meta['steps']} AdamW steps, "
         f"batch {args.batch_size} x {args.seq_len} bytes) on the first {n_files} standard-library `.py` files "
         f"({n_train:,} bytes; the last tenth of those files, {n_held:,} bytes, held out). No fine-tuning after "
         f"pruning. Calibration: {args.calibration} training sequences of {args.seq_len} bytes; perplexity on "
         f"{args.eval} held-out sequences. Budgets are fractions of *all* params (embeddings and head included); "
         f"every method meets the same budget (FLAP's bias compensation adds an output bias of 128 per "
-        f"projection, not counted).",
+        f"projection, not counted). Taylor: LLM-Pruner's first-order |w * dL/dw| per head group / neuron, the "
+        f"next-token loss differentiated on the calibration sequences. Time: pruning at that budget, wall / CPU "
+        f"seconds, orprune's including its one-off fit (calibration and error curves).",
         "",
         f"Dense perplexity: {dense:.4f}.",
         "",
-        "| method | " + " | ".join(f"{r:.0%} removed: ppl (increase)" for r in args.removed) + " |",
-        "|---|" + "---|" * len(args.removed),
+        "| method | " + " | ".join(f"{r:.0%} removed: ppl (increase) | time s (CPU)" for r in args.removed) + " |",
+        "|---|" + "---|---|" * len(args.removed),
     ]
     for label, by_ratio in rows.items():
-        cells = [f"{ppl:.4f} ({ppl - dense:+.4f})" for ppl, _, _ in (by_ratio[r] for r in args.removed)]
+        cells = [f"{ppl:.4f} ({ppl - dense:+.4f}) | {wall:.1f} ({cpu:.1f})"
+                 for ppl, _, wall, cpu in (by_ratio[r] for r in args.removed)]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     baselines = [label for label in rows if not label.startswith("orprune")]
     lines += ["", "Perplexity increase of orprune (greedy) over the best baseline's, per budget:", ""]

@@ -99,11 +99,13 @@ from orprune.spr import (
     train_with_spr,
 )
 from orprune.transformer import (
+    SplitMultiheadAttention,
     TransformerPruner,
     TransformerPruneResult,
     find_units,
     prune_transformer,
     restore_widths,
+    split_attention,
 )
 from orprune.trp import TrainedRankRegularizer, TRPTraining, train_with_trp
 
@@ -149,6 +151,7 @@ __all__ = [
     "ResidualTarget",
     "SPRTraining",
     "Selection",
+    "SplitMultiheadAttention",
     "StatisticsAccumulator",
     "TIME_LIMIT",
     "TRPTraining",
@@ -201,6 +204,7 @@ __all__ = [
     "select_rank",
     "select_with_fixed",
     "solve_scip",
+    "split_attention",
     "spr_optimal_y",
     "spr_penalty",
     "swap_local_search",

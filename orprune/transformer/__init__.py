@@ -1,4 +1,4 @@
-"""Stage 4b, transformers: attention heads and MLP neurons of Hugging Face models, least-squares refit.
+"""Stage 4b, transformers: attention heads and MLP neurons (Hugging Face and plain torch), least-squares refit.
 
 Architecture adapters, calibration of the output projections, costs, surgery and the LLM baselines.
 May import the core, :mod:`orprune.layer`, :mod:`orprune.network` and :mod:`orprune.budget`.
@@ -12,8 +12,10 @@ from orprune.transformer.pruning import (
     prune_transformer,
 )
 from orprune.transformer.surgery import UnitUpdate, apply_updates, kept_widths, restore_widths
+from orprune.transformer.torch_attention import SplitMultiheadAttention, split_attention
 
 __all__ = [
+    "SplitMultiheadAttention",
     "TransformerPruneResult",
     "TransformerPruner",
     "TransformerUnit",
@@ -24,4 +26,5 @@ __all__ = [
     "kept_widths",
     "prune_transformer",
     "restore_widths",
+    "split_attention",
 ]

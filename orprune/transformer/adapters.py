@@ -16,6 +16,14 @@ Recognised blocks (read from the installed Hugging Face modeling code):
 * BERT / ViT: ``attention.self.{query,key,value}`` (ViT: ``attention.attention``) and
   ``attention.output.dense``; MLP ``intermediate.dense, output.dense`` (ViT in transformers 5:
   ``mlp.fc1, mlp.fc2``).
+* Plain torch: :class:`~orprune.transformer.torch_attention.SplitMultiheadAttention` (what
+  :func:`~orprune.transformer.torch_attention.split_attention` turns ``nn.MultiheadAttention`` into),
+  ``nn.TransformerEncoderLayer`` / ``nn.TransformerDecoderLayer`` MLPs (``linear1, linear2``), and
+  hand-written modules following the LLaMA names: an attention module with Linear children
+  ``q_proj, k_proj, v_proj, o_proj`` and an integer ``head_dim`` attribute (its ``num_heads`` /
+  ``num_key_value_heads`` integer attributes, if any, follow the pruning; its forward must reshape
+  with them or with ``-1``), and an MLP whose module has Linear children ``fc1, fc2`` with
+  ``fc2(act(fc1(x)))`` for an elementwise ``act``.
 
 The residual width is never pruned. See ``formulations/transformer_units.md``.
 """
@@ -26,6 +34,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from orprune.transformer.torch_attention import SplitMultiheadAttention
 
 __all__ = ["TransformerUnit", "find_units", "weight_out_in", "is_conv1d"]
 
@@ -107,6 +117,9 @@ def _join(*parts: str) -> str:
 
 def _attention(name: str, module: nn.Module) -> TransformerUnit | None:
     children = dict(module.named_children())
+    if isinstance(module, SplitMultiheadAttention):  # plain torch (nn.MultiheadAttention, split)
+        return _heads_unit(name, name, *(_join(name, p) for p in ("q_proj", "k_proj", "v_proj", "out_proj")),
+                           module.num_heads, module.num_heads, module.head_dim)
     if all(_is_projection(children.get(p)) for p in ("q_proj", "k_proj", "v_proj", "o_proj")):
         head_dim = int(getattr(module, "head_dim", 0))
         if head_dim <= 0:
@@ -144,6 +157,9 @@ def _mlp(name: str, module: nn.Module) -> TransformerUnit | None:
         rows, out = ("c_fc",), "c_proj"
     elif _is_projection(children.get("fc1")) and _is_projection(children.get("fc2")):  # ViT (transformers 5)
         rows, out = ("fc1",), "fc2"
+    elif (isinstance(module, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer))
+          and _is_projection(children.get("linear1")) and _is_projection(children.get("linear2"))):
+        rows, out = ("linear1",), "linear2"
     elif (_is_projection(getattr(children.get("intermediate"), "dense", None))
           and _is_projection(getattr(children.get("output"), "dense", None))
           and "attention" in children):  # BERT / ViT layer
@@ -165,6 +181,11 @@ def find_units(model: nn.Module) -> list[TransformerUnit]:
     """
     if not isinstance(model, nn.Module):
         raise ValueError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
+    packed = [name or "model" for name, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)]
+    if packed:
+        raise ValueError(f"`model` holds nn.MultiheadAttention ({', '.join(packed[:3])}), whose packed weights "
+                         "cannot hold fewer heads: call `orprune.transformer.split_attention(model)` first "
+                         "(TransformerPruner does it on its copy).")
     units = []
     for name, module in model.named_modules():
         for unit in (_attention(name, module), _mlp(name, module)):
@@ -178,8 +199,9 @@ def find_units(model: nn.Module) -> list[TransformerUnit]:
     if not units:
         raise ValueError(
             f"`model` ({type(model).__name__}) holds no recognised transformer block: orprune knows "
-            "LLaMA-style (q/k/v/o_proj, gate/up/down_proj), GPT-2 (c_attn, c_proj, c_fc) and BERT/ViT "
-            "(query/key/value, attention.output.dense, intermediate.dense, output.dense)."
+            "LLaMA-style (q/k/v/o_proj, gate/up/down_proj), GPT-2 (c_attn, c_proj, c_fc), BERT/ViT "
+            "(query/key/value, attention.output.dense, intermediate.dense, output.dense) and plain torch "
+            "(nn.MultiheadAttention after split_attention, nn.TransformerEncoderLayer's linear1/linear2, fc1/fc2)."
         )
     return units
 

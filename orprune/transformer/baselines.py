@@ -8,34 +8,107 @@
   attention units and within the MLP units, the lowest scores removed across all layers until the
   budget is met (its adaptive structure); the removed columns' mean contribution
   ``W_:j mean(x_j)`` is added to the output bias (its bias compensation).
+* ``taylor``: LLM-Pruner's first-order Taylor importance, ``sum |w * dL/dw|`` over every weight and
+  bias the channel owns (its q/k/v or gate/up rows and its output-projection columns; LLM-Pruner's
+  ``param_first``), with ``dL/dw`` the gradient of a loss summed over the calibration batches (by
+  default the next-token cross-entropy of a causal LM); the same keep ratio in every unit, as in
+  LLM-Pruner's block-wise setting.
 
 None of them changes the kept weights.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 from torch import nn
 
 from orprune.layer.problem import StatisticsAccumulator
 from orprune.network.cost_model import CostModel
-from orprune.transformer.adapters import HEADS, TransformerUnit, weight_out_in
+from orprune.transformer.adapters import HEADS, TransformerUnit, is_conv1d, weight_out_in
+from orprune.transformer.calibration import run_model
 from orprune.transformer.surgery import UnitUpdate
 
-__all__ = ["BASELINES", "channel_scores", "baseline_keep", "baseline_update"]
+__all__ = ["BASELINES", "channel_scores", "baseline_keep", "baseline_update", "next_token_loss", "taylor_gradients"]
 
-BASELINES = ("magnitude", "wanda_sp", "flap")
+BASELINES = ("magnitude", "wanda_sp", "flap", "taylor")
+
+
+def next_token_loss(model: nn.Module, batch: Any) -> torch.Tensor:
+    """Mean next-token cross-entropy of a causal LM on a batch of token ids (a ``(B, T)`` integer
+    tensor, or a mapping with ``input_ids``): the loss LLM-Pruner differentiates."""
+    ids = batch.get("input_ids") if hasattr(batch, "keys") else batch
+    if not (isinstance(ids, torch.Tensor) and ids.dim() == 2 and not ids.is_floating_point()):
+        raise ValueError("the default Taylor loss needs batches of token ids ((B, T) integer tensors or "
+                         "mappings with `input_ids`); give `loss(model, batch)` to TransformerPruner.")
+    logits = getattr(run_model(model, batch), "logits", None)
+    if logits is None:
+        raise ValueError("the model's output has no `logits`; give `loss(model, batch)` to TransformerPruner.")
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1))
+
+
+def taylor_gradients(model: nn.Module, units: list[TransformerUnit], batches: Iterable[Any],
+                     loss: Callable[[nn.Module, Any], torch.Tensor] | None = None) -> dict[str, np.ndarray]:
+    """``|w * dL/dw|`` of every weight and bias of the units' modules, ``L`` summed over ``batches``
+    (``model`` in eval mode, its ``.grad`` untouched). Keys: ``"<module>.weight"`` in ``(out, in)``
+    layout and ``"<module>.bias"``."""
+    loss = next_token_loss if loss is None else loss
+    names = list(dict.fromkeys([m for u in units for m, _, _ in u.rows] + [u.out for u in units]))
+    params = {}
+    for name in names:
+        module = model.get_submodule(name)
+        params[f"{name}.weight"] = module.weight
+        if getattr(module, "bias", None) is not None:
+            params[f"{name}.bias"] = module.bias
+    flags = {key: p.requires_grad for key, p in params.items()}
+    total = {key: torch.zeros_like(p, dtype=torch.float64) for key, p in params.items()}
+    was_training = model.training
+    model.eval()
+    try:
+        for p in params.values():
+            p.requires_grad_(True)
+        for batch in batches:
+            value = loss(model, batch)
+            grads = torch.autograd.grad(value, list(params.values()), allow_unused=True)
+            for key, grad in zip(params, grads):
+                if grad is not None:
+                    total[key] += grad.detach().double()
+    finally:
+        for key, p in params.items():
+            p.requires_grad_(flags[key])
+        model.train(was_training)
+    out = {}
+    for key, p in params.items():
+        score = (p.detach().double() * total[key]).abs()
+        if key.endswith(".weight") and is_conv1d(model.get_submodule(key.rsplit(".", 1)[0])):
+            score = score.T  # Conv1D stores (in, out)
+        out[key] = score.cpu().numpy()
+    return out
 
 
 def _column_sums(unit: TransformerUnit, per_column: np.ndarray) -> np.ndarray:
     return per_column.reshape(unit.n_channels, unit.group_size).sum(axis=1)
 
 
-def channel_scores(method: str, model: nn.Module, unit: TransformerUnit, acc: StatisticsAccumulator) -> np.ndarray:
-    """Importance of each channel of ``unit`` (higher is kept first)."""
+def channel_scores(method: str, model: nn.Module, unit: TransformerUnit, acc: StatisticsAccumulator,
+                   taylor: Mapping[str, np.ndarray] | None = None) -> np.ndarray:
+    """Importance of each channel of ``unit`` (higher is kept first); ``taylor``: the output of
+    :func:`taylor_gradients`, needed by ``method="taylor"``."""
     weight = weight_out_in(model.get_submodule(unit.out)).detach().double().cpu().numpy()
+    if method == "taylor":
+        if taylor is None:
+            raise ValueError("`taylor` (the output of taylor_gradients) is needed for method 'taylor'.")
+        score = _column_sums(unit, taylor[f"{unit.out}.weight"].sum(axis=0))
+        for module_name, offset, size in unit.rows:
+            rows = taylor[f"{module_name}.weight"].sum(axis=1)
+            if f"{module_name}.bias" in taylor:
+                rows = rows + taylor[f"{module_name}.bias"]
+            score = score + rows[offset : offset + unit.n_channels * size].reshape(unit.n_channels, size).sum(axis=1)
+        return score
     if method == "magnitude":
         score = _column_sums(unit, (weight**2).sum(axis=0))
         for module_name, offset, size in unit.rows:
@@ -97,9 +170,9 @@ def _global_keep(units: list[TransformerUnit], scores: Mapping[str, np.ndarray],
 
 def baseline_keep(method: str, model: nn.Module, units: list[TransformerUnit],
                   statistics: Mapping[str, StatisticsAccumulator], cost: CostModel, budget: float,
-                  min_channels: int = 1) -> dict[str, np.ndarray]:
+                  min_channels: int = 1, taylor: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
     """Kept channel indices of every unit under ``cost <= budget`` (the tightest reachable if not)."""
-    scores = {u.name: channel_scores(method, model, u, statistics[u.name]) for u in units}
+    scores = {u.name: channel_scores(method, model, u, statistics[u.name], taylor) for u in units}
     if method == "flap":
         masks = _global_keep(units, scores, cost, budget, min_channels)
         return {name: np.flatnonzero(mask) for name, mask in masks.items()}

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,10 +29,11 @@ from orprune.layer.problem import LayerProblem, StatisticsAccumulator
 from orprune.layer.solvers.local_search import swap_local_search
 from orprune.network.cost_model import CostModel
 from orprune.transformer.adapters import TransformerUnit, find_units, weight_out_in
-from orprune.transformer.baselines import BASELINES, baseline_keep, baseline_update
+from orprune.transformer.baselines import BASELINES, baseline_keep, baseline_update, taylor_gradients
 from orprune.transformer.calibration import collect_unit_statistics, projection_hooks, run_model
 from orprune.transformer.costs import unit_costs
 from orprune.transformer.surgery import UnitUpdate, apply_updates
+from orprune.transformer.torch_attention import split_attention
 
 __all__ = ["TransformerPruner", "TransformerPruneResult", "TransformerUnitReport", "prune_transformer"]
 
@@ -107,12 +108,16 @@ class TransformerPruner:
         original outputs), in forward order.
     time_limit : float, optional
         Seconds per layer solve (exact solvers) and for the allocation MILP.
+    loss : callable, optional
+        ``loss(model, batch) -> scalar tensor``, differentiated on the calibration batches by the
+        ``"taylor"`` baseline only (default: next-token cross-entropy of a causal LM on token ids).
     """
 
     def __init__(self, *, solver: str = "greedy", swap: bool = False, swap_time: float | None = 30.0,
                  ridge: float = 1e-4,
                  errors: str = "absolute", max_options: int = 32, min_channels: int = 1,
-                 sequential: bool = False, time_limit: float | None = None) -> None:
+                 sequential: bool = False, time_limit: float | None = None,
+                 loss: Callable[[nn.Module, Any], torch.Tensor] | None = None) -> None:
         self.solver = solver
         self.swap = swap
         self.swap_time = swap_time
@@ -122,10 +127,13 @@ class TransformerPruner:
         self.min_channels = min_channels
         self.sequential = sequential
         self.time_limit = time_limit
+        self.loss = loss
 
     def _validate(self) -> None:
         if not (isinstance(self.ridge, (int, float)) and np.isfinite(self.ridge) and self.ridge >= 0):
             raise ValueError(f"`ridge` must be a finite number >= 0, got {self.ridge!r}.")
+        if self.loss is not None and not callable(self.loss):
+            raise ValueError(f"`loss` must be None or a callable loss(model, batch), got {self.loss!r}.")
         if self.errors not in ("absolute", "relative"):
             raise ValueError(f"`errors` must be 'absolute' or 'relative', got {self.errors!r}.")
         if self.swap_time is not None and not (isinstance(self.swap_time, (int, float)) and self.swap_time > 0):
@@ -145,7 +153,8 @@ class TransformerPruner:
         """Calibrate on ``calibration`` (batches of input ids / pixel values, or keyword dicts) and
         compute every unit's error curve."""
         self._validate()
-        self.model_ = copy.deepcopy(model).eval()
+        self.model_ = split_attention(copy.deepcopy(model)).eval()
+        self.taylor_ = None
         self.units_ = find_units(self.model_)
         self.batches_ = list(calibration)
         if not self.batches_:
@@ -158,6 +167,12 @@ class TransformerPruner:
                 self.problems_[unit.name], _options(unit.n_channels, self.max_options, self.min_channels),
                 solver=self.solver, time_limit=self.time_limit)
         return self
+
+    def _taylor(self) -> dict[str, np.ndarray]:
+        """``|w * dL/dw|`` on the calibration batches, computed once."""
+        if getattr(self, "taylor_", None) is None:
+            self.taylor_ = taylor_gradients(self.model_, self.units_, self.batches_, self.loss)
+        return self.taylor_
 
     def _polish(self, unit: str, mask: np.ndarray) -> np.ndarray:
         prob = self.problems_[unit]
@@ -199,7 +214,7 @@ class TransformerPruner:
             Fraction of the whole model's params / MACs to keep (``<= 1``) or an absolute count.
         seq_len : int, default 128
             Sequence length the MACs are counted at.
-        method : {"orprune", "magnitude", "wanda_sp", "flap"}
+        method : {"orprune", "magnitude", "wanda_sp", "flap", "taylor"}
             Least-squares selection + allocation + refit, or a no-refit baseline at the same budget.
         kinds : iterable of {"heads", "neurons"}
             Which units may shrink; the others keep every channel (``("neurons",)``: MLP only).
@@ -234,7 +249,8 @@ class TransformerPruner:
             cost = costs[name]  # the fixed units' full cost moves into the constant
             cost = CostModel(constant=cost.constant + sum(cost.linear[u.name] * u.n_channels for u in fixed),
                              linear={u.name: cost.linear[u.name] for u in free})
-            kept = baseline_keep(method, self.model_, free, self.statistics_, cost, budget, self.min_channels)
+            taylor = self._taylor() if method == "taylor" else None
+            kept = baseline_keep(method, self.model_, free, self.statistics_, cost, budget, self.min_channels, taylor)
             kept.update({u.name: np.arange(u.n_channels) for u in fixed})
             within = costs[name].evaluate({u: k.size for u, k in kept.items()}) <= budget * (1 + 1e-9)
             status = FEASIBLE if within else INFEASIBLE

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from orprune.transformer.adapters import TransformerUnit, find_units, is_conv1d, weight_out_in
+from orprune.transformer.torch_attention import split_attention
 
 __all__ = ["UnitUpdate", "apply_updates", "kept_widths", "restore_widths", "WIDTHS_ATTRIBUTE"]
 
@@ -152,7 +153,8 @@ def restore_widths(model: nn.Module, widths: Mapping[str, int] | None = None,
     """Shrink a freshly built ``model`` to the pruned ``widths`` (default: its config's
     ``orprune_widths``), then load ``state_dict`` if given.
 
-    The first ``k`` channels of each unit are kept (their values are overwritten by the state
+    Every ``nn.MultiheadAttention`` is first replaced by its :class:`SplitMultiheadAttention`
+    (as the pruner did). The first ``k`` channels of each unit are kept (their values are overwritten by the state
     dict); output projections gain a bias where ``state_dict`` has one (baselines that compensate
     with a bias add it to bias-free layers).
     """
@@ -160,15 +162,16 @@ def restore_widths(model: nn.Module, widths: Mapping[str, int] | None = None,
         widths = getattr(getattr(model, "config", None), WIDTHS_ATTRIBUTE, None)
         if widths is None:
             raise ValueError("`widths` is None and `model.config` records no `orprune_widths`.")
-    units = find_units(model)
+    units = find_units(split_attention(model))
     by_name = {u.name: u for u in units}
     missing = set(widths) - set(by_name)
     if missing:
         raise ValueError(f"`widths` names units the model does not have: {sorted(missing)}.")
     updates = {}
     for name, k in widths.items():
-        if not isinstance(k, (int, np.integer)) or not 0 <= k <= by_name[name].n_channels:
-            raise ValueError(f"`widths[{name!r}]` must be an integer in [0, {by_name[name].n_channels}], got {k!r}.")
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= by_name[name].n_channels:
+            raise ValueError(f"`widths[{name!r}]` must be an integer in [1, {by_name[name].n_channels}] (a unit "
+                             f"never loses every channel), got {k!r}.")
         updates[name] = UnitUpdate(np.arange(int(k)))
     apply_updates(model, units, updates)
     if state_dict is not None:
