@@ -65,7 +65,8 @@ CASES = _cases(240)
 def test_bnb_equals_brute_force(case):
     i, C, g, k, N, ridge, kind, relaxation = case
     prob = make_problem(np.random.default_rng(5000 + i), C, g, N, ridge, kind)
-    sel = select(prob, k, solver="bnb", relaxation=relaxation, local_search=i % 7 != 0)
+    options = {"node_split": i % 4 != 2, "branching": "bounds" if i % 5 == 3 else "removal"}
+    sel = select(prob, k, solver="bnb", relaxation=relaxation, local_search=i % 7 != 0, **options)
     _check_exact(prob, k, sel, brute_force(prob, k)[0])
     assert "nodes" in sel.info and sel.info["log"][-1].startswith("final: optimal")
 
@@ -158,6 +159,7 @@ def test_proof_log_and_counters():
     ({"relax_iter": 0}, "relax_iter"),
     ({"initial": np.ones(6, dtype=bool)}, "initial"),
     ({"log_every": 0}, "log_every"),
+    ({"branching": "random"}, "branching"),
     ({"time_limit": -1.0}, "time_limit"),
 ])
 def test_bad_input_raises(options, match):

@@ -22,8 +22,6 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.linalg
 
-from orprune.layer.solvers._perspective import block_congruence
-
 __all__ = ["NodeState", "build_state", "keep", "drop", "node_bounds", "Bounds", "safe"]
 
 
@@ -170,14 +168,11 @@ class Bounds:
     kind: str  # which bound decided ``bound``
 
 
-def node_bounds(state: NodeState, D: np.ndarray, D_inv: np.ndarray, m: int, g: int,
-                node_tau: bool = False) -> Bounds:
+def node_bounds(state: NodeState, D: np.ndarray, D_inv: np.ndarray, m: int, g: int) -> Bounds:
     """Superset, single-removal, separable removal and separable keep bounds (all safe).
 
-    ``D`` (``D_inv``) are the blocks (inverses) of a split valid at the node (the root's
-    precision split restricted to ``U``): ``0 < D_U <= P``, hence ``M <= blkdiag(D_c^{-1})``. With
-    ``node_tau`` the node's own split ``M <= tau blkdiag(M_cc)`` is tried as well (``tau`` the largest
-    eigenvalue of ``M`` whitened by its diagonal blocks).
+    ``D`` (``D_inv``) are the blocks (inverses) of a split valid at the node (the node's or an
+    ancestor's precision split restricted to ``U``): ``0 < D_U <= P``, hence ``M <= blkdiag(D_c^{-1})``.
     """
     n = state.free.size
     d = n - m
@@ -185,13 +180,6 @@ def node_bounds(state: NodeState, D: np.ndarray, D_inv: np.ndarray, m: int, g: i
     e = np.maximum(_quadratic(D, state.w), 0.0)  # w_c^T D_c w_c <= removal share of c
     gamma = np.maximum(_quadratic(D_inv, state.R), 0.0)  # R_c^T D_c^{-1} R_c >= gain share of c
     fA, e0 = state.fA, state.e0
-    if node_tau:
-        Mb = _blocks(state.M, g)
-        whitened = block_congruence(state.M, np.linalg.inv(np.linalg.cholesky(Mb)))
-        tau = float(scipy.linalg.eigvalsh(whitened, subset_by_index=[n * g - 1, n * g - 1])[0])
-        e_node = delta / (max(tau, 1.0) * (1 + 1e-8))
-        if e_node.sum() > e.sum():
-            e = e_node
     removal = _removal_bound(delta, e, d)
     top_m, top_excl = _largest_sums(gamma, m)
     bounds = {"superset": fA, "removal": fA + removal, "keep": e0 - top_m}

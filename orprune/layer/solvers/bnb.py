@@ -24,7 +24,7 @@ from orprune._status import OPTIMAL, TIME_LIMIT
 from orprune._validation import check_integer
 from orprune.layer.problem import LayerProblem
 from orprune.layer.solvers._perspective import perspective_split
-from orprune.layer.solvers._tree_search import RELAXATION_MODES, TreeSearch
+from orprune.layer.solvers._tree_search import BRANCHING, RELAXATION_MODES, TreeSearch
 from orprune.layer.solvers.exact import _thread_limit
 from orprune.layer.solvers.local_search import polished_start, swap_local_search
 from orprune.layer.solvers.registry import make_selection, register_solver
@@ -59,12 +59,13 @@ def solve_bnb(
     time_limit: float | None = None,
     mip_rel_gap: float = 1e-4,
     relaxation: str = "nodes",
-    relax_iter: int = 8,
+    relax_iter: int = 20,
     local_search: bool = True,
     initial: Any | None = None,
     perspective_start: bool | None = None,
     log_every: float = 5.0,
-    node_split: bool = False,
+    node_split: bool = True,
+    branching: str = "removal",
 ):
     """Certified optimal selection of ``k`` channels (a :class:`~orprune.layer.result.Selection`).
 
@@ -81,7 +82,7 @@ def solve_bnb(
     relaxation : {"nodes", "root", "never"}, default "nodes"
         Where the perspective relaxation (root precision split) bounds nodes the cheap bounds left
         open: every such node, the root only, or nowhere.
-    relax_iter : int, default 8
+    relax_iter : int, default 20
         Alternating-minimisation iterations of the relaxation per node (200 at the root).
     local_search : bool, default True
         Polish the starts and every new incumbent by swap local search.
@@ -91,8 +92,12 @@ def solve_bnb(
         Also start from the ``perspective`` solver's rounding (default: layers of more than 16 channels).
     log_every : float, default 5.0
         Seconds between progress lines of the proof log ``info["log"]``.
-    node_split : bool, default False
-        Also bound removals with each node's own precision split (an eigenvalue problem per node).
+    node_split : bool, default True
+        Recompute the precision split after every removal (one eigenvalue problem per such node; a kept
+        channel only restricts it); ``False`` restricts the root's split everywhere.
+    branching : {"removal", "bounds"}, default "removal"
+        Branch on the free channel most expensive to drop (exact single-removal cost), or on the one
+        whose weaker child bound is largest.
 
     Returns
     -------
@@ -106,6 +111,8 @@ def solve_bnb(
     C = prob.n_channels
     k = check_integer(k, "k", 1, C - 1)
     initial = _check(mip_rel_gap, relaxation, relax_iter, initial, C, k)
+    if branching not in BRANCHING:
+        raise ValueError(f"`branching` must be one of {BRANCHING}, got {branching!r}.")
     if not (isinstance(log_every, (int, float)) and log_every > 0):
         raise ValueError(f"`log_every` must be a positive number of seconds, got {log_every!r}.")
     deadline = None if time_limit is None else start + float(time_limit)
@@ -117,12 +124,13 @@ def solve_bnb(
             if initial is None or prob.objective(rounded) < prob.objective(initial):
                 initial = rounded
         selection = _solve(prob, k, start, deadline, float(mip_rel_gap), relaxation, int(relax_iter),
-                           bool(local_search), initial, float(log_every), bool(node_split))
+                           bool(local_search), initial, float(log_every), bool(node_split), branching)
     selection.info["cpu_time"] = time.process_time() - cpu_start
     return selection
 
 
-def _solve(prob, k, start, deadline, rel_gap, relaxation, relax_iter, local_search, initial, log_every, node_split):
+def _solve(prob, k, start, deadline, rel_gap, relaxation, relax_iter, local_search, initial, log_every, node_split,
+           branching):
     C, g, yy = prob.n_channels, prob.group_size, prob.yy
     info: dict[str, Any] = {}
     incumbent, value, _, start_info = polished_start(prob, k, initial=initial, local_search=local_search,
@@ -157,7 +165,8 @@ def _solve(prob, k, start, deadline, rel_gap, relaxation, relax_iter, local_sear
         D = perspective_split(Hn, g, "precision")
         engine = TreeSearch(Hn, Bn, g, k, D, evaluate=evaluate, incumbent=incumbent, rel_gap=rel_gap,
                             deadline=deadline, polish=polish, relaxation=relaxation, relax_iter=relax_iter,
-                            log_every=log_every, yy=yy, node_split=node_split)
+                            log_every=log_every, yy=yy, node_split=node_split,
+                            branching=branching)
         complete = engine.run()
         s = engine.stats
         info.update(nodes=s.nodes, leaves=s.leaves, restarts=s.restarts, refactorisations=s.refactorisations,
