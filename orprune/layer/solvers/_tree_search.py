@@ -68,6 +68,8 @@ class TreeSearch:
         Seconds between progress lines of the proof log.
     restart_nodes : int
         Nodes between best-bound restarts (otherwise the newest open node is resumed: depth first).
+        Default 1: every dive restarts from the best bound; on a 24-channel instance it proved the
+        optimum in 10.7 s CPU against 9.6 s with 200, and its bound after 5 s left a 14% gap against 37%.
     node_split : bool
         Recompute the precision split after every removal (one eigenvalue problem; a kept channel
         only restricts it) instead of restricting the root's split ``D`` everywhere.
@@ -79,7 +81,7 @@ class TreeSearch:
     def __init__(self, H, B, g, k, D, *, evaluate: Callable, incumbent, rel_gap: float, deadline: float | None,
                  polish: Callable | None = None, relaxation: str = "nodes", relax_iter: int = 20,
                  root_iter: int = 200, log_every: float = 5.0, yy: float = 1.0,
-                 restart_nodes: int = 200, node_split: bool = True,
+                 restart_nodes: int = 1, node_split: bool = True,
                  branching: str = "removal") -> None:
         self.H, self.B, self.g, self.k = H, B, g, k
         self.C = H.shape[0] // g
