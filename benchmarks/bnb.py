@@ -48,7 +48,7 @@ def tree_estimate(prob, k, incumbent, probes: int, seconds: float) -> tuple[floa
     Hn, Bn = H / scale, prob.cross / np.sqrt(scale * prob.yy)
     engine = TreeSearch(Hn, Bn, prob.group_size, k, perspective_split(Hn, prob.group_size, "precision"),
                         evaluate=lambda mask: prob.objective(mask) / prob.yy, incumbent=incumbent, rel_gap=1e-4,
-                        deadline=time.perf_counter() + seconds)
+                        deadline=time.perf_counter() + min(seconds, 30.0))
     cpu = time.process_time()
     mean, error = engine.estimate_tree_size(probes)
     return mean, error, time.process_time() - cpu
