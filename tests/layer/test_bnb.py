@@ -186,3 +186,23 @@ def test_initial_mask_is_used_and_never_worsened():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         select(prob, 4, solver="bnb", mip_rel_gap=0.0)  # complete search: no warning
+
+
+def test_tree_size_estimate_is_close_on_a_small_tree():
+    """Knuth's estimate is unbiased: on a small tree it is of the order of the nodes the search visits."""
+    from orprune.layer.solvers._tree_search import TreeSearch
+
+    prob = make_problem(np.random.default_rng(8), 10, 3, 300, 1e-3, "correlated", n_out=4)
+    H, B = _normalised(prob)
+    D = perspective_split(H, 3, "precision")
+    incumbent = select(prob, 5, solver="swap").mask
+
+    def engine():
+        return TreeSearch(H, B, 3, 5, D, evaluate=lambda mask: prob.objective(mask) / prob.yy,
+                          incumbent=incumbent, rel_gap=1e-4, deadline=None, relaxation="never")
+
+    searched = engine()
+    assert searched.run()
+    mean, error = engine().estimate_tree_size(probes=40)
+    assert np.isfinite(mean) and mean >= 1
+    assert mean <= 20 * searched.stats.nodes and searched.stats.nodes <= 20 * mean
