@@ -173,6 +173,13 @@ class TreeSearch:
             self._note(f"new incumbent {self.best * self.yy:.6g}")
         return value
 
+    def _root_deadline(self) -> float | None:
+        """The root relaxation may use a tenth of the time limit (its iterations cost a factorisation of
+        all ``C g`` columns: the whole budget on wide units)."""
+        if self.deadline is None:
+            return None
+        return time.perf_counter() + 0.1 * max(self.deadline - time.perf_counter(), 0.0)
+
     def _time_up(self) -> bool:
         return self.deadline is not None and time.perf_counter() > self.deadline
 
@@ -277,7 +284,8 @@ class TreeSearch:
             if self.relaxation == "nodes" or (root and self.relaxation == "root"):
                 rel = perspective_relaxation(state.P, state.R, state.e0, Dn, m, cutoff=cutoff, z0=z,
                                              max_iter=self.root_iter if root else self.relax_iter,
-                                             rel_tol=1e-6 if root else 1e-3, deadline=self.deadline)
+                                             rel_tol=1e-6 if root else 1e-3,
+                                             deadline=self._root_deadline() if root else self.deadline)
                 self.stats.relaxation_iterations += rel.iterations
                 z = rel.z
                 bound = max(bound, float(safe(rel.bound)))
