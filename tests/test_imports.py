@@ -28,9 +28,10 @@ ALLOWED = {
     "transformer": {"core", "layer", "network", "budget"},
     "spr": {"core", "layer", "network", "training"},
     "trp": {"core", "layer", "network", "training"},
+    "ucp": {"core", "layer", "network", "training"},
     "examples": {"core", "layer", "network", "budget", "training", "pipeline"},
     "cli": {"core", "layer", "network", "budget", "training", "pipeline", "spr", "trp", "examples"},
-    "root": {"core", "layer", "network", "budget", "training", "pipeline", "transformer", "spr", "trp", "examples", "cli"},
+    "root": {"core", "layer", "network", "budget", "training", "pipeline", "transformer", "spr", "trp", "ucp", "examples", "cli"},
 }
 
 
