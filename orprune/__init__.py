@@ -86,6 +86,7 @@ from orprune.network import (
     reconstructed_copy,
 )
 from orprune.network.saving import load, save
+from orprune.network.stages import stage_ties
 from orprune.pipeline import Pruner, PruneResult, prune
 from orprune.spr import (
     PerspectiveRegularizer,
@@ -104,6 +105,7 @@ from orprune.transformer import (
     restore_widths,
 )
 from orprune.trp import TrainedRankRegularizer, TRPTraining, train_with_trp
+from orprune.ucp import ExcitationBlock, SEImportance, se_importance
 
 __version__ = "0.1.0.dev0"
 
@@ -114,6 +116,7 @@ __all__ = [
     "ConsumerUpdate",
     "CostModel",
     "ErrorCurve",
+    "ExcitationBlock",
     "ExcludedGroup",
     "FEASIBLE",
     "FactorizeResult",
@@ -138,6 +141,7 @@ __all__ = [
     "RankCurve",
     "RankSelection",
     "ResidualTarget",
+    "SEImportance",
     "SPRTraining",
     "Selection",
     "StatisticsAccumulator",
@@ -185,6 +189,7 @@ __all__ = [
     "register_solver",
     "restore_widths",
     "save",
+    "se_importance",
     "select",
     "select_hierarchical",
     "select_nm",
@@ -193,6 +198,7 @@ __all__ = [
     "solve_scip",
     "spr_optimal_y",
     "spr_penalty",
+    "stage_ties",
     "swap_local_search",
     "to_pyomo",
     "train_with_spr",
