@@ -88,6 +88,7 @@ from orprune.network import (
     reconstructed_copy,
 )
 from orprune.network.saving import load, save
+from orprune.network.stages import stage_ties
 from orprune.pipeline import Pruner, PruneResult, prune
 from orprune.spr import (
     PerspectiveRegularizer,
@@ -108,6 +109,7 @@ from orprune.transformer import (
     split_attention,
 )
 from orprune.trp import TrainedRankRegularizer, TRPTraining, train_with_trp
+from orprune.ucp import ExcitationBlock, SEImportance, se_importance
 
 __version__ = "0.1.0.dev0"
 
@@ -119,6 +121,7 @@ __all__ = [
     "ConsumerUpdate",
     "CostModel",
     "ErrorCurve",
+    "ExcitationBlock",
     "ExcludedGroup",
     "FEASIBLE",
     "FactorizeResult",
@@ -149,6 +152,7 @@ __all__ = [
     "RankCurve",
     "RankSelection",
     "ResidualTarget",
+    "SEImportance",
     "SPRTraining",
     "Selection",
     "SplitMultiheadAttention",
@@ -198,6 +202,7 @@ __all__ = [
     "register_solver",
     "restore_widths",
     "save",
+    "se_importance",
     "select",
     "select_hierarchical",
     "select_nm",
@@ -207,6 +212,7 @@ __all__ = [
     "split_attention",
     "spr_optimal_y",
     "spr_penalty",
+    "stage_ties",
     "swap_local_search",
     "to_pyomo",
     "train_with_gating",

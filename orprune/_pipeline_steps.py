@@ -5,7 +5,7 @@ the forward order of consumers, one unit's part of a consumer's problem, and the
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -18,16 +18,21 @@ from orprune.layer.fixed import fix_channels
 from orprune.layer.problem import LayerProblem
 from orprune.layer.tied import tie_channels
 from orprune.network.graph import Consumer, call_model
+from orprune.network.stages import stage_ties
+from orprune.network.units import PruningGraph
 
 __all__ = [
     "batch_inputs",
     "check_budgets",
     "check_calibration",
     "check_fraction",
+    "check_scores",
     "curve_task",
     "forward_order",
     "keep_options",
     "one_thread_worker",
+    "resolve_ties",
+    "top_channels",
     "unit_part",
 ]
 
@@ -135,3 +140,46 @@ def check_calibration(model: nn.Module, batches: list[Any]) -> None:
 
 def batch_inputs(batch: Any) -> Any:
     return batch[0] if isinstance(batch, (tuple, list)) else batch
+
+
+def check_scores(scores: Mapping[str, Any] | None, graph: PruningGraph) -> dict[str, np.ndarray] | None:
+    """``scores`` of :meth:`Pruner.prune` as float arrays, one finite score per channel of known units."""
+    if scores is None:
+        return None
+    if not isinstance(scores, Mapping):
+        raise ValueError(f"`scores` must be a mapping unit -> channel scores, got {type(scores).__name__}.")
+    out = {}
+    for unit, values in scores.items():
+        if unit not in graph:
+            raise ValueError(f"`scores` names {unit!r}, which is not a prunable unit; units: {list(graph.names)}.")
+        values = np.asarray(values, dtype=np.float64)
+        if values.shape != (graph[unit].n_channels,) or not np.all(np.isfinite(values)):
+            raise ValueError(f"`scores[{unit!r}]` must hold {graph[unit].n_channels} finite scores, got shape "
+                             f"{values.shape}.")
+        out[unit] = values
+    return out
+
+
+def top_channels(scores: np.ndarray, k: int) -> np.ndarray:
+    """Mask of the ``k`` highest scores (ties: the lower index first)."""
+    mask = np.zeros(scores.size, dtype=bool)
+    mask[np.argsort(-scores, kind="stable")[:k]] = True
+    return mask
+
+
+def resolve_ties(ties: str | Sequence[Sequence[str]] | None, graph: PruningGraph) -> list[tuple[str, ...]]:
+    """The tied unit groups of :meth:`Pruner.prune`: none, ``"stages"`` (:func:`orprune.network.stages.stage_ties`)
+    or the given groups of unit names."""
+    if ties is None:
+        return []
+    if isinstance(ties, str):
+        if ties != "stages":
+            raise ValueError(f"`ties` must be None, 'stages' or groups of unit names, got {ties!r}.")
+        return stage_ties(graph)
+    if not isinstance(ties, Sequence) or any(isinstance(g, str) or not isinstance(g, Sequence) for g in ties):
+        raise ValueError(f"`ties` must be None, 'stages' or groups of unit names, got {ties!r}.")
+    groups = [tuple(g) for g in ties]
+    unknown = [u for g in groups for u in g if u not in graph]
+    if unknown:
+        raise ValueError(f"`ties` names units the model does not have: {unknown}.")
+    return groups

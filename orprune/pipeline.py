@@ -32,10 +32,13 @@ from orprune._pipeline_steps import (
     batch_inputs,
     check_budgets,
     check_calibration,
+    check_scores,
     curve_task,
     forward_order,
     keep_options,
     one_thread_worker,
+    resolve_ties,
+    top_channels,
     unit_part,
 )
 from orprune._pool import interruptible_pool
@@ -373,16 +376,18 @@ class Pruner:
         return (getattr(model.get_submodule(consumer.name), "bias", None) is not None
                 or consumer.norm is not None or bool(consumer.norms))
 
-    def _report(self, unit: str, k: int) -> UnitReport:
+    def _report(self, unit: str, k: int, mask: np.ndarray | None = None) -> UnitReport:
+        """The curve's entry at ``k``; with a ``mask`` of given scores, that mask's own error."""
         curve = self.curves_[unit]
         i = int(np.flatnonzero(curve.keep_counts == k)[0])
+        error = curve.errors[i] if mask is None else self.unit_problems_[unit].objective(mask)
         return UnitReport(unit=unit, channels_before=self.graph_[unit].n_channels, channels_after=k,
-                          solver=curve.solver, relative_error=float(curve.errors[i]), bound=float(curve.bounds[i]),
-                          status=curve.statuses[i], solve_time=curve.solve_time)
+                          solver=curve.solver if mask is None else "scores", relative_error=float(error),
+                          bound=float(curve.bounds[i]), status=curve.statuses[i], solve_time=curve.solve_time)
 
     def prune(self, *, macs: float | None = None, params: float | None = None, latency: float | None = None,
               time_limit: float | None = None, allocation: str = "milp", latency_rounds: int = 3,
-              latency_tolerance: float = 0.05) -> PruneResult:
+              latency_tolerance: float = 0.05, ties: str | Any = None, scores: Any = None) -> PruneResult:
         """A pruned copy of the fitted model within the budgets.
 
         Parameters
@@ -407,16 +412,28 @@ class Pruner:
             ``latency.rounds`` lists them (:mod:`orprune._latency_loop`).
         latency_tolerance : float, default 0.05
             How far below the budget a measurement may be and still end the loop, in [0, 1).
+        ties : None, "stages" or sequence of sequences of unit names
+            Units that take one keep count (the same option index) in the MILP: ``"stages"``, UCP's one
+            width per stage of a basic-block ResNet (:func:`orprune.network.stages.stage_ties`); or given
+            groups of units with the same keep options (``formulations/ucp.md``).
+        scores : mapping unit -> array of shape (n_channels,), optional
+            Channel importances (e.g. ``se_importance(...).scores``, :mod:`orprune.ucp`): a scored unit
+            keeps its highest-scored channels instead of the curve's best at the allocated count, and its
+            consumers are refitted by least squares on them as usual. The counts still come from the
+            curves, so the comparison isolates the channel choice; the report gives the scored channels'
+            own error (solver ``"scores"``).
         """
         self._check_fitted()
         macs, params, latency = check_budgets(macs, params, latency, allocation)
         check_latency_loop(latency_rounds, latency_tolerance)
+        scores = check_scores(scores, self.graph_)
+        tied = resolve_ties(ties, self.graph_)
         if latency is not None and latency_rounds > 0:
             if not hasattr(self, "latency_"):
                 self.fit_latency()
             return prune_to_measured_latency(
                 lambda fraction: self.prune(macs=macs, params=params, latency=fraction, time_limit=time_limit,
-                                            allocation=allocation, latency_rounds=0),
+                                            allocation=allocation, latency_rounds=0, ties=ties, scores=scores),
                 latency, latency_rounds, latency_tolerance)
         if time_limit is not None and not (isinstance(time_limit, (int, float)) and math.isfinite(time_limit)
                                            and time_limit > 0):
@@ -432,6 +449,7 @@ class Pruner:
         problem = AllocationProblem(
             options={u: c.keep_counts for u, c in self.curves_.items()},
             errors={u: c.errors for u, c in self.curves_.items()} if self.output_errors_ is None else self.output_errors_,
+            ties=tied,
         )
         costs = {"macs": self.costs_.macs, "params": self.costs_.params}
         if hasattr(self, "latency_"):
@@ -443,17 +461,20 @@ class Pruner:
                 chosen = allocate(problem, costs=costs, budgets=budgets, time_limit=time_limit)
         except ValueError as exc:
             raise ValueError(f"the budget cannot be met by pruning the prunable groups: {exc}") from exc
-        return self.apply(chosen, budgets, start=start)
+        return self.apply(chosen, budgets, start=start, scores=scores)
 
     def apply(self, chosen: Allocation, budgets: Mapping[str, float] | None = None, *,
-              start: float | None = None) -> PruneResult:
+              start: float | None = None, scores: Mapping[str, np.ndarray] | None = None) -> PruneResult:
         """The pruned copy of the fitted model for the keep counts of ``chosen`` (surgery and refit of
-        :meth:`prune`, without the allocation): each unit keeps the curve's best channels for its count.
-        ``budgets`` (absolute MACs / params / latency) only produce warnings and the latency report."""
+        :meth:`prune`, without the allocation): each unit keeps the curve's best channels for its count, or
+        its top ``scores`` (checked by :meth:`prune`). ``budgets`` (absolute MACs / params / latency) only
+        produce warnings and the latency report."""
         self._check_fitted()
         start = time.perf_counter() if start is None else start
         budgets = dict(budgets or {})
-        keep = {u: np.flatnonzero(self.curves_[u].mask_for(k)) for u, k in chosen.keep.items()}
+        masks = {u: self.curves_[u].mask_for(k) if scores is None or u not in scores else top_channels(scores[u], k)
+                 for u, k in chosen.keep.items()}
+        keep = {u: np.flatnonzero(m) for u, m in masks.items()}
         pruned_units = [u.name for u in self.graph_.units if keep[u.name].size < u.n_channels]
         pruned_keep = {u: keep[u] for u in pruned_units}
         updates: dict[str, ConsumerUpdate] = {}
@@ -486,7 +507,9 @@ class Pruner:
             achieved = macs_after if name == "macs" else params_after
             if achieved > budget * (1 + 1e-9):  # the cost model and torch-pruning's counter disagree
                 warnings.warn(f"pruned model has {achieved:,} {name}, above the budget {budget:,.0f}.", RuntimeWarning)
-        report = tuple(self._report(u.name, int(keep[u.name].size)) for u in self.graph_.units)
+        report = tuple(self._report(u.name, int(keep[u.name].size),
+                                    None if scores is None or u.name not in scores else masks[u.name])
+                       for u in self.graph_.units)
         prune_time = time.perf_counter() - start
         timing = self._latency_report(model, dict(chosen.keep), budgets.get("latency")) if hasattr(
             self, "latency_") else None

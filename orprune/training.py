@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-__all__ = ["train", "evaluate", "batches", "step_counts"]
+__all__ = ["train", "evaluate", "batches", "reinitialize", "step_counts"]
 
 Regularizer = Callable[[], torch.Tensor]
 
@@ -41,10 +41,14 @@ def train(
     regularizer_until: float = 1.0,
     threads: int | None = None,
     channels_last: bool = False,
+    from_scratch: bool = False,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
 ) -> nn.Module:
     """SGD with Nesterov momentum and a one-cycle schedule; optional random horizontal flips.
+
+    ``from_scratch`` re-initialises every weight first (:func:`reinitialize` with ``seed``): a pruned
+    architecture trained anew, UCP's retraining, instead of fine-tuning the weights it kept.
 
     ``epochs`` may be fractional (a short fine-tune). ``regularizer()`` is added to the loss
     times ``regularizer_strength`` (the perspective regularizer is used this way) during the first
@@ -57,6 +61,10 @@ def train(
     small ResNet in that format corrupted the heap and aborted the process). Returns the model in eval
     mode, in the default memory format.
     """
+    if not isinstance(from_scratch, bool):
+        raise ValueError(f"`from_scratch` must be True or False, got {from_scratch!r}.")
+    if from_scratch:
+        reinitialize(model, seed=seed)
     previous = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
@@ -67,6 +75,23 @@ def train(
                       channels_last=channels_last, progress=progress, log=log)
     finally:
         torch.set_num_threads(previous)
+
+
+def reinitialize(model: nn.Module, *, seed: int = 0) -> nn.Module:
+    """Draw fresh weights for every module of ``model`` that has ``reset_parameters`` (convolutions,
+    Linears, BatchNorms: their running statistics too), in place, from ``seed`` (torch's global random
+    state is left as it was). Returns ``model``.
+    """
+    found = [m for m in model.modules() if callable(getattr(m, "reset_parameters", None))]
+    if not found:
+        raise ValueError("`model` has no module with `reset_parameters`: nothing to re-initialise.")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for module in found:
+            module.reset_parameters()
+            if hasattr(module, "reset_running_stats"):
+                module.reset_running_stats()
+    return model
 
 
 def step_counts(n_images: int, epochs: float, batch_size: int = 128,

@@ -29,10 +29,11 @@ ALLOWED = {
     "spr": {"core", "layer", "network", "training"},
     "trp": {"core", "layer", "network", "training"},
     "c2f": {"core", "layer", "training"},
+    "ucp": {"core", "layer", "network", "training"},
     "examples": {"core", "layer", "network", "budget", "training", "pipeline"},
     "cli": {"core", "layer", "network", "budget", "training", "pipeline", "spr", "trp", "examples"},
-    "root": {"core", "layer", "network", "budget", "training", "pipeline", "transformer", "spr", "trp", "c2f", "examples",
-             "cli"},
+    "root": {"core", "layer", "network", "budget", "training", "pipeline", "transformer", "spr", "trp", "c2f", "ucp",
+             "examples", "cli"},
 }
 
 

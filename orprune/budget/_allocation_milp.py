@@ -7,7 +7,7 @@ Units are integers in problem order; ``vals[j]`` are unit j's retained keep coun
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -127,6 +127,15 @@ class _Model:
         if cols.size:
             self._rows(np.zeros(cols.size, int), cols, vals / scale, -np.inf, (budget - expr.const) / scale)
 
+    def add_tie(self, units: list[int]) -> None:
+        """``x_{j,o} = x_{first,o}`` for every other member ``j`` and option ``o``."""
+        for j in units[1:]:
+            first, cols = self.x[units[0]], self.x[j]
+            if first.size != cols.size:
+                raise ValueError(f"tied units {units[0]} and {j} retain {first.size} and {cols.size} options.")
+            n = cols.size
+            self._rows(np.r_[np.arange(n), np.arange(n)], np.r_[cols, first], np.r_[np.ones(n), -np.ones(n)], 0.0, 0.0)
+
     def lp(self, objective: Expr) -> Any:
         import highspy
         import scipy.sparse as sp
@@ -172,10 +181,12 @@ def solve_milp(
     mip_rel_gap: float,
     start: list[int] | None,
     relax: bool = False,
+    ties: Sequence[Sequence[int]] = (),
 ) -> MilpResult:
     """Minimise ``objective`` s.t. ``expr <= budget`` for every row, one option per unit.
 
-    With ``relax`` the binaries are continuous and ``bound`` is the LP relaxation's value.
+    With ``relax`` the binaries are continuous and ``bound`` is the LP relaxation's value. Each group of
+    ``ties`` takes one option index: ``x_{j,o} = x_{i,o}`` for its members (same retained options).
     """
     import highspy
 
@@ -190,6 +201,8 @@ def solve_milp(
     model = _Model(vals, pairs, formulation, tables)
     for expr, budget in rows:
         model.add_budget(expr, budget)
+    for group in ties:
+        model.add_tie([j for j in group if j in model.x])
     h = quiet_highs()
     h.passModel(model.lp(objective))
     if relax:

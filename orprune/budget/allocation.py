@@ -152,17 +152,23 @@ def _presolve(problem: AllocationProblem, budgeted: list[CostModel | TableCost])
     transitive, so every dropped option is beaten by a kept one. Special cases: a unit no budgeted cost
     depends on takes its least-error option; a unit whose budgeted costs are polynomials non-decreasing
     in its count keeps the options whose error is strictly below that of every smaller option; a
-    table compares the rows of its tables.
+    table compares the rows of its tables. A tied group (``problem.ties``) is one decision: option a
+    beats b when it does so for every member's costs (replacing the members one at a time never raises
+    a cost) with a smaller summed weighted error; the members keep the same option indices.
     """
-    kept = []
-    for u in problem.units:
-        werr = problem.weights[u] * problem.errors[u]
+    kept: list[np.ndarray] = [np.zeros(0, dtype=np.int64)] * len(problem.units)
+    for group in problem.tie_groups():
+        members = [problem.units[j] for j in group]
+        werr = sum(problem.weights[u] * problem.errors[u] for u in members)
         order = np.arange(werr.size)
         cheaper = np.ones((werr.size, werr.size), dtype=bool)
-        for cost in budgeted:
-            cheaper &= _cheaper(cost, u, problem.options[u])
+        for u in members:
+            for cost in budgeted:
+                cheaper &= _cheaper(cost, u, problem.options[u])
         better = (werr[:, None] < werr[None, :]) | ((werr[:, None] == werr[None, :]) & (order[:, None] < order[None, :]))
-        kept.append(np.flatnonzero(~np.any(cheaper & better, axis=0)))
+        retained = np.flatnonzero(~np.any(cheaper & better, axis=0))
+        for j in group:
+            kept[j] = retained
     return kept
 
 
@@ -307,9 +313,11 @@ def allocate(
     .. math::
 
         \min_{o}\ \sum_j w_j E_j[o_j] \quad\text{s.t.}\quad
-        \mathrm{cost}_m(K_1[o_1], \dots, K_J[o_J]) \le \beta_m \quad \forall m \in \text{budgets}
+        \mathrm{cost}_m(K_1[o_1], \dots, K_J[o_J]) \le \beta_m \quad \forall m \in \text{budgets},
+        \qquad o_i = o_j \ \text{for tied units}
 
-    Solved exactly as a MILP by HiGHS; the derivation is in ``formulations/global_allocation.md``.
+    Solved exactly as a MILP by HiGHS; the derivation is in ``formulations/global_allocation.md``, the
+    ties (``problem.ties``: equality rows ``x_{i,o} = x_{j,o}``) in ``formulations/ucp.md``.
 
     Parameters
     ----------
@@ -359,11 +367,14 @@ def allocate(
     rows = [(_expr(costs[name], problem, kept), budgets[name]) for name in budgets]
     # Greedy incumbent (non-decreasing costs only): HiGHS's warm start, or the fallback when HiGHS
     # stops at the time limit without an incumbent of its own.
-    greedy = _greedy_start(problem, kept, rows) if all(c.nonnegative for c in budgeted) else None
+    # (Not with tied units: its moves change one unit at a time.)
+    greedy = (_greedy_start(problem, kept, rows) if all(c.nonnegative for c in budgeted) and not problem.ties
+              else None)
     vals = _vals(problem, kept)
     for _attempt in range(3):
         result = solve_milp(
-            objective, rows, vals, formulation, time_limit, mip_rel_gap, greedy if warm_start else None
+            objective, rows, vals, formulation, time_limit, mip_rel_gap, greedy if warm_start else None,
+            ties=[g for g in problem.tie_groups() if len(g) > 1],
         )
         if result.idx is None and result.status == TIME_LIMIT and greedy is not None:
             message = result.message + "; greedy incumbent"

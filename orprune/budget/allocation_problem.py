@@ -7,7 +7,7 @@ returns an :class:`Allocation`; :func:`orprune.allocate_uniform` returns the sam
 from __future__ import annotations
 
 import math
-from collections.abc import Hashable, Mapping
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
@@ -34,11 +34,18 @@ class AllocationProblem:
         monotonicity is not assumed).
     weights : mapping unit -> float, optional
         Non-negative weights of the units' errors; units left out weigh 1.
+    ties : sequence of sequences of units, optional
+        Groups of units that choose together: every unit of a group has the same number of options
+        and all take the same option index ``o`` (option ``o`` of each is, e.g., the same keep
+        fraction of its width). The stage rule of UCP (one width per stage of a basic-block ResNet,
+        ``formulations/ucp.md``) is such a group per stage. Groups are disjoint; a unit in no group
+        chooses alone.
     """
 
     options: Mapping[Hashable, np.ndarray]
     errors: Mapping[Hashable, np.ndarray]
     weights: Mapping[Hashable, float] | None = None
+    ties: Sequence[Sequence[Hashable]] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.options, Mapping) or not isinstance(self.errors, Mapping):
@@ -84,10 +91,18 @@ class AllocationProblem:
         object.__setattr__(self, "options", MappingProxyType(options))
         object.__setattr__(self, "errors", MappingProxyType(errors))
         object.__setattr__(self, "weights", MappingProxyType(weights))
+        object.__setattr__(self, "ties", _check_ties(self.ties, options))
 
     @property
     def units(self) -> tuple:
         return tuple(self.options)
+
+    def tie_groups(self) -> list[list[int]]:
+        """Every unit's group as indices into :attr:`units`: the tied groups, then each other unit alone."""
+        index = {u: j for j, u in enumerate(self.units)}
+        groups = [[index[u] for u in group] for group in self.ties]
+        tied = {j for group in groups for j in group}
+        return groups + [[j] for j in range(len(index)) if j not in tied]
 
     def objective(self, keep: Mapping[Hashable, int]) -> float:
         """Weighted error of ``keep``; every count must be one of the unit's options."""
@@ -98,6 +113,30 @@ class AllocationProblem:
                 raise ValueError(f"`keep[{u!r}]` = {keep[u]} is not one of the options of unit {u!r}.")
             total.append(self.weights[u] * self.errors[u][hit[0]])
         return math.fsum(total)
+
+
+def _check_ties(ties: Any, options: Mapping[Hashable, np.ndarray]) -> tuple[tuple[Hashable, ...], ...]:
+    if isinstance(ties, (str, bytes)) or not isinstance(ties, Sequence):
+        raise ValueError(f"`ties` must be a sequence of groups (sequences of units), got {type(ties).__name__}.")
+    seen: set = set()
+    out = []
+    for group in ties:
+        if isinstance(group, (str, bytes)) or not isinstance(group, Sequence):
+            raise ValueError(f"`ties` must hold sequences of units, got {group!r}.")
+        group = tuple(group)
+        unknown = [u for u in group if u not in options]
+        if unknown:
+            raise ValueError(f"`ties` names units without options: {sorted(map(repr, unknown))}.")
+        twice = [u for u in group if u in seen] + [u for i, u in enumerate(group) if u in group[:i]]
+        if twice:
+            raise ValueError(f"`ties` groups must be disjoint; {sorted(set(map(repr, twice)))} appear twice.")
+        seen.update(group)
+        sizes = {u: options[u].size for u in group}
+        if len(set(sizes.values())) > 1:
+            raise ValueError(f"the units of a `ties` group must have the same number of options, got {sizes}.")
+        if len(group) > 1:  # a group of one ties nothing
+            out.append(group)
+    return tuple(out)
 
 
 @dataclass(frozen=True)

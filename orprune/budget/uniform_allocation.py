@@ -41,7 +41,8 @@ def allocate_uniform(problem: AllocationProblem, costs: Mapping[str, CostModel],
     Parameters
     ----------
     problem : AllocationProblem
-        Options (the largest is taken as the unit's width) and error curves.
+        Options (the largest is taken as the unit's width) and error curves. Its ``ties`` are not
+        looked at: tied units with the same options get the same count anyway.
     costs : mapping name -> CostModel
         Costs to report; those named in ``budgets`` must have non-negative coefficients.
     budgets : mapping name -> float

@@ -13,6 +13,7 @@ from orprune.network.graph import find_groups
 from orprune.network.latency import LatencyModel, latency_tables
 from orprune.network.partition_surgery import PartitionedLinear, partition_module
 from orprune.network.residual_targets import ResidualTarget, Tap, TargetOffset, find_residual_targets
+from orprune.network.stages import stage_ties
 from orprune.network.surgery import ConsumerUpdate, PruningPlan, apply_pruning, masked_copy
 from orprune.network.units import Consumer, ExcludedGroup, PrunableUnit, PruningGraph
 
@@ -45,4 +46,5 @@ __all__ = [
     "network_costs",
     "partition_module",
     "reconstructed_copy",
+    "stage_ties",
 ]
