@@ -38,12 +38,14 @@ from orprune._pipeline_steps import (
     unit_part,
 )
 from orprune._pool import interruptible_pool
-from orprune.budget.allocation import AllocationProblem, allocate
+from orprune.budget.allocation import Allocation, AllocationProblem, allocate
 from orprune.budget.curves import PATH_SOLVERS, ErrorCurve, join_curves
 from orprune.budget.output_errors import output_error_curves, probe_batches
+from orprune.budget.recheck import recheck_allocation
 from orprune.budget.uniform_allocation import allocate_uniform
 from orprune.layer.problem import LayerProblem, StatisticsAccumulator
 from orprune.layer.selection import resolve_solver
+from orprune.layer.solvers.polish import polish_swap
 from orprune.layer.tied import block_diagonal
 from orprune.network.calibration import DEFAULT_POSITIONS_PER_IMAGE, TargetCache, collect_statistics
 from orprune.network.costs import count_macs_params, network_costs
@@ -120,6 +122,12 @@ class Pruner:
         ResNet-20's 16-channel units; the rest of its time proves it
         (``benchmarks/results/heuristic_curves.md``). Past the limit the curve keeps that mask with its
         proven bound and gap (the report's status), so a short limit costs certificates, not accuracy.
+    polish_time : float, optional, default 5.0
+        Seconds of 1-swap search (:func:`orprune.layer.solvers.polish.polish_swap`) per keep count the
+        allocation picks for a unit whose curve comes from ``"path"``; :meth:`prune` then re-solves the
+        allocation with the polished errors until no chosen point improves
+        (:func:`orprune.budget.recheck.recheck_allocation`, ``formulations/swap_polish.md``). Polished
+        points stay in ``curves_`` for later budgets. None: no polishing. Not with ``errors="output"``.
     progress : bool, default True
     seed : int, default 0
 
@@ -160,6 +168,7 @@ class Pruner:
         executor: Executor | None = None,
         n_jobs: int | None = None,
         time_limit: float | None = 1.0,
+        polish_time: float | None = 5.0,
         progress: bool = True,
         seed: int = 0,
     ) -> None:
@@ -180,6 +189,7 @@ class Pruner:
         self.executor = executor
         self.n_jobs = n_jobs
         self.time_limit = time_limit
+        self.polish_time = polish_time
         self.progress = progress
         self.seed = seed
 
@@ -192,6 +202,9 @@ class Pruner:
         if self.time_limit is not None and not (isinstance(self.time_limit, (int, float)) and self.time_limit > 0
                                                 and not isinstance(self.time_limit, bool)):
             raise ValueError(f"`time_limit` must be a positive number of seconds or None, got {self.time_limit!r}.")
+        if self.polish_time is not None and (isinstance(self.polish_time, bool) or not isinstance(
+                self.polish_time, (int, float)) or not math.isfinite(self.polish_time) or self.polish_time < 0):
+            raise ValueError(f"`polish_time` must be a number of seconds >= 0 or None, got {self.polish_time!r}.")
         if self.positions_per_image is not None and (isinstance(self.positions_per_image, bool) or not isinstance(
                 self.positions_per_image, int) or self.positions_per_image < 1):
             raise ValueError(f"`positions_per_image` must be a positive integer or None, got {self.positions_per_image!r}.")
@@ -305,6 +318,7 @@ class Pruner:
                                                  disable=not self.progress, leave=False)):
                 parts[i].append(curve)
         self.curves_ = {unit.name: join_curves(parts[i]) for i, unit in enumerate(self.graph_.units)}
+        self.polished_: dict[str, set[int]] = {}  # keep counts whose points prune() polished (path curves)
         self.output_errors_ = None if self.errors == "layer" else output_error_curves(
             self.model_, self.graph_, self.curves_, self._unit_updates, probe_batches(batches, self.probe_images),
             progress=self.progress)
@@ -372,11 +386,16 @@ class Pruner:
         return (getattr(model.get_submodule(consumer.name), "bias", None) is not None
                 or consumer.norm is not None or bool(consumer.norms))
 
+    def _polish(self, unit: str, k: int, mask: np.ndarray) -> tuple[np.ndarray, float, int]:
+        """Swap search from the curve's mask at ``k`` for ``polish_time`` seconds (at least one round)."""
+        return polish_swap(self.unit_problems_[unit], mask, deadline=time.perf_counter() + self.polish_time)
+
     def _report(self, unit: str, k: int) -> UnitReport:
         curve = self.curves_[unit]
         i = int(np.flatnonzero(curve.keep_counts == k)[0])
+        solver = curve.solver + ("+swap" if k in getattr(self, "polished_", {}).get(unit, ()) else "")
         return UnitReport(unit=unit, channels_before=self.graph_[unit].n_channels, channels_after=k,
-                          solver=curve.solver, relative_error=float(curve.errors[i]), bound=float(curve.bounds[i]),
+                          solver=solver, relative_error=float(curve.errors[i]), bound=float(curve.bounds[i]),
                           status=curve.statuses[i], solve_time=curve.solve_time)
 
     def prune(self, *, macs: float | None = None, params: float | None = None, latency: float | None = None,
@@ -412,18 +431,24 @@ class Pruner:
                    if fraction is not None}
         if latency is not None:
             budgets["latency"] = latency * self.latency_.full
-        problem = AllocationProblem(
-            options={u: c.keep_counts for u, c in self.curves_.items()},
-            errors={u: c.errors for u, c in self.curves_.items()} if self.output_errors_ is None else self.output_errors_,
-        )
         costs = {"macs": self.costs_.macs, "params": self.costs_.params}
         if hasattr(self, "latency_"):
             costs["latency"] = self.latency_.cost
-        try:
+
+        def solve(curves: dict[str, ErrorCurve]) -> Allocation:
+            problem = AllocationProblem(
+                options={u: c.keep_counts for u, c in curves.items()},
+                errors={u: c.errors for u, c in curves.items()} if self.output_errors_ is None else self.output_errors_)
             if allocation == "uniform":
-                chosen = allocate_uniform(problem, costs, budgets)
-            else:
-                chosen = allocate(problem, costs=costs, budgets=budgets, time_limit=time_limit)
+                return allocate_uniform(problem, costs, budgets)
+            return allocate(problem, costs=costs, budgets=budgets, time_limit=time_limit)
+
+        polished = {u for u, c in self.curves_.items() if c.solver == "path"}
+        try:
+            if self.polish_time is None or self.output_errors_ is not None or not polished:
+                chosen, points = solve(self.curves_), []
+            else:  # swap search at the chosen counts only, then the allocation re-checked with the new errors
+                chosen, points = recheck_allocation(self.curves_, solve, self._polish, polished, done=self.polished_)
         except ValueError as exc:
             raise ValueError(f"the budget cannot be met by pruning the prunable groups: {exc}") from exc
         keep = {u: np.flatnonzero(self.curves_[u].mask_for(k)) for u, k in chosen.keep.items()}
@@ -465,7 +490,8 @@ class Pruner:
             self, "latency_") else None
         return PruneResult(model=model, macs_before=self.macs_before_, macs_after=macs_after,
                            params_before=self.params_before_, params_after=params_after, report=report,
-                           allocation=chosen, plan=plan, prune_time=prune_time, latency=timing)
+                           allocation=chosen, plan=plan, prune_time=prune_time, latency=timing,
+                           polished=tuple(points))
 
 
 def prune(
