@@ -52,7 +52,7 @@ from orprune.network.costs import count_macs_params, network_costs
 from orprune.network.graph import DEFAULT_MAX_FEATURES, Consumer, find_groups, weight_matrix
 from orprune.network.latency import LatencyModel, latency_tables
 from orprune.network.residual_targets import ResidualTarget, find_residual_targets
-from orprune.network.surgery import ConsumerUpdate, PruningPlan, apply_pruning, masked_copy
+from orprune.network.surgery import ConsumerUpdate, PruningPlan, apply_pruning, masked_copy, write_updates
 from orprune.network.timing import call_times, torch_threads
 from orprune.prune_result import LatencyReport, PruneResult, UnitReport
 
@@ -237,7 +237,8 @@ class Pruner:
         else:
             yield map
 
-    def _problem(self, acc: StatisticsAccumulator, consumer: Consumer, model: nn.Module) -> LayerProblem:
+    def _problem(self, acc: StatisticsAccumulator, consumer: Consumer, model: nn.Module,
+                 check: bool = True) -> LayerProblem:
         gram, cross, yy = acc.statistics(center=self._intercept(consumer, model))
         if consumer.groups > 1:  # a grouped conv's own least squares: block-diagonal by group
             gram, cross = block_diagonal(gram, cross, consumer.groups, consumer.group_size)
@@ -245,6 +246,8 @@ class Pruner:
         # inputs constant over the calibration data have a zero centred Gram matrix: an absolute ridge then
         # gives weights 0 and the bias keeps the (constant) output
         ridge = self.ridge * (scale if scale > 0 else 1.0)
+        if not check:  # a refit's statistics, used once: no weights (magnitude baseline), no checks
+            return LayerProblem(gram, cross, yy, group_size=consumer.group_size, ridge=ridge, check=False)
         weights = weight_matrix(model.get_submodule(consumer.name)).detach().double().numpy()
         return LayerProblem(gram, cross, yy, group_size=consumer.group_size, ridge=ridge, weights=weights,
                             assume_psd=True)  # accumulated X^T X
@@ -463,14 +466,20 @@ class Pruner:
             # so a residual stream's readers each see the stream as pruned up to their own depth.
             # A consumer feeding a residual add also absorbs the other operand's error as the masked
             # network has it now: of two consumers on one add, the later absorbs what the first left.
+            # One working copy (the masked model) gets each refit written as it is made, instead of a
+            # copy of the model per consumer; each pass's statistics are used once (no checks).
             reference = self.model_ if self.targets_ is None else self.targets_
+            working = masked_copy(self.model_, self.graph_, PruningPlan(pruned_keep, {}))
             for consumer in tqdm(consumers, desc="refit", disable=not self.progress, leave=False):
-                working = masked_copy(self.model_, self.graph_, PruningPlan(pruned_keep, updates))
                 target = self.residual_targets_.get(consumer.name)
                 offsets = None if target is None else {consumer.name: target.offset(self.model_)}
                 stats = collect_statistics(working, [consumer], self.batches_, reference=reference, offsets=offsets,
                                            positions_per_image=self.positions_per_image, seed=self.seed, progress=False)
-                updates[consumer.name] = self._update(consumer, pruned_keep, stats[consumer.name])
+                acc = stats.pop(consumer.name)
+                updates[consumer.name] = self._update(consumer, pruned_keep, acc,
+                                                      self._problem(acc, consumer, self.model_, check=False))
+                del acc
+                write_updates(working, self.graph_, PruningPlan(pruned_keep, updates), [consumer.name])
         else:
             for c in self.consumer_order_:
                 if any(r.unit in pruned_keep for r in self.graph_.readers(c.name)):

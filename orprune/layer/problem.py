@@ -55,6 +55,10 @@ class LayerProblem:
         Skip the positive-semidefiniteness check (a Cholesky factorisation, ``(Cg)^3 / 3`` flops):
         for ``gram`` accumulated as ``X^T X``, PSD by construction. The consistency check of
         ``gram``, ``cross`` and ``yy`` still runs.
+    check : bool, default True
+        False trusts ``gram`` to be symmetric PSD and consistent with ``cross`` and ``yy`` (statistics
+        accumulated from one set of samples, e.g. by :class:`StatisticsAccumulator`): skips the
+        symmetrisation, the PSD check and the consistency check (a full least-squares solve).
 
     Notes
     -----
@@ -71,6 +75,7 @@ class LayerProblem:
         ridge: float = 0.0,
         weights: Any | None = None,
         assume_psd: bool = False,
+        check: bool = True,
     ) -> None:
         gram = as_finite_array(gram, "gram", ndim=2)
         if gram.shape[0] != gram.shape[1]:
@@ -87,7 +92,7 @@ class LayerProblem:
         self.ridge = check_nonnegative_scalar(ridge, "ridge")
         self.yy = check_nonnegative_scalar(yy, "yy")
         # accumulated X^T X is PSD by construction: skip the O((Cg)^3) check (only symmetrise)
-        self.gram = 0.5 * (gram + gram.T) if assume_psd else check_psd(gram, "gram")
+        self.gram = gram if not check else 0.5 * (gram + gram.T) if assume_psd else check_psd(gram, "gram")
         self.cross = cross
         if weights is not None:
             weights = as_finite_array(weights, "weights", ndim=(1, 2))
@@ -104,7 +109,7 @@ class LayerProblem:
         # f(all channels) can never be negative; a negative value means G, B and yy do not
         # come from the same data (wrong yy, mixed batches), which would corrupt every answer.
         tolerance = 1e-6 * max(self.yy, np.finfo(float).tiny)
-        if self.full_objective < -tolerance:
+        if check and self.full_objective < -tolerance:
             raise ValueError(
                 "`gram`, `cross` and `yy` are inconsistent: the least-squares error with every "
                 f"channel kept is {self.full_objective:.6g} < 0. They must all come from the same "
@@ -251,7 +256,8 @@ class LayerProblem:
     def _solve(self, cols: np.ndarray) -> tuple[np.ndarray, float]:
         if cols.size == 0:
             return np.zeros((0, self.n_outputs)), self.yy
-        h = self.gram[np.ix_(cols, cols)] + self.ridge * np.eye(cols.size)
+        h = self.gram[np.ix_(cols, cols)]
+        h[np.diag_indices_from(h)] += self.ridge  # no dense identity (wide layers)
         b = self.cross[cols]
         try:
             w = scipy.linalg.cho_solve(scipy.linalg.cho_factor(h), b)
