@@ -291,7 +291,10 @@ class Pruner:
         self.statistics_ = stats
         layers = list({c.name: c for c in reversed(self.graph_.consumers)}.values())[::-1]  # one per layer
         self.consumer_order_ = forward_order(self.model_, layers, self.example_inputs_)
-        self.problems_ = {c.name: self._problem(stats[c.name], c, self.model_) for c in layers}
+        self.problems_ = {}
+        for c in layers:  # each accumulator's matrices are freed once its problem holds them (means stay)
+            self.problems_[c.name] = self._problem(stats[c.name], c, self.model_)
+            stats[c.name].release()
         self.unit_problems_: dict[str, LayerProblem] = {}
         for unit in self.graph_.units:
             whole = [self.problems_[c.name] for c in unit.consumers]
@@ -389,6 +392,36 @@ class Pruner:
         return (getattr(model.get_submodule(consumer.name), "bias", None) is not None
                 or consumer.norm is not None or bool(consumer.norms))
 
+    def _refit_updates(self, pruned_keep: dict[str, np.ndarray]) -> dict[str, ConsumerUpdate]:
+        """Least-squares weights and biases of every consumer reading a pruned unit."""
+        updates: dict[str, ConsumerUpdate] = {}
+        if not self.sequential:
+            for c in self.consumer_order_:
+                if any(r.unit in pruned_keep for r in self.graph_.readers(c.name)):
+                    updates[c.name] = self._update(c, pruned_keep, self.statistics_[c.name], self.problems_[c.name])
+            return updates
+        consumers = [c for c in self.consumer_order_ if any(r.unit in pruned_keep for r in self.graph_.readers(c.name))]
+        # Consumers in the order they run: each refits on inputs from the network with every
+        # earlier consumer already refitted and every dropped channel zero (the masked model),
+        # so a residual stream's readers each see the stream as pruned up to their own depth.
+        # A consumer feeding a residual add also absorbs the other operand's error as the masked
+        # network has it now: of two consumers on one add, the later absorbs what the first left.
+        # One working copy (the masked model) gets each refit written as it is made, instead of a
+        # copy of the model per consumer; each pass's statistics are used once (no checks).
+        reference = self.model_ if self.targets_ is None else self.targets_
+        working = masked_copy(self.model_, self.graph_, PruningPlan(pruned_keep, {}))
+        for consumer in tqdm(consumers, desc="refit", disable=not self.progress, leave=False):
+            target = self.residual_targets_.get(consumer.name)
+            offsets = None if target is None else {consumer.name: target.offset(self.model_)}
+            stats = collect_statistics(working, [consumer], self.batches_, reference=reference, offsets=offsets,
+                                       positions_per_image=self.positions_per_image, seed=self.seed, progress=False)
+            acc = stats.pop(consumer.name)
+            updates[consumer.name] = self._update(consumer, pruned_keep, acc,
+                                                  self._problem(acc, consumer, self.model_, check=False))
+            del acc
+            write_updates(working, self.graph_, PruningPlan(pruned_keep, updates), [consumer.name])
+        return updates
+
     def _polish(self, unit: str, k: int, mask: np.ndarray) -> tuple[np.ndarray, float, int]:
         """Swap search from the curve's mask at ``k`` for ``polish_time`` seconds (at least one round)."""
         return polish_swap(self.unit_problems_[unit], mask, deadline=time.perf_counter() + self.polish_time)
@@ -443,56 +476,45 @@ class Pruner:
                 options={u: c.keep_counts for u, c in curves.items()},
                 errors={u: c.errors for u, c in curves.items()} if self.output_errors_ is None else self.output_errors_)
             if allocation == "uniform":
-                return allocate_uniform(problem, costs, budgets)
-            return allocate(problem, costs=costs, budgets=budgets, time_limit=time_limit)
+                return allocate_uniform(problem, costs, limits)
+            return allocate(problem, costs=costs, budgets=limits, time_limit=time_limit)
 
         polished = {u for u, c in self.curves_.items() if c.solver == "path"}
-        try:
-            if self.polish_time is None or self.output_errors_ is not None or not polished:
-                chosen, points = solve(self.curves_), []
-            else:  # swap search at the chosen counts only, then the allocation re-checked with the new errors
-                chosen, points = recheck_allocation(self.curves_, solve, self._polish, polished, done=self.polished_)
-        except ValueError as exc:
-            raise ValueError(f"the budget cannot be met by pruning the prunable groups: {exc}") from exc
-        keep = {u: np.flatnonzero(self.curves_[u].mask_for(k)) for u, k in chosen.keep.items()}
-        pruned_units = [u.name for u in self.graph_.units if keep[u.name].size < u.n_channels]
-        pruned_keep = {u: keep[u] for u in pruned_units}
-        updates: dict[str, ConsumerUpdate] = {}
-        if self.sequential:
-            consumers = [c for c in self.consumer_order_
-                         if any(r.unit in pruned_keep for r in self.graph_.readers(c.name))]
-            # Consumers in the order they run: each refits on inputs from the network with every
-            # earlier consumer already refitted and every dropped channel zero (the masked model),
-            # so a residual stream's readers each see the stream as pruned up to their own depth.
-            # A consumer feeding a residual add also absorbs the other operand's error as the masked
-            # network has it now: of two consumers on one add, the later absorbs what the first left.
-            # One working copy (the masked model) gets each refit written as it is made, instead of a
-            # copy of the model per consumer; each pass's statistics are used once (no checks).
-            reference = self.model_ if self.targets_ is None else self.targets_
-            working = masked_copy(self.model_, self.graph_, PruningPlan(pruned_keep, {}))
-            for consumer in tqdm(consumers, desc="refit", disable=not self.progress, leave=False):
-                target = self.residual_targets_.get(consumer.name)
-                offsets = None if target is None else {consumer.name: target.offset(self.model_)}
-                stats = collect_statistics(working, [consumer], self.batches_, reference=reference, offsets=offsets,
-                                           positions_per_image=self.positions_per_image, seed=self.seed, progress=False)
-                acc = stats.pop(consumer.name)
-                updates[consumer.name] = self._update(consumer, pruned_keep, acc,
-                                                      self._problem(acc, consumer, self.model_, check=False))
-                del acc
-                write_updates(working, self.graph_, PruningPlan(pruned_keep, updates), [consumer.name])
-        else:
-            for c in self.consumer_order_:
-                if any(r.unit in pruned_keep for r in self.graph_.readers(c.name)):
-                    updates[c.name] = self._update(c, pruned_keep, self.statistics_[c.name], self.problems_[c.name])
-        plan = PruningPlan(pruned_keep, updates)
-        model = apply_pruning(self.model_, self.graph_, plan, self.example_inputs_)
-        macs_after, params_after = count_macs_params(model, self.example_inputs_)
-        for name, budget in budgets.items():
-            if name == "latency":
-                continue
+        measured = [name for name in budgets if name != "latency"]
+        limits, points = dict(budgets), []  # limits: the budgets the allocation sees (lowered by the self-check)
+        for attempt in range(4):
+            try:
+                if self.polish_time is None or self.output_errors_ is not None or not polished:
+                    chosen = solve(self.curves_)
+                else:  # swap search at the chosen counts only, then the allocation re-checked with the new errors
+                    chosen, more = recheck_allocation(self.curves_, solve, self._polish, polished, done=self.polished_)
+                    points += more
+            except ValueError as exc:
+                if not attempt:
+                    raise ValueError(f"the budget cannot be met by pruning the prunable groups: {exc}") from exc
+                break  # the corrected budget cannot be met: keep the last model (warned below)
+            keep = {u: np.flatnonzero(self.curves_[u].mask_for(k)) for u, k in chosen.keep.items()}
+            pruned_keep = {u.name: keep[u.name] for u in self.graph_.units if keep[u.name].size < u.n_channels}
+            plan = PruningPlan(pruned_keep, self._refit_updates(pruned_keep))
+            model = apply_pruning(self.model_, self.graph_, plan, self.example_inputs_)
+            macs_after, params_after = count_macs_params(model, self.example_inputs_)
+            result = (chosen, keep, plan, model, macs_after, params_after)
+            achieved = {"macs": macs_after, "params": params_after}
+            excess = {n: achieved[n] - budgets[n] for n in measured if achieved[n] > budgets[n] * (1 + 1e-9)}
+            if not excess:
+                break
+            # Self-check failed: the cost model and the counted model disagree, by achieved - predicted at this
+            # allocation. Re-solve with each exceeded budget lowered by that discrepancy (exact when it is the same
+            # at every allocation), and at least by the excess.
+            for n, e in excess.items():
+                missed = achieved[n] - costs[n].evaluate(dict(chosen.keep))
+                limits[n] = min(limits[n] - e, budgets[n] - missed)
+        chosen, keep, plan, model, macs_after, params_after = result
+        for name in measured:
             achieved = macs_after if name == "macs" else params_after
-            if achieved > budget * (1 + 1e-9):  # the cost model and torch-pruning's counter disagree
-                warnings.warn(f"pruned model has {achieved:,} {name}, above the budget {budget:,.0f}.", RuntimeWarning)
+            if achieved > budgets[name] * (1 + 1e-9):  # the cost model and torch-pruning's counter disagree
+                warnings.warn(f"pruned model has {achieved:,} {name}, above the budget {budgets[name]:,.0f}.",
+                              RuntimeWarning)
         report = tuple(self._report(u.name, int(keep[u.name].size)) for u in self.graph_.units)
         prune_time = time.perf_counter() - start
         timing = self._latency_report(model, dict(chosen.keep), budgets.get("latency")) if hasattr(

@@ -310,6 +310,8 @@ class StatisticsAccumulator:
             )
         gram, cross, yy = X.T @ X, X.T @ Y, (Y * Y).sum()
         sum_x, sum_y = X.sum(0), Y.sum(0)
+        if getattr(self, "_released", False):
+            raise ValueError("the accumulator's matrices were released (`release`); it takes no more batches.")
         if self._gram is None:
             self._gram, self._cross, self._yy = gram, cross, yy
             self._sum_x, self._sum_y = sum_x, sum_y
@@ -334,8 +336,16 @@ class StatisticsAccumulator:
             return lambda a: torch.as_tensor(a, dtype=torch.float64, device=self._gram.device)
         return lambda a: a.cpu().numpy()
 
+    def release(self) -> None:
+        """Free ``X^T X`` and ``X^T Y`` (all but ``n_features (n_features + n_outputs)`` numbers' worth of
+        memory is theirs); :meth:`means` still works, :meth:`statistics` and :meth:`update` no longer."""
+        self._gram = self._cross = None
+        self._released = True
+
     def _as_numpy(self, value: Any) -> np.ndarray:
-        if self._gram is None:
+        if getattr(self, "_released", False) and value is None:
+            raise ValueError("the accumulator's matrices were released (`release`); only `means` remain.")
+        if self._sum_x is None:
             raise ValueError("no samples were accumulated; call `update` with at least one batch.")
         return value.cpu().numpy() if hasattr(value, "cpu") else np.asarray(value, dtype=float)
 
