@@ -128,6 +128,10 @@ class Pruner:
         allocation with the polished errors until no chosen point improves
         (:func:`orprune.budget.recheck.recheck_allocation`, ``formulations/swap_polish.md``). Polished
         points stay in ``curves_`` for later budgets. None: no polishing. Not with ``errors="output"``.
+    float32_statistics : bool, default False
+        Each calibration batch's ``X^T X`` and ``X^T Y`` in float32 on the model's device, summed and
+        solved in float64 (:func:`orprune.network.calibration.collect_statistics`): faster and lighter on
+        wide layers, equal to the float64 statistics within ``StatisticsAccumulator.FLOAT32_RTOL``.
     progress : bool, default True
     seed : int, default 0
 
@@ -169,6 +173,7 @@ class Pruner:
         n_jobs: int | None = None,
         time_limit: float | None = 1.0,
         polish_time: float | None = 5.0,
+        float32_statistics: bool = False,
         progress: bool = True,
         seed: int = 0,
     ) -> None:
@@ -190,6 +195,7 @@ class Pruner:
         self.n_jobs = n_jobs
         self.time_limit = time_limit
         self.polish_time = polish_time
+        self.float32_statistics = float32_statistics
         self.progress = progress
         self.seed = seed
 
@@ -218,7 +224,7 @@ class Pruner:
             raise ValueError(f"`errors` must be 'layer' or 'output', got {self.errors!r}.")
         if isinstance(self.probe_images, bool) or not isinstance(self.probe_images, int) or self.probe_images < 1:
             raise ValueError(f"`probe_images` must be a positive integer, got {self.probe_images!r}.")
-        for name in ("residual", "sequential", "cache_targets", "residual_targets"):
+        for name in ("residual", "sequential", "cache_targets", "residual_targets", "float32_statistics"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"`{name}` must be True or False, got {getattr(self, name)!r}.")
         if self.executor is not None and not hasattr(self.executor, "map"):
@@ -287,7 +293,7 @@ class Pruner:
         offsets = {n: t.offset(self.model_) for n, t in found.items()} if self.targets_ is not None else None
         stats = collect_statistics(self.model_, self.graph_.consumers, batches, cache=self.targets_, offsets=offsets,
                                    positions_per_image=self.positions_per_image, seed=self.seed,
-                                   progress=self.progress)
+                                   progress=self.progress, float32=self.float32_statistics)
         self.statistics_ = stats
         layers = list({c.name: c for c in reversed(self.graph_.consumers)}.values())[::-1]  # one per layer
         self.consumer_order_ = forward_order(self.model_, layers, self.example_inputs_)
@@ -414,7 +420,8 @@ class Pruner:
             target = self.residual_targets_.get(consumer.name)
             offsets = None if target is None else {consumer.name: target.offset(self.model_)}
             stats = collect_statistics(working, [consumer], self.batches_, reference=reference, offsets=offsets,
-                                       positions_per_image=self.positions_per_image, seed=self.seed, progress=False)
+                                       positions_per_image=self.positions_per_image, seed=self.seed, progress=False,
+                                       float32=self.float32_statistics)
             acc = stats.pop(consumer.name)
             updates[consumer.name] = self._update(consumer, pruned_keep, acc,
                                                   self._problem(acc, consumer, self.model_, check=False))
