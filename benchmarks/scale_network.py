@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import io
+import os
 import platform
 import pstats
 import resource
@@ -84,6 +85,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     parser.add_argument("--profile", action="store_true", help="print the cProfile top functions of fit")
     parser.add_argument("--no-write", action="store_true", help="print, do not write the results file")
+    parser.add_argument("--output", default=str(RESULTS), help="results file (default benchmarks/results/scale_network.md)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -96,31 +98,33 @@ def main(argv: list[str] | None = None) -> None:
     from orprune.network.costs import count_macs_params
 
     macs, _ = count_macs_params(model, images[:1])
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     pruned_tp = torch_pruning_baseline(model, images[:1], macs=0.5, importance="magnitude")
     rows.append(("torch-pruning magnitude (bisection on the ratio)", time.perf_counter() - start,
-                 count_macs_params(pruned_tp, images[:1])[0] / macs))
+                 time.process_time() - cpu, count_macs_params(pruned_tp, images[:1])[0] / macs))
     tp_peak = _peak_mb()
 
     from orprune import Pruner
 
     pruner = Pruner(progress=True)
     profiler = cProfile.Profile() if args.profile else None
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     if profiler:
         profiler.enable()
     pruner.fit(model, calibration)
     if profiler:
         profiler.disable()
-    fit_time = time.perf_counter() - start
-    start = time.perf_counter()
+    fit_time, fit_cpu = time.perf_counter() - start, time.process_time() - cpu
+    start, cpu = time.perf_counter(), time.process_time()
     result = pruner.prune(macs=0.5)
-    prune_time = time.perf_counter() - start
+    prune_time, prune_cpu = time.perf_counter() - start, time.process_time() - cpu
     ratio = count_macs_params(result.model, images[:1])[0] / macs
     curves = sum(c.solve_time for c in pruner.curves_.values())
     solvers = sorted({c.solver for c in pruner.curves_.values()})
-    rows.append((f"orprune fit (curve solves {curves:.0f} s, solvers {', '.join(solvers)})", fit_time, None))
-    rows.append(("orprune prune(macs=0.5) (allocation + surgery + refit)", prune_time, ratio))
+    rows.append((f"orprune fit (curve solves {curves:.0f} s, solvers {', '.join(solvers)})", fit_time, fit_cpu, None))
+    polish = sum(p.seconds for p in result.polished)
+    rows.append((f"orprune prune(macs=0.5) (allocation + {len(result.polished)} swap polishes {polish:.0f} s + "
+                 "surgery + refit)", prune_time, prune_cpu, ratio))
     peak = _peak_mb()
     if profiler:
         stream = io.StringIO()
@@ -131,14 +135,14 @@ def main(argv: list[str] | None = None) -> None:
              f"({platform.machine()}, {args.threads} torch threads, 2 cores shared with other jobs). "
              f"Hand-written ResNet-50, random init, {args.images} calibration images of "
              f"{args.size}x{args.size}, {macs / 1e9:.2f} GMACs.\n",
-             "| step | wall s | MACs kept |", "|---|---:|---:|"]
-    lines += [f"| {name} | {t:.1f} | {'' if r is None else f'{r:.3f}'} |" for name, t, r in rows]
+             "| step | wall s | CPU s (all threads) | MACs kept |", "|---|---:|---:|---:|"]
+    lines += [f"| {name} | {t:.1f} | {c:.1f} | {'' if r is None else f'{r:.3f}'} |" for name, t, c, r in rows]
     lines += ["", f"Peak resident memory: {tp_peak:.0f} MB after torch-pruning, {peak:.0f} MB after orprune "
-              "(process high-water mark)."]
+              f"(process high-water mark). Load average at the end: {os.getloadavg()[0]:.1f} (2 cores)."]
     text = "\n".join(lines) + "\n"
     print(text)
     if not args.no_write:
-        RESULTS.write_text(text)
+        Path(args.output).write_text(text)
 
 
 if __name__ == "__main__":

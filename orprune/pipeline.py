@@ -20,6 +20,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Executor
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -45,16 +46,18 @@ from orprune._pool import interruptible_pool
 from orprune.budget.allocation import Allocation, AllocationProblem, allocate
 from orprune.budget.curves import PATH_SOLVERS, ErrorCurve, join_curves
 from orprune.budget.output_errors import output_error_curves, probe_batches
+from orprune.budget.recheck import recheck_allocation
 from orprune.budget.uniform_allocation import allocate_uniform
 from orprune.layer.problem import LayerProblem, StatisticsAccumulator
 from orprune.layer.selection import resolve_solver
+from orprune.layer.solvers.polish import polish_swap
 from orprune.layer.tied import block_diagonal
 from orprune.network.calibration import DEFAULT_POSITIONS_PER_IMAGE, TargetCache, collect_statistics
 from orprune.network.costs import count_macs_params, network_costs
 from orprune.network.graph import DEFAULT_MAX_FEATURES, Consumer, find_groups, weight_matrix
 from orprune.network.latency import LatencyModel, latency_tables
 from orprune.network.residual_targets import ResidualTarget, find_residual_targets
-from orprune.network.surgery import ConsumerUpdate, PruningPlan, apply_pruning, masked_copy
+from orprune.network.surgery import ConsumerUpdate, PruningPlan, apply_pruning, masked_copy, write_updates
 from orprune.network.timing import call_times, torch_threads
 from orprune.prune_result import LatencyReport, PruneResult, UnitReport
 
@@ -124,6 +127,16 @@ class Pruner:
         ResNet-20's 16-channel units; the rest of its time proves it
         (``benchmarks/results/heuristic_curves.md``). Past the limit the curve keeps that mask with its
         proven bound and gap (the report's status), so a short limit costs certificates, not accuracy.
+    polish_time : float, optional, default 5.0
+        Seconds of 1-swap search (:func:`orprune.layer.solvers.polish.polish_swap`) per keep count the
+        allocation picks for a unit whose curve comes from ``"path"``; :meth:`prune` then re-solves the
+        allocation with the polished errors until no chosen point improves
+        (:func:`orprune.budget.recheck.recheck_allocation`, ``formulations/swap_polish.md``). Polished
+        points stay in ``curves_`` for later budgets. None: no polishing. Not with ``errors="output"``.
+    float32_statistics : bool, default False
+        Each calibration batch's ``X^T X`` and ``X^T Y`` in float32 on the model's device, summed and
+        solved in float64 (:func:`orprune.network.calibration.collect_statistics`): faster and lighter on
+        wide layers, equal to the float64 statistics within ``StatisticsAccumulator.FLOAT32_RTOL``.
     progress : bool, default True
     seed : int, default 0
 
@@ -164,6 +177,8 @@ class Pruner:
         executor: Executor | None = None,
         n_jobs: int | None = None,
         time_limit: float | None = 1.0,
+        polish_time: float | None = 5.0,
+        float32_statistics: bool = False,
         progress: bool = True,
         seed: int = 0,
     ) -> None:
@@ -184,6 +199,8 @@ class Pruner:
         self.executor = executor
         self.n_jobs = n_jobs
         self.time_limit = time_limit
+        self.polish_time = polish_time
+        self.float32_statistics = float32_statistics
         self.progress = progress
         self.seed = seed
 
@@ -196,6 +213,9 @@ class Pruner:
         if self.time_limit is not None and not (isinstance(self.time_limit, (int, float)) and self.time_limit > 0
                                                 and not isinstance(self.time_limit, bool)):
             raise ValueError(f"`time_limit` must be a positive number of seconds or None, got {self.time_limit!r}.")
+        if self.polish_time is not None and (isinstance(self.polish_time, bool) or not isinstance(
+                self.polish_time, (int, float)) or not math.isfinite(self.polish_time) or self.polish_time < 0):
+            raise ValueError(f"`polish_time` must be a number of seconds >= 0 or None, got {self.polish_time!r}.")
         if self.positions_per_image is not None and (isinstance(self.positions_per_image, bool) or not isinstance(
                 self.positions_per_image, int) or self.positions_per_image < 1):
             raise ValueError(f"`positions_per_image` must be a positive integer or None, got {self.positions_per_image!r}.")
@@ -209,7 +229,7 @@ class Pruner:
             raise ValueError(f"`errors` must be 'layer' or 'output', got {self.errors!r}.")
         if isinstance(self.probe_images, bool) or not isinstance(self.probe_images, int) or self.probe_images < 1:
             raise ValueError(f"`probe_images` must be a positive integer, got {self.probe_images!r}.")
-        for name in ("residual", "sequential", "cache_targets", "residual_targets"):
+        for name in ("residual", "sequential", "cache_targets", "residual_targets", "float32_statistics"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"`{name}` must be True or False, got {getattr(self, name)!r}.")
         if self.executor is not None and not hasattr(self.executor, "map"):
@@ -228,7 +248,8 @@ class Pruner:
         else:
             yield map
 
-    def _problem(self, acc: StatisticsAccumulator, consumer: Consumer, model: nn.Module) -> LayerProblem:
+    def _problem(self, acc: StatisticsAccumulator, consumer: Consumer, model: nn.Module,
+                 check: bool = True) -> LayerProblem:
         gram, cross, yy = acc.statistics(center=self._intercept(consumer, model))
         if consumer.groups > 1:  # a grouped conv's own least squares: block-diagonal by group
             gram, cross = block_diagonal(gram, cross, consumer.groups, consumer.group_size)
@@ -236,6 +257,8 @@ class Pruner:
         # inputs constant over the calibration data have a zero centred Gram matrix: an absolute ridge then
         # gives weights 0 and the bias keeps the (constant) output
         ridge = self.ridge * (scale if scale > 0 else 1.0)
+        if not check:  # a refit's statistics, used once: no weights (magnitude baseline), no checks
+            return LayerProblem(gram, cross, yy, group_size=consumer.group_size, ridge=ridge, check=False)
         weights = weight_matrix(model.get_submodule(consumer.name)).detach().double().numpy()
         return LayerProblem(gram, cross, yy, group_size=consumer.group_size, ridge=ridge, weights=weights,
                             assume_psd=True)  # accumulated X^T X
@@ -275,11 +298,14 @@ class Pruner:
         offsets = {n: t.offset(self.model_) for n, t in found.items()} if self.targets_ is not None else None
         stats = collect_statistics(self.model_, self.graph_.consumers, batches, cache=self.targets_, offsets=offsets,
                                    positions_per_image=self.positions_per_image, seed=self.seed,
-                                   progress=self.progress)
+                                   progress=self.progress, float32=self.float32_statistics)
         self.statistics_ = stats
         layers = list({c.name: c for c in reversed(self.graph_.consumers)}.values())[::-1]  # one per layer
         self.consumer_order_ = forward_order(self.model_, layers, self.example_inputs_)
-        self.problems_ = {c.name: self._problem(stats[c.name], c, self.model_) for c in layers}
+        self.problems_ = {}
+        for c in layers:  # each accumulator's matrices are freed once its problem holds them (means stay)
+            self.problems_[c.name] = self._problem(stats[c.name], c, self.model_)
+            stats[c.name].release()
         self.unit_problems_: dict[str, LayerProblem] = {}
         for unit in self.graph_.units:
             whole = [self.problems_[c.name] for c in unit.consumers]
@@ -309,6 +335,7 @@ class Pruner:
                                                  disable=not self.progress, leave=False)):
                 parts[i].append(curve)
         self.curves_ = {unit.name: join_curves(parts[i]) for i, unit in enumerate(self.graph_.units)}
+        self.polished_: dict[str, set[int]] = {}  # keep counts whose points prune() polished (path curves)
         self.output_errors_ = None if self.errors == "layer" else output_error_curves(
             self.model_, self.graph_, self.curves_, self._unit_updates, probe_batches(batches, self.probe_images),
             progress=self.progress)
@@ -376,14 +403,54 @@ class Pruner:
         return (getattr(model.get_submodule(consumer.name), "bias", None) is not None
                 or consumer.norm is not None or bool(consumer.norms))
 
+    def _refit_updates(self, pruned_keep: dict[str, np.ndarray]) -> dict[str, ConsumerUpdate]:
+        """Least-squares weights and biases of every consumer reading a pruned unit."""
+        updates: dict[str, ConsumerUpdate] = {}
+        if not self.sequential:
+            for c in self.consumer_order_:
+                if any(r.unit in pruned_keep for r in self.graph_.readers(c.name)):
+                    updates[c.name] = self._update(c, pruned_keep, self.statistics_[c.name], self.problems_[c.name])
+            return updates
+        consumers = [c for c in self.consumer_order_ if any(r.unit in pruned_keep for r in self.graph_.readers(c.name))]
+        # Consumers in the order they run: each refits on inputs from the network with every
+        # earlier consumer already refitted and every dropped channel zero (the masked model),
+        # so a residual stream's readers each see the stream as pruned up to their own depth.
+        # A consumer feeding a residual add also absorbs the other operand's error as the masked
+        # network has it now: of two consumers on one add, the later absorbs what the first left.
+        # One working copy (the masked model) gets each refit written as it is made, instead of a
+        # copy of the model per consumer; each pass's statistics are used once (no checks).
+        reference = self.model_ if self.targets_ is None else self.targets_
+        working = masked_copy(self.model_, self.graph_, PruningPlan(pruned_keep, {}))
+        for consumer in tqdm(consumers, desc="refit", disable=not self.progress, leave=False):
+            target = self.residual_targets_.get(consumer.name)
+            offsets = None if target is None else {consumer.name: target.offset(self.model_)}
+            stats = collect_statistics(working, [consumer], self.batches_, reference=reference, offsets=offsets,
+                                       positions_per_image=self.positions_per_image, seed=self.seed, progress=False,
+                                       float32=self.float32_statistics)
+            acc = stats.pop(consumer.name)
+            updates[consumer.name] = self._update(consumer, pruned_keep, acc,
+                                                  self._problem(acc, consumer, self.model_, check=False))
+            del acc
+            write_updates(working, self.graph_, PruningPlan(pruned_keep, updates), [consumer.name])
+        return updates
+
+    def _polish(self, unit: str, k: int, mask: np.ndarray) -> tuple[np.ndarray, float, int]:
+        """Swap search from the curve's mask at ``k`` for ``polish_time`` seconds (at least one round)."""
+        return polish_swap(self.unit_problems_[unit], mask, deadline=time.perf_counter() + self.polish_time)
+
     def _report(self, unit: str, k: int, mask: np.ndarray | None = None) -> UnitReport:
-        """The curve's entry at ``k``; with a ``mask`` of given scores, that mask's own error."""
+        """The curve's entry at ``k`` (``+swap`` when polished there); with a ``mask`` of given scores, that
+        mask's own error."""
         curve = self.curves_[unit]
         i = int(np.flatnonzero(curve.keep_counts == k)[0])
-        error = curve.errors[i] if mask is None else self.unit_problems_[unit].objective(mask)
+        if mask is None:
+            solver = curve.solver + ("+swap" if k in getattr(self, "polished_", {}).get(unit, ()) else "")
+            error = curve.errors[i]
+        else:
+            solver, error = "scores", self.unit_problems_[unit].objective(mask)
         return UnitReport(unit=unit, channels_before=self.graph_[unit].n_channels, channels_after=k,
-                          solver=curve.solver if mask is None else "scores", relative_error=float(error),
-                          bound=float(curve.bounds[i]), status=curve.statuses[i], solve_time=curve.solve_time)
+                          solver=solver, relative_error=float(error), bound=float(curve.bounds[i]),
+                          status=curve.statuses[i], solve_time=curve.solve_time)
 
     def prune(self, *, macs: float | None = None, params: float | None = None, latency: float | None = None,
               time_limit: float | None = None, allocation: str = "milp", latency_rounds: int = 3,
@@ -446,25 +513,56 @@ class Pruner:
                    if fraction is not None}
         if latency is not None:
             budgets["latency"] = latency * self.latency_.full
-        problem = AllocationProblem(
-            options={u: c.keep_counts for u, c in self.curves_.items()},
-            errors={u: c.errors for u, c in self.curves_.items()} if self.output_errors_ is None else self.output_errors_,
-            ties=tied,
-        )
         costs = {"macs": self.costs_.macs, "params": self.costs_.params}
         if hasattr(self, "latency_"):
             costs["latency"] = self.latency_.cost
-        try:
+
+        def solve(curves: dict[str, ErrorCurve]) -> Allocation:
+            problem = AllocationProblem(
+                options={u: c.keep_counts for u, c in curves.items()},
+                errors={u: c.errors for u, c in curves.items()} if self.output_errors_ is None else self.output_errors_,
+                ties=tied)
             if allocation == "uniform":
-                chosen = allocate_uniform(problem, costs, budgets)
-            else:
-                chosen = allocate(problem, costs=costs, budgets=budgets, time_limit=time_limit)
-        except ValueError as exc:
-            raise ValueError(f"the budget cannot be met by pruning the prunable groups: {exc}") from exc
-        return self.apply(chosen, budgets, start=start, scores=scores)
+                return allocate_uniform(problem, costs, limits)
+            return allocate(problem, costs=costs, budgets=limits, time_limit=time_limit)
+
+        polished = {u for u, c in self.curves_.items() if c.solver == "path"}
+        measured = [name for name in budgets if name != "latency"]
+        limits, points = dict(budgets), []  # limits: the budgets the allocation sees (lowered by the self-check)
+        for attempt in range(4):
+            try:
+                if self.polish_time is None or self.output_errors_ is not None or not polished:
+                    chosen = solve(self.curves_)
+                else:  # swap search at the chosen counts only, then the allocation re-checked with the new errors
+                    chosen, more = recheck_allocation(self.curves_, solve, self._polish, polished, done=self.polished_)
+                    points += more
+            except ValueError as exc:
+                if not attempt:
+                    raise ValueError(f"the budget cannot be met by pruning the prunable groups: {exc}") from exc
+                break  # the corrected budget cannot be met: keep the last model (warned below)
+            result = self.apply(chosen, start=start, scores=scores, report_latency=False)
+            achieved = {"macs": result.macs_after, "params": result.params_after}
+            excess = {n: achieved[n] - budgets[n] for n in measured if achieved[n] > budgets[n] * (1 + 1e-9)}
+            if not excess:
+                break
+            # Self-check failed: the cost model and the counted model disagree, by achieved - predicted at this
+            # allocation. Re-solve with each exceeded budget lowered by that discrepancy (exact when it is the same
+            # at every allocation), and at least by the excess.
+            for n, e in excess.items():
+                missed = achieved[n] - costs[n].evaluate(dict(chosen.keep))
+                limits[n] = min(limits[n] - e, budgets[n] - missed)
+        for name in measured:
+            achieved = result.macs_after if name == "macs" else result.params_after
+            if achieved > budgets[name] * (1 + 1e-9):  # the cost model and torch-pruning's counter disagree
+                warnings.warn(f"pruned model has {achieved:,} {name}, above the budget {budgets[name]:,.0f}.",
+                              RuntimeWarning)
+        timing = self._latency_report(result.model, dict(result.allocation.keep), budgets.get("latency")) if hasattr(
+            self, "latency_") else None
+        return replace(result, prune_time=time.perf_counter() - start, latency=timing, polished=tuple(points))
 
     def apply(self, chosen: Allocation, budgets: Mapping[str, float] | None = None, *,
-              start: float | None = None, scores: Mapping[str, np.ndarray] | None = None) -> PruneResult:
+              start: float | None = None, scores: Mapping[str, np.ndarray] | None = None,
+              report_latency: bool = True) -> PruneResult:
         """The pruned copy of the fitted model for the keep counts of ``chosen`` (surgery and refit of
         :meth:`prune`, without the allocation): each unit keeps the curve's best channels for its count, or
         its top ``scores`` (checked by :meth:`prune`). ``budgets`` (absolute MACs / params / latency) only
@@ -475,43 +573,19 @@ class Pruner:
         masks = {u: self.curves_[u].mask_for(k) if scores is None or u not in scores else top_channels(scores[u], k)
                  for u, k in chosen.keep.items()}
         keep = {u: np.flatnonzero(m) for u, m in masks.items()}
-        pruned_units = [u.name for u in self.graph_.units if keep[u.name].size < u.n_channels]
-        pruned_keep = {u: keep[u] for u in pruned_units}
-        updates: dict[str, ConsumerUpdate] = {}
-        if self.sequential:
-            consumers = [c for c in self.consumer_order_
-                         if any(r.unit in pruned_keep for r in self.graph_.readers(c.name))]
-            # Consumers in the order they run: each refits on inputs from the network with every
-            # earlier consumer already refitted and every dropped channel zero (the masked model),
-            # so a residual stream's readers each see the stream as pruned up to their own depth.
-            # A consumer feeding a residual add also absorbs the other operand's error as the masked
-            # network has it now: of two consumers on one add, the later absorbs what the first left.
-            reference = self.model_ if self.targets_ is None else self.targets_
-            for consumer in tqdm(consumers, desc="refit", disable=not self.progress, leave=False):
-                working = masked_copy(self.model_, self.graph_, PruningPlan(pruned_keep, updates))
-                target = self.residual_targets_.get(consumer.name)
-                offsets = None if target is None else {consumer.name: target.offset(self.model_)}
-                stats = collect_statistics(working, [consumer], self.batches_, reference=reference, offsets=offsets,
-                                           positions_per_image=self.positions_per_image, seed=self.seed, progress=False)
-                updates[consumer.name] = self._update(consumer, pruned_keep, stats[consumer.name])
-        else:
-            for c in self.consumer_order_:
-                if any(r.unit in pruned_keep for r in self.graph_.readers(c.name)):
-                    updates[c.name] = self._update(c, pruned_keep, self.statistics_[c.name], self.problems_[c.name])
-        plan = PruningPlan(pruned_keep, updates)
+        pruned_keep = {u.name: keep[u.name] for u in self.graph_.units if keep[u.name].size < u.n_channels}
+        plan = PruningPlan(pruned_keep, self._refit_updates(pruned_keep))
         model = apply_pruning(self.model_, self.graph_, plan, self.example_inputs_)
         macs_after, params_after = count_macs_params(model, self.example_inputs_)
         for name, budget in budgets.items():
-            if name == "latency":
-                continue
-            achieved = macs_after if name == "macs" else params_after
-            if achieved > budget * (1 + 1e-9):  # the cost model and torch-pruning's counter disagree
+            achieved = {"macs": macs_after, "params": params_after}.get(name)
+            if achieved is not None and achieved > budget * (1 + 1e-9):
                 warnings.warn(f"pruned model has {achieved:,} {name}, above the budget {budget:,.0f}.", RuntimeWarning)
         report = tuple(self._report(u.name, int(keep[u.name].size),
                                     None if scores is None or u.name not in scores else masks[u.name])
                        for u in self.graph_.units)
         prune_time = time.perf_counter() - start
-        timing = self._latency_report(model, dict(chosen.keep), budgets.get("latency")) if hasattr(
+        timing = self._latency_report(model, dict(chosen.keep), budgets.get("latency")) if report_latency and hasattr(
             self, "latency_") else None
         return PruneResult(model=model, macs_before=self.macs_before_, macs_after=macs_after,
                            params_before=self.params_before_, params_after=params_after, report=report,

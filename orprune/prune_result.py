@@ -8,6 +8,7 @@ from typing import Any
 import torch.nn as nn
 
 from orprune.budget.allocation import Allocation
+from orprune.budget.recheck import PolishedPoint
 from orprune.network.surgery import PruningPlan
 
 __all__ = ["LatencyReport", "LatencyRound", "PruneResult", "UnitReport"]
@@ -81,6 +82,7 @@ class PruneResult:
     plan: PruningPlan
     prune_time: float
     latency: LatencyReport | None = None  # with latency tables (Pruner.fit_latency or a `latency` budget)
+    polished: tuple[PolishedPoint, ...] = ()  # swap-polished points of path curves (Pruner's `polish_time`)
 
     def summary(self) -> str:
         lines = [
@@ -114,4 +116,5 @@ class PruneResult:
                 **asdict(self.latency), "predicted_fraction": self.latency.predicted_fraction,
                 "measured_fraction": self.latency.measured_fraction},
             "units": [asdict(r) for r in self.report],
+            "polished": [asdict(p) for p in self.polished],
         }

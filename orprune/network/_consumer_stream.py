@@ -43,6 +43,7 @@ class ConsumerStream:
         self.offset: TargetOffset | None = None  # set when this pass applies or records an offset
         self.taps: PassTaps | None = None
         self.ref_offset: torch.Tensor | None = None  # the reference's tapped rows of this batch
+        self.float32 = False  # batch products in float32 (StatisticsAccumulator(float32=True))
 
     def begin(self, batch: int) -> None:
         """A new forward pass over calibration batch ``batch``."""
@@ -117,7 +118,7 @@ class ConsumerStream:
                         "NaN or inf values; check the data and the model's numerical stability."
                     )
             if self.acc is None:
-                self.acc = StatisticsAccumulator(rows.shape[1], y.shape[1])
+                self.acc = StatisticsAccumulator(rows.shape[1], y.shape[1], float32=self.float32)
             self.acc.update(rows, y)
 
 

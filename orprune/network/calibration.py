@@ -78,6 +78,7 @@ def collect_statistics(
     seed: int = 0,
     max_batches: int | None = None,
     progress: bool = True,
+    float32: bool = False,
 ) -> dict[str, StatisticsAccumulator]:
     """Accumulate the least-squares statistics of each consumer over calibration batches.
 
@@ -111,6 +112,10 @@ def collect_statistics(
         Stop after this many batches.
     progress : bool, default True
         Show a tqdm progress bar.
+    float32 : bool, default False
+        Each batch's ``X^T X`` and ``X^T Y`` in float32 on the model's device (sums over batches in
+        float64): about twice as fast on CPU, no float64 copy of the rows; agrees with float64 to
+        ``StatisticsAccumulator.FLOAT32_RTOL`` relative (Frobenius norm; tested).
 
     Returns
     -------
@@ -144,6 +149,7 @@ def collect_statistics(
     streams = {n: ConsumerStream(n, _module(model, n, "model"), positions_per_image, gen) for n in names}
     for stream in streams.values():
         stream.cache = cache
+        stream.float32 = bool(float32)
     for name, offset in offsets.items():
         if name not in streams:
             raise ValueError(f"`offsets` names {name!r}, which is not one of `consumers`.")

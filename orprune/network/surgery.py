@@ -20,7 +20,7 @@ otherwise a bias parameter is added. The user's model is never modified.
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,7 +39,7 @@ from orprune.network.graph import (
     weight_matrix,
 )
 
-__all__ = ["ConsumerUpdate", "PruningPlan", "apply_pruning", "masked_copy"]
+__all__ = ["ConsumerUpdate", "PruningPlan", "apply_pruning", "masked_copy", "write_updates"]
 
 
 def _tensor(value: Any, name: str) -> torch.Tensor:
@@ -214,19 +214,38 @@ def _masked_weights(model: nn.Module, graph: PruningGraph, plan: PruningPlan) ->
     consumers = _validate(graph, plan)
     model = copy.deepcopy(model)
     for name, (consumer, dropped) in consumers.items():
-        update = plan.updates.get(name)
-        if update is None and dropped is None:
-            continue
-        module = model.get_submodule(name)
-        current = weight_matrix(module)
-        w = current.clone() if update is None or update.weight is None else update.weight.to(current)
-        if dropped is not None:
-            rows = (dropped[:, None] * consumer.group_size + np.arange(consumer.group_size)).ravel()
-            w[torch.as_tensor(rows)] = 0
-        set_weight_matrix(module, w)
-        if update is not None and update.bias is not None:
-            _write_bias(model, consumer, update.bias)
+        _write_consumer(model, consumer, dropped, plan.updates.get(name))
     return model
+
+
+def write_updates(masked: nn.Module, graph: PruningGraph, plan: PruningPlan, names: Iterable[str]) -> None:
+    """In place: write the updates of the consumers ``names`` into ``masked``.
+
+    ``masked`` must be ``masked_copy(model, graph, plan')`` with ``plan'`` the same ``keep`` and none of
+    these consumers' updates (each consumer written once: a bias folded into a BatchNorm is subtracted
+    from its running mean). The result then equals ``masked_copy(model, graph, plan)`` restricted to the
+    updates written so far: the sequential refit updates one working copy instead of copying the model
+    per consumer.
+    """
+    consumers = _validate(graph, plan)
+    for name in names:
+        consumer, dropped = consumers[name]
+        _write_consumer(masked, consumer, dropped, plan.updates.get(name))
+
+
+def _write_consumer(model: nn.Module, consumer: Consumer, dropped: np.ndarray | None,
+                    update: ConsumerUpdate | None) -> None:
+    if update is None and dropped is None:
+        return
+    module = model.get_submodule(consumer.name)
+    current = weight_matrix(module)
+    w = current.clone() if update is None or update.weight is None else update.weight.to(current)
+    if dropped is not None:
+        rows = (dropped[:, None] * consumer.group_size + np.arange(consumer.group_size)).ravel()
+        w[torch.as_tensor(rows)] = 0
+    set_weight_matrix(module, w)
+    if update is not None and update.bias is not None:
+        _write_bias(model, consumer, update.bias)
 
 
 def apply_pruning(

@@ -18,7 +18,7 @@ from orprune.layer.selection import select
 from orprune.network.calibration import collect_statistics
 from orprune.network.costs import network_costs
 from orprune.network.graph import find_groups
-from orprune.network.surgery import ConsumerUpdate, PruningPlan, apply_pruning, masked_copy
+from orprune.network.surgery import ConsumerUpdate, PruningPlan, apply_pruning, masked_copy, write_updates
 from tests.models import SMALL, one_thread, small_model  # noqa: F401
 
 
@@ -247,3 +247,28 @@ def test_plan_validation():
         masked_copy(model, None, PruningPlan({}))
     with pytest.raises(ValueError, match="`plan`"):
         masked_copy(model, graph, {c.unit: [0]})
+
+
+@pytest.mark.parametrize("name", list(SMALL))
+def test_updates_written_one_by_one_equal_the_masked_copy(name):
+    """The sequential refit's working copy: updates written in place, consumer by consumer."""
+    model, x = small_model(name, batch=8)
+    graph = quiet_groups(model, x)
+    stats = collect_statistics(model, graph.consumers, [x], positions_per_image=16, progress=False)
+    rng = np.random.default_rng(1)
+    plan = least_squares_plan(model, graph, stats, {u.name: int(rng.integers(1, u.n_channels + 1)) for u in graph.units})
+    working = masked_copy(model, graph, PruningPlan(plan.keep, {}))
+    for name_ in plan.updates:
+        write_updates(working, graph, plan, [name_])
+    expected = masked_copy(model, graph, plan).state_dict()
+    assert all(torch.equal(v, expected[k]) for k, v in working.state_dict().items())
+
+
+def test_unchecked_problem_refits_like_the_checked_one():
+    rng = np.random.default_rng(0)
+    X, Y = rng.normal(size=(40, 12)), rng.normal(size=(40, 3))
+    gram, cross, yy = X.T @ X, X.T @ Y, float((Y * Y).sum())
+    checked = LayerProblem(gram, cross, yy, group_size=3, ridge=0.1)
+    fast = LayerProblem(gram.copy(), cross, yy, group_size=3, ridge=0.1, check=False)
+    mask = np.array([True, False, True, True])
+    np.testing.assert_array_equal(fast.refit(mask)[0], checked.refit(mask)[0])

@@ -1,0 +1,54 @@
+"""Fit and prune CPU time, peak memory, of a reduced ResNet-50 (one bottleneck per stage), one thread.
+
+For comparing commits on a loaded machine: CPU seconds (``time.process_time``, one torch / BLAS thread)
+do not depend on the load the way wall time does. Run
+``python -m benchmarks.scale_prune_phase 128 "{'polish_time': None}"`` (calibration images, then Pruner
+options as a Python dict literal).
+"""
+
+from __future__ import annotations
+
+import ast
+import resource
+import sys
+import time
+import warnings
+
+import torch
+from threadpoolctl import threadpool_limits
+
+from benchmarks.scale_network import ResNet50
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return
+    import orprune
+
+    torch.set_num_threads(1)
+    threadpool_limits(1)
+    warnings.simplefilter("ignore")
+    n = int(argv[0])
+    opts = ast.literal_eval(argv[1]) if len(argv) > 1 else {}
+    torch.manual_seed(0)
+    model = ResNet50(layers=(1, 1, 1, 1)).eval()
+    images = torch.randn(n, 3, 64, 64)
+    calibration = [images[i : i + 32] for i in range(0, n, 32)]
+    pruner = orprune.Pruner(progress=False, **opts)
+    cpu, wall = time.process_time(), time.perf_counter()
+    pruner.fit(model, calibration)
+    fit_cpu, fit_wall = time.process_time() - cpu, time.perf_counter() - wall
+    peak_fit = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    cpu, wall = time.process_time(), time.perf_counter()
+    result = pruner.prune(macs=0.5)
+    prune_cpu, prune_wall = time.process_time() - cpu, time.perf_counter() - wall
+    print(f"{argv} fit cpu {fit_cpu:.1f} wall {fit_wall:.1f} | prune cpu {prune_cpu:.1f} wall {prune_wall:.1f} | "
+          f"macs {result.macs_after / result.macs_before:.4f} | rel.err sum "
+          f"{sum(u.relative_error for u in result.report):.5f} | polished {len(getattr(result, 'polished', ()))} | "
+          f"peak fit {peak_fit:.0f} MB, end {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
+
+
+if __name__ == "__main__":
+    main()
