@@ -7,7 +7,7 @@ import json
 
 import torch
 
-from orprune.cli._args import nonnegative_float, positive_float, positive_int
+from orprune.cli._args import add_training_source, nonnegative_float, positive_float, positive_int
 from orprune.cli._io import UsageError, check_output_file, load_model
 from orprune.cli._report import LOAD_HINT, accuracy_warnings, warn
 from orprune.examples import datasets
@@ -23,16 +23,7 @@ PROG = "orprune spr"
 
 def add_spr_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Options of ``orprune spr``: train with SPR, threshold, remove, fine-tune, save."""
-    parser.add_argument("--model", choices=["resnet20", "small_cnn"], default="resnet20",
-                        help="architecture trained from scratch (orprune.examples.zoo)")
-    parser.add_argument("--init", default=None,
-                        help="start from a saved model (torch.save of the whole module, or orprune.save)")
-    parser.add_argument("--model-module", metavar="MODULE", default=None,
-                        help="FILE.py or module name defining the --init model's class")
-    parser.add_argument("--dataset", choices=["auto", "digits", "fashion-mnist"], default="auto",
-                        help="auto: Fashion-MNIST when installed, else digits (said so on stderr)")
-    parser.add_argument("--data-root", default=None, help="a directory holding the Fashion-MNIST IDX files")
-    parser.add_argument("--train-size", type=positive_int, default=None, help="training images (default: all not held out)")
+    add_training_source(parser, model="resnet20", train_size_help="training images (default: all not held out)")
     parser.add_argument("--val-size", type=positive_int, default=5000, help="training images held out for the threshold")
     parser.add_argument("--epochs", type=positive_float, default=2)
     parser.add_argument("--finetune-epochs", type=nonnegative_float, default=0)

@@ -7,7 +7,7 @@ import json
 
 import torch
 
-from orprune.cli._args import nonnegative_float, positive_float, positive_int
+from orprune.cli._args import add_training_source, nonnegative_float, positive_float, positive_int
 from orprune.cli._io import UsageError, check_output_file, load_model
 from orprune.cli._report import accuracy_warnings, warn
 from orprune.examples import datasets
@@ -24,16 +24,7 @@ TRP_LOAD_HINT = "torch.load(path, weights_only=False) (the whole module; orprune
 
 def add_trp_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Options of ``orprune trp``: train with TRP, decompose every layer at its energy rank, save."""
-    parser.add_argument("--model", choices=["resnet20", "small_cnn"], default="small_cnn",
-                        help="architecture trained from scratch (orprune.examples.zoo)")
-    parser.add_argument("--init", default=None,
-                        help="start from a saved model (torch.save of the whole module, or orprune.save)")
-    parser.add_argument("--model-module", metavar="MODULE", default=None,
-                        help="FILE.py or module name defining the --init model's class")
-    parser.add_argument("--dataset", choices=["auto", "digits", "fashion-mnist"], default="auto",
-                        help="auto: Fashion-MNIST when installed, else digits (said so on stderr)")
-    parser.add_argument("--data-root", default=None, help="a directory holding the Fashion-MNIST IDX files")
-    parser.add_argument("--train-size", type=positive_int, default=None, help="training images (default: all)")
+    add_training_source(parser, model="small_cnn", train_size_help="training images (default: all)")
     parser.add_argument("--epochs", type=positive_float, default=5)
     parser.add_argument("--nuclear", type=nonnegative_float, default=1e-3, help="weight of the nuclear norm in the loss")
     parser.add_argument("--energy", type=positive_float, default=0.9,

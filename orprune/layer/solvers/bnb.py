@@ -15,19 +15,18 @@ backward elimination polished by 1-swap search). See ``formulations/branch_and_b
 from __future__ import annotations
 
 import time
-import warnings
 from typing import Any
 
 import numpy as np
 
-from orprune._status import OPTIMAL, TIME_LIMIT
+from orprune._status import OPTIMAL
 from orprune._validation import check_integer
 from orprune.layer.problem import LayerProblem
 from orprune.layer.solvers._perspective import perspective_split
 from orprune.layer.solvers._tree_search import BRANCHING, RELAXATION_MODES, TreeSearch
 from orprune.layer.solvers.exact import _thread_limit
 from orprune.layer.solvers.local_search import polished_start, swap_local_search
-from orprune.layer.solvers.registry import make_selection, register_solver
+from orprune.layer.solvers.registry import certified_selection, make_selection, register_solver
 
 __all__ = ["solve_bnb"]
 
@@ -177,21 +176,8 @@ def _solve(prob, k, start, deadline, rel_gap, relaxation, relax_iter, local_sear
                     root_cheap_bound=engine.root.get("cheap", np.nan) * yy,
                     root_relaxation=engine.root.get("relaxation", np.nan) * yy,
                     root_bound=engine.root.get("bound", np.nan) * yy, log=engine.log)
-    mask = engine.best_mask
-    bound = max(engine.lower_bound() * yy, prob.full_objective)
-    objective = prob.objective(mask)
-    gap = max(objective - bound, 0.0) / max(objective, 1e-12 * max(yy, 1.0))
-    if complete:
-        status, message = OPTIMAL, f"certified optimal within relative gap {gap:.2e} (tolerance {rel_gap:g})"
-    else:
-        status = TIME_LIMIT
-        message = f"time limit reached: relative gap {gap:.3e} (tolerance {rel_gap:g})"
-        warnings.warn(f"bnb solver stopped at the time limit with relative gap {gap:.3e} "
-                      f"(objective {objective:.6g}, bound {bound:.6g}).", RuntimeWarning, stacklevel=4)
-    info["log"] = list(info.get("log", [])) + [f"final: {status}, objective {objective:.6g}, bound {bound:.6g}, "
-                                                f"gap {gap:.3e}, {info.get('nodes', 0)} nodes"]
-    return make_selection(prob, mask, solver="bnb", status=status, start_time=start, bound=bound,
-                          message=message, info=info)
+    return certified_selection(prob, engine.best_mask, engine.lower_bound() * yy, complete=complete,
+                               rel_gap=rel_gap, solver="bnb", start_time=start, info=info)
 
 
 class _DirectSearch:

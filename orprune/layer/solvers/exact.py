@@ -21,20 +21,19 @@ proven lower bound and the gap.
 from __future__ import annotations
 
 import time
-import warnings
 from contextlib import nullcontext
 from typing import Any
 
 import numpy as np
 
-from orprune._status import OPTIMAL, TIME_LIMIT
+from orprune._status import OPTIMAL
 from orprune._validation import check_integer
 from orprune.layer.problem import LayerProblem
 from orprune.layer.solvers._bnb import BranchAndBound
 from orprune.layer.solvers._perspective import SPLITS
 from orprune.layer.solvers.greedy import greedy_path
 from orprune.layer.solvers.local_search import polished_start, swap_local_search
-from orprune.layer.solvers.registry import make_selection, register_solver
+from orprune.layer.solvers.registry import certified_selection, make_selection, register_solver
 
 __all__ = ["solve_exact", "METHODS"]
 
@@ -221,16 +220,5 @@ def _solve(prob, k, start, deadline, rel_gap, method, split, pairs, relaxation, 
                     root_bound=stats.root_bound * yy, root_relaxation=stats.root_relaxation * yy)
     if method == "oa":
         info["root_bound"] = info["root_bound"] * yy
-    mask = engine.best_mask
-    bound = max(bound * yy, prob.full_objective)
-    objective = prob.objective(mask)
-    gap = max(objective - bound, 0.0) / max(objective, 1e-12 * max(yy, 1.0))
-    if complete:
-        status, message = OPTIMAL, f"certified optimal within relative gap {gap:.2e} (tolerance {rel_gap:g})"
-    else:
-        status = TIME_LIMIT
-        message = f"time limit reached: relative gap {gap:.3e} (tolerance {rel_gap:g})"
-        warnings.warn(f"exact solver stopped at the time limit with relative gap {gap:.3e} "
-                      f"(objective {objective:.6g}, bound {bound:.6g}).", RuntimeWarning, stacklevel=4)
-    return make_selection(prob, mask, solver="exact", status=status, start_time=start, bound=bound,
-                          message=message, info=info)
+    return certified_selection(prob, engine.best_mask, bound * yy, complete=complete, rel_gap=rel_gap,
+                               solver="exact", start_time=start, info=info)

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import importlib.util
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from orprune._status import FEASIBLE, OPTIMAL
+from orprune._status import FEASIBLE, OPTIMAL, TIME_LIMIT
 from orprune.layer.problem import LayerProblem
 from orprune.layer.result import Selection, relative_gap
 
@@ -101,6 +102,29 @@ def make_selection(
         message=message,
         info=dict(info or {}),
     )
+
+
+def certified_selection(prob: LayerProblem, mask: np.ndarray, bound: float, *, complete: bool, rel_gap: float,
+                        solver: str, start_time: float, info: Mapping[str, Any]) -> Selection:
+    """The result of a tree search: "optimal" when the search completed (the proven ``bound`` within
+    ``rel_gap``), else "time_limit" with the gap reached and a ``RuntimeWarning``. ``bound`` is absolute."""
+    yy = prob.yy
+    bound = max(bound, prob.full_objective)
+    objective = prob.objective(mask)
+    gap = max(objective - bound, 0.0) / max(objective, 1e-12 * max(yy, 1.0))
+    if complete:
+        status, message = OPTIMAL, f"certified optimal within relative gap {gap:.2e} (tolerance {rel_gap:g})"
+    else:
+        status = TIME_LIMIT
+        message = f"time limit reached: relative gap {gap:.3e} (tolerance {rel_gap:g})"
+        warnings.warn(f"{solver} solver stopped at the time limit with relative gap {gap:.3e} "
+                      f"(objective {objective:.6g}, bound {bound:.6g}).", RuntimeWarning, stacklevel=5)
+    info = dict(info)
+    if "log" in info:
+        info["log"] = list(info["log"]) + [f"final: {status}, objective {objective:.6g}, bound {bound:.6g}, "
+                                           f"gap {gap:.3e}, {info.get('nodes', 0)} nodes"]
+    return make_selection(prob, mask, solver=solver, status=status, start_time=start_time, bound=bound,
+                          message=message, info=info)
 
 
 def trivial_selection(prob: LayerProblem, k: int, solver: str) -> Selection:
