@@ -26,11 +26,11 @@ from typing import Any
 
 import numpy as np
 
-from orprune._status import FEASIBLE, OPTIMAL, SOLUTION_PRESENT
+from orprune._status import FEASIBLE, OPTIMAL
 from orprune._validation import check_integer
 from orprune.layer.nm import _solve, nm_refit
 from orprune.layer.problem import LayerProblem
-from orprune.layer.result import relative_gap
+from orprune.layer.result import SolverResult, relative_gap
 from orprune.layer.selection import select
 from orprune.layer.solvers.greedy import greedy_path
 
@@ -38,7 +38,7 @@ __all__ = ["HierarchicalSelection", "select_hierarchical"]
 
 
 @dataclass(frozen=True)
-class HierarchicalSelection:
+class HierarchicalSelection(SolverResult):
     """Kept groups, kept single weights inside them, the refit weights and the certificate.
 
     Attributes
@@ -68,14 +68,6 @@ class HierarchicalSelection:
     solve_time: float
     message: str = ""
     info: Mapping[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        for array in (self.groups, self.mask, self.weights):
-            array.flags.writeable = False
-
-    @property
-    def success(self) -> bool:
-        return self.status in SOLUTION_PRESENT
 
 
 def allocate_entries(curves: list[np.ndarray], budget: int) -> tuple[float, list[int]]:

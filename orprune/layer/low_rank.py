@@ -22,9 +22,10 @@ from typing import Any
 
 import numpy as np
 
-from orprune._status import OPTIMAL, SOLUTION_PRESENT
+from orprune._status import OPTIMAL
 from orprune._validation import as_finite_array, check_integer
 from orprune.layer.problem import LayerProblem
+from orprune.layer.result import SolverResult
 
 __all__ = ["RankCurve", "RankSelection", "map_objective", "rank_curve", "select_rank"]
 
@@ -34,7 +35,7 @@ EIGEN_RTOL = 1e-12
 
 
 @dataclass(frozen=True)
-class RankSelection:
+class RankSelection(SolverResult):
     """The best rank-``r`` map of a layer as two factors, and its certificate.
 
     Attributes
@@ -73,18 +74,10 @@ class RankSelection:
     solve_time: float
     message: str = ""
 
-    def __post_init__(self) -> None:
-        for array in (self.left, self.right, self.singular_values):
-            array.flags.writeable = False
-
     @property
     def weights(self) -> np.ndarray:
         """The rank-``r`` map ``left @ right``, shape (C*g, n_out), layout of ``LayerProblem``."""
         return self.left @ self.right
-
-    @property
-    def success(self) -> bool:
-        return self.status in SOLUTION_PRESENT
 
 
 @dataclass(frozen=True)

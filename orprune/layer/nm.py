@@ -29,10 +29,10 @@ from typing import Any
 import numpy as np
 import scipy.linalg
 
-from orprune._status import FEASIBLE, OPTIMAL, SOLUTION_PRESENT, TIME_LIMIT
+from orprune._status import FEASIBLE, OPTIMAL, TIME_LIMIT
 from orprune._validation import check_integer
 from orprune.layer.problem import LayerProblem
-from orprune.layer.result import relative_gap
+from orprune.layer.result import SolverResult, relative_gap
 
 __all__ = ["NMSelection", "select_nm"]
 
@@ -40,7 +40,7 @@ NM_SOLVERS = ("exact", "greedy", "magnitude")
 
 
 @dataclass(frozen=True)
-class NMSelection:
+class NMSelection(SolverResult):
     """An N:M mask of one layer, its refit weights and the certificate the solver gives.
 
     Attributes
@@ -82,14 +82,6 @@ class NMSelection:
     m: int
     message: str = ""
     info: Mapping[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        self.mask.flags.writeable = False
-        self.weights.flags.writeable = False
-
-    @property
-    def success(self) -> bool:
-        return self.status in SOLUTION_PRESENT
 
 
 def select_nm(

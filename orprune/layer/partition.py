@@ -25,10 +25,10 @@ from typing import Any
 
 import numpy as np
 
-from orprune._status import FEASIBLE, OPTIMAL, SOLUTION_PRESENT, TIME_LIMIT
+from orprune._status import FEASIBLE, OPTIMAL, TIME_LIMIT
 from orprune._validation import as_finite_array, check_integer
 from orprune.layer._partition_milp import balanced_assignment, energy_milp, part_sizes
-from orprune.layer.result import relative_gap
+from orprune.layer.result import SolverResult, relative_gap
 
 __all__ = ["Partition", "partition_weights", "removed_energy"]
 
@@ -39,7 +39,7 @@ LP_BOUND_MAX_PRODUCTS = 4096
 
 
 @dataclass(frozen=True)
-class Partition:
+class Partition(SolverResult):
     """Balanced parts of a layer's inputs and outputs, the kept weights and the solver's certificate.
 
     Attributes
@@ -77,14 +77,6 @@ class Partition:
     solve_time: float
     message: str = ""
     info: Mapping[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        for array in (self.input_parts, self.output_parts, self.weights):
-            array.flags.writeable = False
-
-    @property
-    def success(self) -> bool:
-        return self.status in SOLUTION_PRESENT
 
     @property
     def n_parts(self) -> int:

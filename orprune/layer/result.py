@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
 
 from orprune._status import SOLUTION_PRESENT
 
-__all__ = ["Selection", "relative_gap"]
+__all__ = ["Selection", "SolverResult", "relative_gap"]
 
 
 def relative_gap(objective: float, bound: float, scale: float) -> float:
@@ -19,8 +19,26 @@ def relative_gap(objective: float, bound: float, scale: float) -> float:
     return max(objective - bound, 0.0) / max(abs(objective), floor)
 
 
+class SolverResult:
+    """What the frozen result dataclasses of the layer solvers share: their array fields are made read-only
+    after construction, and ``success`` reads their ``status``."""
+
+    status: str
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, np.ndarray):
+                value.flags.writeable = False
+
+    @property
+    def success(self) -> bool:
+        """Whether a solution is present (optimal, heuristic, or stopped at the time limit)."""
+        return self.status in SOLUTION_PRESENT
+
+
 @dataclass(frozen=True)
-class Selection:
+class Selection(SolverResult):
     """Channels kept in one layer, their refit weights and the certificate the solver gives.
 
     Attributes
@@ -59,15 +77,6 @@ class Selection:
     solve_time: float
     message: str = ""
     info: Mapping[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        self.mask.flags.writeable = False
-        self.weights.flags.writeable = False
-
-    @property
-    def success(self) -> bool:
-        """Whether a solution is present (optimal, heuristic, or stopped at the time limit)."""
-        return self.status in SOLUTION_PRESENT
 
     @property
     def kept(self) -> np.ndarray:
