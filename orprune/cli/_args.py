@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 
-__all__ = ["add_training_source", "fraction", "fractions", "nonnegative_float", "nonnegative_int", "positive_float", "positive_int"]
+__all__ = ["fraction", "fractions", "nonnegative_float", "nonnegative_int", "positive_float", "positive_int"]
 
 
 def fractions(text: str) -> list[float]:
@@ -65,16 +65,3 @@ def positive_float(text: str) -> float:
 def nonnegative_float(text: str) -> float:
     return _float(text, low_ok=True)
 
-
-def add_training_source(parser: argparse.ArgumentParser, *, model: str, train_size_help: str) -> None:
-    """The options saying what a training command trains and on what (``orprune spr``, ``orprune trp``)."""
-    parser.add_argument("--model", choices=["resnet20", "small_cnn"], default=model,
-                        help="architecture trained from scratch (orprune.examples.zoo)")
-    parser.add_argument("--init", default=None,
-                        help="start from a saved model (torch.save of the whole module, or orprune.save)")
-    parser.add_argument("--model-module", metavar="MODULE", default=None,
-                        help="FILE.py or module name defining the --init model's class")
-    parser.add_argument("--dataset", choices=["auto", "digits", "fashion-mnist"], default="auto",
-                        help="auto: Fashion-MNIST when installed, else digits (said so on stderr)")
-    parser.add_argument("--data-root", default=None, help="a directory holding the Fashion-MNIST IDX files")
-    parser.add_argument("--train-size", type=positive_int, default=None, help=train_size_help)

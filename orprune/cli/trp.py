@@ -7,11 +7,10 @@ import json
 
 import torch
 
-from orprune.cli._args import add_training_source, nonnegative_float, positive_float, positive_int
-from orprune.cli._io import UsageError, check_output_file, load_model
+from orprune.cli._args import nonnegative_float, positive_float, positive_int
+from orprune.cli._io import UsageError, check_output_file
 from orprune.cli._report import accuracy_warnings, warn
-from orprune.examples import datasets
-from orprune.examples.zoo import SmallCNN, resnet20
+from orprune.cli._training import add_training_source, load_training_source, starting_model
 from orprune.training import batches, evaluate
 from orprune.trp.training import train_with_trp
 
@@ -51,20 +50,12 @@ def run_trp(args: argparse.Namespace) -> int:
         raise UsageError(f"--calibration must be >= 0 images, got {args.calibration}")
     output = check_output_file(args.output, "--output")
     report_path = check_output_file(args.report or str(output.with_suffix(".json")), "--report")
-    init = load_model(args.init, args.model_module)[0] if args.init is not None else None
-    if args.dataset == "digits" or (args.dataset == "auto" and not datasets.fashion_mnist_available(args.data_root)):
-        if args.dataset == "auto":
-            warn(PROG, "Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist, or --data-root): "
-                       "using scikit-learn's 8x8 digits (1437 training images) instead")
-        (x, y), (test_x, test_y), name = datasets.load_digits("train"), datasets.load_digits("test"), "digits"
-    else:
-        x, y = datasets.load_fashion_mnist(args.data_root, "train")
-        (test_x, test_y), name = datasets.load_fashion_mnist(args.data_root, "test"), "fashion-mnist"
+    init, (x, y), (test_x, test_y), name = load_training_source(args, PROG)
     order = torch.randperm(len(y), generator=torch.Generator().manual_seed(args.seed))[:args.train_size]
     x, y = x[order], y[order]
     print(f"dataset: {name} ({len(y)} training, {len(test_y)} test images)", flush=True)
     torch.manual_seed(args.seed)
-    model = init if init is not None else (resnet20 if args.model == "resnet20" else SmallCNN)(in_channels=x.shape[1])
+    model = starting_model(args, init, x.shape[1])
     linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
     ignored = linears[-1:] if args.ignore_classifier else []
     calibration = list(batches(x, 128, args.calibration)) if args.calibration else None
