@@ -495,18 +495,16 @@ class Pruner:
         check_latency_loop(latency_rounds, latency_tolerance)
         scores = check_scores(scores, self.graph_)
         tied = resolve_ties(ties, self.graph_)
-        if latency is not None and latency_rounds > 0:
-            if not hasattr(self, "latency_"):
-                self.fit_latency()
-            return prune_to_measured_latency(
-                lambda fraction: self.prune(macs=macs, params=params, latency=fraction, time_limit=time_limit,
-                                            allocation=allocation, latency_rounds=0, ties=ties, scores=scores),
-                latency, latency_rounds, latency_tolerance)
         if time_limit is not None and not (isinstance(time_limit, (int, float)) and math.isfinite(time_limit)
                                            and time_limit > 0):
             raise ValueError(f"`time_limit` must be a positive number of seconds or None, got {time_limit!r}.")
         if latency is not None and not hasattr(self, "latency_"):
             self.fit_latency()
+        if latency is not None and latency_rounds > 0:
+            return prune_to_measured_latency(
+                lambda fraction: self.prune(macs=macs, params=params, latency=fraction, time_limit=time_limit,
+                                            allocation=allocation, latency_rounds=0, ties=ties, scores=scores),
+                latency, latency_rounds, latency_tolerance)
         start = time.perf_counter()
         full = self.costs_.evaluate()
         budgets = {name: fraction * full[name] for name, fraction in (("macs", macs), ("params", params))
@@ -551,11 +549,7 @@ class Pruner:
             for n, e in excess.items():
                 missed = achieved[n] - costs[n].evaluate(dict(chosen.keep))
                 limits[n] = min(limits[n] - e, budgets[n] - missed)
-        for name in measured:
-            achieved = result.macs_after if name == "macs" else result.params_after
-            if achieved > budgets[name] * (1 + 1e-9):  # the cost model and torch-pruning's counter disagree
-                warnings.warn(f"pruned model has {achieved:,} {name}, above the budget {budgets[name]:,.0f}.",
-                              RuntimeWarning)
+        warn_over_budget(result, budgets)
         timing = self._latency_report(result.model, dict(result.allocation.keep), budgets.get("latency")) if hasattr(
             self, "latency_") else None
         return replace(result, prune_time=time.perf_counter() - start, latency=timing, polished=tuple(points))
@@ -577,19 +571,27 @@ class Pruner:
         plan = PruningPlan(pruned_keep, self._refit_updates(pruned_keep))
         model = apply_pruning(self.model_, self.graph_, plan, self.example_inputs_)
         macs_after, params_after = count_macs_params(model, self.example_inputs_)
-        for name, budget in budgets.items():
-            achieved = {"macs": macs_after, "params": params_after}.get(name)
-            if achieved is not None and achieved > budget * (1 + 1e-9):
-                warnings.warn(f"pruned model has {achieved:,} {name}, above the budget {budget:,.0f}.", RuntimeWarning)
         report = tuple(self._report(u.name, int(keep[u.name].size),
                                     None if scores is None or u.name not in scores else masks[u.name])
                        for u in self.graph_.units)
         prune_time = time.perf_counter() - start
         timing = self._latency_report(model, dict(chosen.keep), budgets.get("latency")) if report_latency and hasattr(
             self, "latency_") else None
-        return PruneResult(model=model, macs_before=self.macs_before_, macs_after=macs_after,
-                           params_before=self.params_before_, params_after=params_after, report=report,
-                           allocation=chosen, plan=plan, prune_time=prune_time, latency=timing)
+        result = PruneResult(model=model, macs_before=self.macs_before_, macs_after=macs_after,
+                             params_before=self.params_before_, params_after=params_after, report=report,
+                             allocation=chosen, plan=plan, prune_time=prune_time, latency=timing)
+        warn_over_budget(result, budgets)
+        return result
+
+
+def warn_over_budget(result: PruneResult, budgets: Mapping[str, float]) -> None:
+    """A ``RuntimeWarning`` for each MACs / params budget the counted pruned model exceeds (the cost model and
+    torch-pruning's counter disagree)."""
+    for name, budget in budgets.items():
+        achieved = {"macs": result.macs_after, "params": result.params_after}.get(name)
+        if achieved is not None and achieved > budget * (1 + 1e-9):
+            warnings.warn(f"pruned model has {achieved:,} {name}, above the budget {budget:,.0f}.", RuntimeWarning,
+                          stacklevel=3)
 
 
 def prune(
