@@ -14,6 +14,7 @@ Regularization, Trained Rank Pruning); :mod:`orprune.examples` holds datasets, r
 :mod:`orprune.cli` the commands.
 """
 
+from orprune._phases import PhaseTime
 from orprune._status import FEASIBLE, INFEASIBLE, OPTIMAL, TIME_LIMIT
 from orprune.budget import (
     Allocation,
@@ -144,6 +145,7 @@ __all__ = [
     "Partition",
     "PartitionedLinear",
     "PerspectiveRegularizer",
+    "PhaseTime",
     "PrunableUnit",
     "PruneResult",
     "Pruner",

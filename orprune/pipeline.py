@@ -29,6 +29,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from orprune._latency_loop import check_latency_loop, prune_to_measured_latency
+from orprune._phases import PhaseTime, module_device, timed_phase
 from orprune._pipeline_steps import (
     batch_inputs,
     check_budgets,
@@ -280,6 +281,24 @@ class Pruner:
         if not batches:
             raise ValueError("`calibration` is empty: pruning needs at least one batch of inputs.")
         check_calibration(model, batches)
+        self.fit_phases_: list[PhaseTime] = []
+        with timed_phase(self.fit_phases_, "trace", module_device(model)):
+            self._trace(model, batches)
+        with timed_phase(self.fit_phases_, "calibration", module_device(model)):
+            stats = self._calibrate(batches)
+        with timed_phase(self.fit_phases_, "curves", module_device(model)):
+            self._fit_curves(stats)
+        if self.errors != "layer":
+            with timed_phase(self.fit_phases_, "output errors", module_device(model)):
+                self.output_errors_ = output_error_curves(
+                    self.model_, self.graph_, self.curves_, self._unit_updates,
+                    probe_batches(batches, self.probe_images), progress=self.progress)
+        else:
+            self.output_errors_ = None
+        return self
+
+    def _trace(self, model: nn.Module, batches: list[Any]) -> None:
+        """The model's copy, its units and consumers, and their costs."""
         self.model_ = copy.deepcopy(model).eval()
         self.batches_ = batches
         self.example_inputs_ = batches[0][:1] if torch.is_tensor(batches[0]) else batches[0]
@@ -290,6 +309,9 @@ class Pruner:
             raise ValueError("the model has no prunable channel group (see the warning for the excluded ones).")
         self.costs_ = network_costs(self.model_, self.graph_, self.example_inputs_)
         self.macs_before_, self.params_before_ = count_macs_params(self.model_, self.example_inputs_)
+
+    def _calibrate(self, batches: list[Any]) -> dict[str, StatisticsAccumulator]:
+        """Every consumer's statistics in one pass (and the targets the sequential refit reuses)."""
         self.targets_ = TargetCache() if self.sequential and self.cache_targets else None
         found = (find_residual_targets(self.model_, self.graph_.consumers, self.example_inputs_)
                  if self.sequential and self.residual_targets else {})
@@ -300,6 +322,10 @@ class Pruner:
                                    positions_per_image=self.positions_per_image, seed=self.seed,
                                    progress=self.progress, float32=self.float32_statistics)
         self.statistics_ = stats
+        return stats
+
+    def _fit_curves(self, stats: dict[str, StatisticsAccumulator]) -> None:
+        """Each layer's problem, each unit's combined problem and its error curve."""
         layers = list({c.name: c for c in reversed(self.graph_.consumers)}.values())[::-1]  # one per layer
         self.consumer_order_ = forward_order(self.model_, layers, self.example_inputs_)
         self.problems_ = {}
@@ -336,10 +362,6 @@ class Pruner:
                 parts[i].append(curve)
         self.curves_ = {unit.name: join_curves(parts[i]) for i, unit in enumerate(self.graph_.units)}
         self.polished_: dict[str, set[int]] = {}  # keep counts whose points prune() polished (path curves)
-        self.output_errors_ = None if self.errors == "layer" else output_error_curves(
-            self.model_, self.graph_, self.curves_, self._unit_updates, probe_batches(batches, self.probe_images),
-            progress=self.progress)
-        return self
 
     def _unit_updates(self, unit: str, kept: np.ndarray) -> dict[str, ConsumerUpdate]:
         """The refit of one unit's consumers on ``kept``, from the original statistics."""
@@ -527,18 +549,27 @@ class Pruner:
         polished = {u for u, c in self.curves_.items() if c.solver == "path"}
         measured = [name for name in budgets if name != "latency"]
         limits, points = dict(budgets), []  # limits: the budgets the allocation sees (lowered by the self-check)
+        phases: list[PhaseTime] = []
+        device = module_device(self.model_)
+
+        def polish(unit: str, k: int, mask: np.ndarray) -> tuple[np.ndarray, float, int]:
+            with timed_phase(phases, "polish", device):
+                return self._polish(unit, k, mask)
+
         for attempt in range(4):
             try:
-                if self.polish_time is None or self.output_errors_ is not None or not polished:
-                    chosen = solve(self.curves_)
-                else:  # swap search at the chosen counts only, then the allocation re-checked with the new errors
-                    chosen, more = recheck_allocation(self.curves_, solve, self._polish, polished, done=self.polished_)
-                    points += more
+                with timed_phase(phases, "allocation", device):
+                    if self.polish_time is None or self.output_errors_ is not None or not polished:
+                        chosen = solve(self.curves_)
+                    else:  # swap search at the chosen counts only, then the allocation re-checked with the new errors
+                        chosen, more = recheck_allocation(self.curves_, solve, polish, polished, done=self.polished_)
+                        points += more
             except ValueError as exc:
                 if not attempt:
                     raise ValueError(f"the budget cannot be met by pruning the prunable groups: {exc}") from exc
                 break  # the corrected budget cannot be met: keep the last model (warned below)
             result = self.apply(chosen, start=start, scores=scores, report_latency=False)
+            phases += result.phases[len(self.fit_phases_):]
             achieved = {"macs": result.macs_after, "params": result.params_after}
             excess = {n: achieved[n] - budgets[n] for n in measured if achieved[n] > budgets[n] * (1 + 1e-9)}
             if not excess:
@@ -550,9 +581,12 @@ class Pruner:
                 missed = achieved[n] - costs[n].evaluate(dict(chosen.keep))
                 limits[n] = min(limits[n] - e, budgets[n] - missed)
         warn_over_budget(result, budgets)
-        timing = self._latency_report(result.model, dict(result.allocation.keep), budgets.get("latency")) if hasattr(
-            self, "latency_") else None
-        return replace(result, prune_time=time.perf_counter() - start, latency=timing, polished=tuple(points))
+        timing = None
+        if hasattr(self, "latency_"):
+            with timed_phase(phases, "latency", device):
+                timing = self._latency_report(result.model, dict(result.allocation.keep), budgets.get("latency"))
+        return replace(result, prune_time=time.perf_counter() - start, latency=timing, polished=tuple(points),
+                       phases=(*self.fit_phases_, *phases))
 
     def apply(self, chosen: Allocation, budgets: Mapping[str, float] | None = None, *,
               start: float | None = None, scores: Mapping[str, np.ndarray] | None = None,
@@ -568,18 +602,23 @@ class Pruner:
                  for u, k in chosen.keep.items()}
         keep = {u: np.flatnonzero(m) for u, m in masks.items()}
         pruned_keep = {u.name: keep[u.name] for u in self.graph_.units if keep[u.name].size < u.n_channels}
-        plan = PruningPlan(pruned_keep, self._refit_updates(pruned_keep))
-        model = apply_pruning(self.model_, self.graph_, plan, self.example_inputs_)
-        macs_after, params_after = count_macs_params(model, self.example_inputs_)
+        phases: list[PhaseTime] = list(getattr(self, "fit_phases_", ()))
+        with timed_phase(phases, "refit", module_device(self.model_)):
+            plan = PruningPlan(pruned_keep, self._refit_updates(pruned_keep))
+        with timed_phase(phases, "surgery", module_device(self.model_)):
+            model = apply_pruning(self.model_, self.graph_, plan, self.example_inputs_)
+            macs_after, params_after = count_macs_params(model, self.example_inputs_)
         report = tuple(self._report(u.name, int(keep[u.name].size),
                                     None if scores is None or u.name not in scores else masks[u.name])
                        for u in self.graph_.units)
         prune_time = time.perf_counter() - start
-        timing = self._latency_report(model, dict(chosen.keep), budgets.get("latency")) if report_latency and hasattr(
-            self, "latency_") else None
+        timing = None
+        if report_latency and hasattr(self, "latency_"):
+            with timed_phase(phases, "latency", module_device(self.model_)):
+                timing = self._latency_report(model, dict(chosen.keep), budgets.get("latency"))
         result = PruneResult(model=model, macs_before=self.macs_before_, macs_after=macs_after,
                              params_before=self.params_before_, params_after=params_after, report=report,
-                             allocation=chosen, plan=plan, prune_time=prune_time, latency=timing)
+                             allocation=chosen, plan=plan, prune_time=prune_time, latency=timing, phases=tuple(phases))
         warn_over_budget(result, budgets)
         return result
 

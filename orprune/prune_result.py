@@ -7,6 +7,7 @@ from typing import Any
 
 import torch.nn as nn
 
+from orprune._phases import PhaseTime, format_phases
 from orprune.budget.allocation import Allocation
 from orprune.budget.recheck import PolishedPoint
 from orprune.network.surgery import PruningPlan
@@ -83,6 +84,9 @@ class PruneResult:
     prune_time: float
     latency: LatencyReport | None = None  # with latency tables (Pruner.fit_latency or a `latency` budget)
     polished: tuple[PolishedPoint, ...] = ()  # swap-polished points of path curves (Pruner's `polish_time`)
+    # fit's phases (trace, calibration, curves[, output errors]) then this prune's (allocation, polish, refit,
+    # surgery[, latency]; repeated when the budget self-check re-solves): wall / CPU seconds, peak memory
+    phases: tuple[PhaseTime, ...] = ()
 
     def summary(self) -> str:
         lines = [
@@ -94,6 +98,7 @@ class PruneResult:
                 f"{self.latency.predicted_fraction:.3f}, measured {self.latency.measured_fraction:.3f} of the "
                 f"unpruned ({1e3 * self.latency.before:.3g} -> {1e3 * self.latency.after:.3g} ms)"
                 + (f", {len(self.latency.rounds)} measured round(s)" if self.latency.rounds else "")]),
+            *([f"time: {format_phases(self.phases)}"] if self.phases else []),
             f"{'unit':<32} {'channels':>10} {'solver':>10} {'rel. error':>11} {'status':>10}",
         ]
         lines += [
@@ -117,4 +122,5 @@ class PruneResult:
                 "measured_fraction": self.latency.measured_fraction},
             "units": [asdict(r) for r in self.report],
             "polished": [asdict(p) for p in self.polished],
+            "phases": [asdict(p) for p in self.phases],
         }

@@ -16,7 +16,7 @@ import orprune
 
 PACKAGE = Path(orprune.__file__).resolve().parent
 
-CORE = {"orprune._status", "orprune._validation", "orprune._highs", "orprune._pool"}
+CORE = {"orprune._status", "orprune._validation", "orprune._highs", "orprune._pool", "orprune._phases"}
 #: stage -> the stages it may import (what each subpackage's docstring says)
 ALLOWED = {
     "core": set(),
