@@ -83,6 +83,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--images", type=int, default=128, help="calibration images (default 128)")
     parser.add_argument("--size", type=int, default=64, help="input height and width (default 64)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    parser.add_argument("--polish-time", type=float, default=5.0, help="Pruner(polish_time=...) (default 5.0)")
+    parser.add_argument("--float32-statistics", action="store_true", help="Pruner(float32_statistics=True)")
     parser.add_argument("--profile", action="store_true", help="print the cProfile top functions of fit")
     parser.add_argument("--no-write", action="store_true", help="print, do not write the results file")
     parser.add_argument("--output", default=str(RESULTS), help="results file (default benchmarks/results/scale_network.md)")
@@ -106,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from orprune import Pruner
 
-    pruner = Pruner(progress=True)
+    pruner = Pruner(progress=True, polish_time=args.polish_time, float32_statistics=args.float32_statistics)
     profiler = cProfile.Profile() if args.profile else None
     start, cpu = time.perf_counter(), time.process_time()
     if profiler:
@@ -137,6 +139,15 @@ def main(argv: list[str] | None = None) -> None:
              f"{args.size}x{args.size}, {macs / 1e9:.2f} GMACs.\n",
              "| step | wall s | CPU s (all threads) | MACs kept |", "|---|---:|---:|---:|"]
     lines += [f"| {name} | {t:.1f} | {c:.1f} | {'' if r is None else f'{r:.3f}'} |" for name, t, c, r in rows]
+    phases: dict[str, list[float]] = {}
+    for p in result.phases:
+        wall_cpu = phases.setdefault(p.name, [0.0, 0.0, 0.0])
+        wall_cpu[0] += p.wall
+        wall_cpu[1] += p.cpu
+        wall_cpu[2] = p.peak_memory_mb or 0.0
+    lines += ["", "Phases (`PruneResult.phases`, summed over repeats):", "",
+              "| phase | wall s | CPU s | peak RSS at its end, MB |", "|---|---:|---:|---:|"]
+    lines += [f"| {name} | {w:.1f} | {c:.1f} | {m:.0f} |" for name, (w, c, m) in phases.items()]
     lines += ["", f"Peak resident memory: {tp_peak:.0f} MB after torch-pruning, {peak:.0f} MB after orprune "
               f"(process high-water mark). Load average at the end: {os.getloadavg()[0]:.1f} (2 cores)."]
     text = "\n".join(lines) + "\n"
