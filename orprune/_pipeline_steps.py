@@ -4,6 +4,7 @@ the forward order of consumers, one unit's part of a consumer's problem, and the
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -31,6 +32,7 @@ __all__ = [
     "forward_order",
     "keep_options",
     "one_thread_worker",
+    "parallel_jobs",
     "resolve_ties",
     "top_channels",
     "unit_part",
@@ -45,6 +47,33 @@ def curve_task(problem: LayerProblem, keep_counts: np.ndarray, solver: str, time
         if solver == "path":  # a wide unit's paths get their own progress bar (ETA)
             return error_curve(problem, keep_counts, solver=solver, progress=progress)
         return error_curve(problem, keep_counts, solver=solver, time_limit=time_limit)
+
+
+#: ``n_jobs=None`` solves the curves in a process pool when their estimated serial time is above this many
+#: seconds: below it the pool's start-up (spawned workers import torch, ~2-5 s) would cost more than it saves.
+AUTO_POOL_SECONDS = 20.0
+
+
+def estimated_curve_seconds(problem: LayerProblem, solver: str) -> float:
+    """A rough single-thread time of one unit's whole curve with a path solver, from its flop count: the
+    blocked paths cost about ``(C g)^3`` flops per direction at ~6 GFLOP/s, greedy ``C (C g)^2 g`` memory-bound
+    flops at ~1 GFLOP/s (measured on ResNet-50's units, ``benchmarks/results/scale_network.md``). Other solvers
+    (exact: a time limit per count) count as zero: their tasks are short or bounded by ``time_limit``."""
+    n, c, g = float(problem.n_features), float(problem.n_channels), float(problem.group_size)
+    if solver == "path":
+        return 2.0 * n**3 / 6e9
+    if solver == "greedy":
+        return c * n * n * g / 1e9
+    return 0.0
+
+
+def parallel_jobs(seconds: float, n_tasks: int) -> int:
+    """Workers for ``n_jobs=None``: the usable cores (at most 8, at most one per task) when the curves are
+    estimated to take more than ``AUTO_POOL_SECONDS`` serially, else 1 (serial)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if seconds <= AUTO_POOL_SECONDS:
+        return 1
+    return max(1, min(cores, 8, n_tasks))
 
 
 def one_thread_worker() -> None:

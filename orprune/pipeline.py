@@ -36,9 +36,11 @@ from orprune._pipeline_steps import (
     check_calibration,
     check_scores,
     curve_task,
+    estimated_curve_seconds,
     forward_order,
     keep_options,
     one_thread_worker,
+    parallel_jobs,
     resolve_ties,
     top_channels,
     unit_part,
@@ -120,8 +122,12 @@ class Pruner:
         ``Client.get_executor()``); serial when None.
     n_jobs : int, optional
         Without ``executor``: solve the curves in a pool of this many processes (spawned, one BLAS
-        thread each; scripts need the ``if __name__ == "__main__":`` guard). Serial when None or 1.
-        Ctrl-C stops the workers at once (they ignore SIGINT; the parent terminates them).
+        thread each; scripts need the ``if __name__ == "__main__":`` guard); serial when 1.
+        ``None`` (default): a pool of one process per usable core (at most 8) when the curves' estimated
+        serial time exceeds ``AUTO_POOL_SECONDS`` (20 s; wide path units, e.g. ResNet-50), else serial:
+        one-thread workers side by side finish these BLAS-2/3 mixes about twice as fast on two cores as
+        one process with two BLAS threads (``benchmarks/results/scale_network.md``). ``n_jobs_used_``
+        says what ran. Ctrl-C stops the workers at once (they ignore SIGINT; the parent terminates them).
     time_limit : float, optional, default 1.0
         Seconds per exact solve inside the curves. The exact solver starts from greedy and backward
         elimination polished by swap search, which already is the best mask at 57 of 60 keep counts of
@@ -240,11 +246,15 @@ class Pruner:
             raise ValueError(f"`n_jobs` must be a positive integer or None, got {self.n_jobs!r}.")
 
     @contextlib.contextmanager
-    def _mapper(self) -> Iterator[Callable[..., Iterator[Any]]]:
+    def _mapper(self, seconds: float = 0.0, n_tasks: int = 1) -> Iterator[Callable[..., Iterator[Any]]]:
+        """``map`` over the executor, a pool of ``n_jobs`` processes, or serial; with ``n_jobs=None`` a pool
+        when the tasks' estimated serial ``seconds`` justify one (``parallel_jobs``)."""
+        jobs = self.n_jobs if self.n_jobs is not None else parallel_jobs(seconds, n_tasks)
+        self.n_jobs_used_ = 0 if self.executor is not None else jobs
         if self.executor is not None:
             yield self.executor.map
-        elif self.n_jobs is not None and self.n_jobs > 1:
-            with interruptible_pool(self.n_jobs, initializer=one_thread_worker) as mapper:  # Ctrl-C: workers stop
+        elif jobs > 1:
+            with interruptible_pool(jobs, initializer=one_thread_worker) as mapper:  # Ctrl-C: workers stop
                 yield mapper
         else:
             yield map
@@ -351,7 +361,8 @@ class Pruner:
         tasks.sort(key=lambda t: (solvers[t[0]] not in PATH_SOLVERS, problems[t[0]].n_channels,
                                   len(self.graph_.units[t[0]].consumers),
                                   -abs(int(t[1][0]) - problems[t[0]].n_channels / 2)), reverse=True)
-        with self._mapper() as mapper:
+        seconds = sum(estimated_curve_seconds(problems[i], solvers[i]) for i, _ in tasks)
+        with self._mapper(seconds, len(tasks)) as mapper:
             in_process = mapper is map  # progress bars of the paths only in this process
             results = mapper(curve_task, [problems[i] for i, _ in tasks], [counts for _, counts in tasks],
                              [solvers[i] for i, _ in tasks], [self.time_limit] * len(tasks),
