@@ -5,8 +5,11 @@ the forward order of consumers, one unit's part of a consumer's problem, and the
 from __future__ import annotations
 
 import os
+import re
+import sys
 import warnings
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -67,11 +70,28 @@ def estimated_curve_seconds(problem: LayerProblem, solver: str) -> float:
     return 0.0
 
 
+def spawn_safe_main() -> bool:
+    """Whether spawned workers can start here without re-running the user's program: they import the main
+    module, so a script must keep its work under ``if __name__ == "__main__":``. True in interactive sessions
+    and notebooks (no main file) and when the main file has that guard; a script without it gets no automatic
+    pool (it would run the script again in every worker)."""
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    if path is None:
+        return True
+    try:
+        source = Path(path).read_text(errors="replace")
+    except OSError:
+        return False
+    return re.search(r"""__name__\s*==\s*["']__main__["']""", source) is not None
+
+
 def parallel_jobs(seconds: float, n_tasks: int) -> int:
     """Workers for ``n_jobs=None``: the usable cores (at most 8, at most one per task) when the curves are
-    estimated to take more than ``AUTO_POOL_SECONDS`` serially, else 1 (serial)."""
+    estimated to take more than ``AUTO_POOL_SECONDS`` serially and workers can be spawned safely
+    (:func:`spawn_safe_main`), else 1 (serial)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    if seconds <= AUTO_POOL_SECONDS:
+    if seconds <= AUTO_POOL_SECONDS or not spawn_safe_main():
         return 1
     return max(1, min(cores, 8, n_tasks))
 

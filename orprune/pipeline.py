@@ -124,7 +124,8 @@ class Pruner:
         Without ``executor``: solve the curves in a pool of this many processes (spawned, one BLAS
         thread each; scripts need the ``if __name__ == "__main__":`` guard); serial when 1.
         ``None`` (default): a pool of one process per usable core (at most 8) when the curves' estimated
-        serial time exceeds ``AUTO_POOL_SECONDS`` (20 s; wide path units, e.g. ResNet-50), else serial:
+        serial time exceeds ``AUTO_POOL_SECONDS`` (20 s; wide path units, e.g. ResNet-50) and the program
+        can spawn workers (a notebook, or a script with the ``__main__`` guard), else serial:
         one-thread workers side by side finish these BLAS-2/3 mixes about twice as fast on two cores as
         one process with two BLAS threads (``benchmarks/results/scale_network.md``). ``n_jobs_used_``
         says what ran. Ctrl-C stops the workers at once (they ignore SIGINT; the parent terminates them).

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 
 import numpy as np
@@ -51,3 +52,21 @@ def test_small_models_stay_serial_and_a_forced_pool_gives_the_serial_curves(monk
     for u in serial.curves_:
         np.testing.assert_array_equal(serial.curves_[u].masks, pooled.curves_[u].masks)
         np.testing.assert_allclose(serial.curves_[u].errors, pooled.curves_[u].errors, rtol=1e-12)
+
+
+@pytest.mark.parametrize(("source", "safe"), [
+    ("import orprune\norprune.prune(model, data, macs=0.5)\n", False),
+    ("def main():\n    ...\n\nif __name__ == '__main__':\n    main()\n", True),
+    ('if __name__ == "__main__":\n    main()\n', True),
+])
+def test_no_automatic_pool_for_a_script_without_the_main_guard(tmp_path, monkeypatch, source, safe):
+    """Spawned workers import the main module: an unguarded script would run again in each of them."""
+    script = tmp_path / "user_script.py"
+    script.write_text(source)
+    fake_main = type(sys)("__main__")
+    fake_main.__file__ = str(script)
+    monkeypatch.setitem(sys.modules, "__main__", fake_main)
+    assert steps.spawn_safe_main() is safe
+    assert (parallel_jobs(10 * AUTO_POOL_SECONDS, 100) == 1) or safe
+    del fake_main.__file__  # interactive session / notebook: nothing to re-run
+    assert steps.spawn_safe_main()
