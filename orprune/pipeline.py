@@ -257,7 +257,7 @@ class Pruner:
             center = self._intercept(consumer, model)
             scale = acc.mean_diagonal(center=center)
             return acc.to_problem(ridge=self.ridge * (scale if scale > 0 else 1.0), center=center,
-                                  weights=weight_matrix(model.get_submodule(consumer.name)).detach().double().numpy())
+                                  weights=weight_matrix(model.get_submodule(consumer.name)).detach())
         gram, cross, yy = acc.statistics(center=self._intercept(consumer, model))
         if consumer.groups > 1:  # a grouped conv's own least squares: block-diagonal by group
             gram, cross = block_diagonal(gram, cross, consumer.groups, consumer.group_size)

@@ -32,7 +32,8 @@ import scipy.linalg
 from orprune._validation import channel_mask, check_integer
 from orprune.layer.problem import LayerProblem, StatisticsAccumulator
 
-__all__ = ["DEFAULT_ROW_BYTES", "WideAccumulator", "WideProblem", "channel_projection", "sketch_size"]
+__all__ = ["DEFAULT_ROW_BYTES", "WideAccumulator", "WideProblem", "channel_projection", "project_weights",
+           "sketch_size"]
 
 #: Memory for the stored design rows (and targets) of one wide consumer, bytes. Past it the rows are dropped
 #: and the refit is restricted to the compressed columns.
@@ -53,7 +54,7 @@ def channel_projection(weights: Any, n_channels: int, group_size: int, sketch: i
 
     Parameters
     ----------
-    weights : array_like, shape (C*g, n_out)
+    weights : array_like or Tensor, shape (C*g, n_out)
         The layer's weights, channel-major (:func:`orprune.network.units.weight_matrix`); used by
         ``method="weights"``.
     n_channels, group_size, sketch : int
@@ -77,12 +78,30 @@ def channel_projection(weights: Any, n_channels: int, group_size: int, sketch: i
         return np.broadcast_to(p, (n_channels, group_size, sketch)).copy()
     if method != "weights":
         raise ValueError(f"`method` must be 'weights' or 'pool', got {method!r}.")
-    w = np.asarray(weights, dtype=float)
-    if w.ndim != 2 or w.shape[0] != n_channels * group_size:
-        raise ValueError(f"`weights` must have shape ({n_channels * group_size}, n_out), got {w.shape}.")
-    blocks = w.reshape(n_channels, group_size, w.shape[1])
-    u = np.linalg.svd(blocks, full_matrices=True)[0]  # (C, g, g): left singular vectors, largest first
-    return np.ascontiguousarray(u[:, :, :sketch])
+    shape = tuple(weights.shape) if hasattr(weights, "shape") else np.shape(weights)
+    if len(shape) != 2 or shape[0] != n_channels * group_size:
+        raise ValueError(f"`weights` must have shape ({n_channels * group_size}, n_out), got {shape}.")
+    # left singular vectors of W_c = eigenvectors of W_c W_c^T (g x g; never the n_out x n_out right factor)
+    gram = np.stack([b @ b.T for b in _blocks(weights, n_channels, group_size)])
+    u = np.linalg.eigh(gram)[1]  # ascending eigenvalues
+    return np.ascontiguousarray(u[:, :, ::-1][:, :, :sketch])
+
+
+def _blocks(weights: Any, n_channels: int, group_size: int, chunk: int = 1 << 22) -> Any:
+    """Each channel's weight block ``W_c`` as float64 NumPy, a chunk of channels at a time: a torch tensor
+    (any device, any dtype) is never copied whole to float64 (25088 x 4096 of VGG's classifier: 0.8 GB)."""
+    n_out = weights.shape[1]
+    step = max(1, chunk // max(group_size * n_out, 1))
+    for start in range(0, n_channels, step):
+        part = weights[start * group_size : min(start + step, n_channels) * group_size]
+        part = part.detach().cpu().double().numpy() if hasattr(part, "detach") else np.asarray(part, dtype=float)
+        yield from part.reshape(-1, group_size, n_out)
+
+
+def project_weights(projection: np.ndarray, weights: Any) -> np.ndarray:
+    """``P_c^T W_c`` for every channel: the layer's weights in the compressed layout, shape ``(C*s, n_out)``."""
+    n_channels, group_size, _ = projection.shape
+    return np.concatenate([p.T @ b for p, b in zip(projection, _blocks(weights, n_channels, group_size))])
 
 
 def _compress(x: Any, projection: Any, n_channels: int) -> Any:
@@ -193,8 +212,7 @@ class WideAccumulator:
                              f"{group_size!r}.")
         gram, cross, yy = self.compressed.statistics(center=center)
         if weights is not None:
-            w = np.asarray(weights, dtype=float).reshape(self.n_channels, self.group_size, -1)
-            weights = np.einsum("cgs,cgo->cso", self.projection, w).reshape(self.n_channels * self.sketch, -1)
+            weights = project_weights(self.projection, weights)
         rows = None
         if self._rows is not None:
             if not self._rows:

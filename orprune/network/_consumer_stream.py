@@ -128,8 +128,8 @@ class ConsumerStream:
         if self.sketch is None:
             return StatisticsAccumulator(n_features, n_outputs, float32=self.float32)
         g, s = self.sketch  # compressed selection statistics and the stored rows (orprune.layer.wide)
-        weights = weight_matrix(self.module).detach().double().cpu().numpy()
-        return WideAccumulator(channel_projection(weights, n_features // g, g, s), n_outputs, float32=self.float32)
+        projection = channel_projection(weight_matrix(self.module).detach(), n_features // g, g, s)
+        return WideAccumulator(projection, n_outputs, float32=self.float32)
 
 
 class TargetCache:

@@ -11,7 +11,7 @@ import torch
 
 from orprune.layer.problem import StatisticsAccumulator
 from orprune.layer.selection import select
-from orprune.layer.wide import WideAccumulator, WideProblem, channel_projection, sketch_size
+from orprune.layer.wide import WideAccumulator, WideProblem, channel_projection, project_weights, sketch_size
 
 C, G, N_OUT = 5, 6, 3
 
@@ -117,6 +117,12 @@ def test_projection_and_sketch_size():
         p = channel_projection(weights, C, G, 3, method)
         assert p.shape == (C, G, 3)
         np.testing.assert_allclose(np.einsum("cgs,cgt->cst", p, p), np.broadcast_to(np.eye(3), (C, 3, 3)), atol=1e-12)
+    # torch weights (any dtype) give the same directions, chunk by chunk
+    np.testing.assert_allclose(np.abs(channel_projection(torch.tensor(weights), C, G, 3)),
+                               np.abs(channel_projection(weights, C, G, 3)), atol=1e-10)
+    np.testing.assert_allclose(project_weights(channel_projection(weights, C, G, 3), torch.tensor(weights)),
+                               np.einsum("cgs,cgo->cso", channel_projection(weights, C, G, 3),
+                                         weights.reshape(C, G, N_OUT)).reshape(C * 3, N_OUT), atol=1e-12)
     # the weight directions hold each block's top singular vectors: the projected weights keep their top energy
     p = channel_projection(weights, C, G, N_OUT)
     blocks = weights.reshape(C, G, N_OUT)
