@@ -21,6 +21,7 @@ from orprune.budget.curves import ErrorCurve, error_curve
 from orprune.layer.fixed import fix_channels
 from orprune.layer.problem import LayerProblem
 from orprune.layer.tied import tie_channels
+from orprune.layer.wide import WideProblem
 from orprune.network.graph import Consumer, call_model
 from orprune.network.stages import stage_ties
 from orprune.network.units import PruningGraph
@@ -119,7 +120,10 @@ def forward_order(model: nn.Module, consumers: Sequence[Consumer], example_input
 
 def unit_part(problem: LayerProblem, consumer: Consumer) -> LayerProblem:
     """A consumer's problem over one unit's channels: after a concatenation, the layer's other input
-    channels are kept (eliminated, ``formulations/fixed_columns.md``)."""
+    channels are kept (eliminated, ``formulations/fixed_columns.md``). A wide consumer's part is its compressed
+    selection problem (``formulations/wide_consumers.md``), without the stored rows."""
+    if isinstance(problem, WideProblem):
+        problem = problem.selection
     if consumer.tie > 1:  # a grouped conv: one decision per position in every group
         return tie_channels(problem, consumer.tie)
     if consumer.channels is None:

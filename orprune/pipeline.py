@@ -55,6 +55,7 @@ from orprune.layer.problem import LayerProblem, StatisticsAccumulator
 from orprune.layer.selection import resolve_solver
 from orprune.layer.solvers.polish import polish_swap
 from orprune.layer.tied import block_diagonal
+from orprune.layer.wide import WideAccumulator
 from orprune.network.calibration import DEFAULT_POSITIONS_PER_IMAGE, TargetCache, collect_statistics
 from orprune.network.costs import count_macs_params, network_costs
 from orprune.network.graph import DEFAULT_MAX_FEATURES, Consumer, find_groups, weight_matrix
@@ -98,7 +99,9 @@ class Pruner:
     ignored_layers : iterable of nn.Module or str
         Left untouched, with everything coupled to them.
     max_features : int
-        Consumers whose design matrix would have more columns are left alone (with a warning).
+        Consumers whose design matrix has more columns select channels on ``max_features // C`` compressed
+        columns per channel and refit the kept ones exactly (``formulations/wide_consumers.md``; before 0.2
+        they were left alone).
     residual : bool, default True
         Also prune residual streams (channels tied through adds), see :func:`orprune.find_groups`.
     sequential : bool, default True
@@ -262,6 +265,11 @@ class Pruner:
 
     def _problem(self, acc: StatisticsAccumulator, consumer: Consumer, model: nn.Module,
                  check: bool = True) -> LayerProblem:
+        if isinstance(acc, WideAccumulator):  # compressed selection, exact refit (formulations/wide_consumers.md)
+            center = self._intercept(consumer, model)
+            scale = acc.mean_diagonal(center=center)
+            return acc.to_problem(ridge=self.ridge * (scale if scale > 0 else 1.0), center=center,
+                                  weights=weight_matrix(model.get_submodule(consumer.name)).detach())
         gram, cross, yy = acc.statistics(center=self._intercept(consumer, model))
         if consumer.groups > 1:  # a grouped conv's own least squares: block-diagonal by group
             gram, cross = block_diagonal(gram, cross, consumer.groups, consumer.group_size)

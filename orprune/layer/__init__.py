@@ -1,8 +1,9 @@
 """Stage 1, one layer: the channel-selection problem held as sufficient statistics, ``select`` and its solvers.
 
 Holds :class:`LayerProblem`, :func:`select`, the solver registry (``solvers/``), the indicator MIQP as a Pyomo /
-SCIP model, the best low-rank map (:func:`select_rank`), N:M masks (:func:`select_nm`), partition pruning and
-:func:`select_hierarchical`. May import only the private core (``orprune._status``, ``_validation``, ``_highs``).
+SCIP model, the best low-rank map (:func:`select_rank`), N:M masks (:func:`select_nm`), partition pruning,
+:func:`select_hierarchical` and wide consumers' compressed problems (:class:`WideProblem`). May import only the
+private core (``orprune._status``, ``_validation``, ``_highs``).
 """
 
 from orprune.layer.fixed import FixedChannels, fix_channels, select_with_fixed
@@ -18,6 +19,7 @@ from orprune.layer.selection import select
 from orprune.layer.solvers import available_solvers, register_solver
 from orprune.layer.solvers.greedy import greedy_path
 from orprune.layer.solvers.local_search import backward_elimination, swap_local_search
+from orprune.layer.wide import WideAccumulator, WideProblem, channel_projection
 
 __all__ = [
     "FixedChannels",
@@ -29,8 +31,11 @@ __all__ = [
     "RankSelection",
     "Selection",
     "StatisticsAccumulator",
+    "WideAccumulator",
+    "WideProblem",
     "available_solvers",
     "backward_elimination",
+    "channel_projection",
     "fix_channels",
     "greedy_path",
     "map_objective",

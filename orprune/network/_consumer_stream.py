@@ -15,8 +15,10 @@ import torch
 from torch import nn
 
 from orprune.layer.problem import StatisticsAccumulator
+from orprune.layer.wide import WideAccumulator, channel_projection
 from orprune.network.patches import conv_patches, sampled_patches
 from orprune.network.residual_targets import PassTaps, TargetOffset
+from orprune.network.units import weight_matrix
 
 __all__ = ["ConsumerStream", "TargetCache"]
 
@@ -44,6 +46,7 @@ class ConsumerStream:
         self.taps: PassTaps | None = None
         self.ref_offset: torch.Tensor | None = None  # the reference's tapped rows of this batch
         self.float32 = False  # batch products in float32 (StatisticsAccumulator(float32=True))
+        self.sketch: tuple[int, int] | None = None  # (g, s) of a wide consumer: a WideAccumulator
 
     def begin(self, batch: int) -> None:
         """A new forward pass over calibration batch ``batch``."""
@@ -118,8 +121,15 @@ class ConsumerStream:
                         "NaN or inf values; check the data and the model's numerical stability."
                     )
             if self.acc is None:
-                self.acc = StatisticsAccumulator(rows.shape[1], y.shape[1], float32=self.float32)
+                self.acc = self._accumulator(rows.shape[1], y.shape[1])
             self.acc.update(rows, y)
+
+    def _accumulator(self, n_features: int, n_outputs: int) -> StatisticsAccumulator | WideAccumulator:
+        if self.sketch is None:
+            return StatisticsAccumulator(n_features, n_outputs, float32=self.float32)
+        g, s = self.sketch  # compressed selection statistics and the stored rows (orprune.layer.wide)
+        projection = channel_projection(weight_matrix(self.module).detach(), n_features // g, g, s)
+        return WideAccumulator(projection, n_outputs, float32=self.float32)
 
 
 class TargetCache:

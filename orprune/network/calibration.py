@@ -119,9 +119,10 @@ def collect_statistics(
 
     Returns
     -------
-    dict of str -> StatisticsAccumulator
+    dict of str -> StatisticsAccumulator or WideAccumulator
         One accumulator per consumer: ``acc.to_problem(group_size=consumer.group_size, center=True)``
-        is its problem with an unpenalised intercept; the bias to write for weights ``W`` is
+        is its problem with an unpenalised intercept (a :class:`~orprune.layer.wide.WideAccumulator` for a
+        consumer given as a wide :class:`Consumer`: compressed statistics and the stored rows); the bias to write for weights ``W`` is
         ``original_bias + mean_y - mean_x @ W`` with ``mean_x, mean_y = acc.means()``.
 
     Raises
@@ -142,6 +143,7 @@ def collect_statistics(
     for arg, value in (("positions_per_image", positions_per_image), ("max_batches", max_batches)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ValueError(f"`{arg}` must be a positive integer or None, got {value!r}.")
+    consumers = list(consumers)
     names = list(dict.fromkeys(c.name if isinstance(c, Consumer) else c for c in consumers))
     if not names or not all(isinstance(n, str) for n in names):
         raise ValueError("`consumers` must be a non-empty iterable of Consumer or module names.")
@@ -150,6 +152,9 @@ def collect_statistics(
     for stream in streams.values():
         stream.cache = cache
         stream.float32 = bool(float32)
+    for c in consumers:
+        if isinstance(c, Consumer) and c.wide:  # compressed selection statistics and the rows for the refit
+            streams[c.name].sketch = (c.group_size, c.sketch)
     for name, offset in offsets.items():
         if name not in streams:
             raise ValueError(f"`offsets` names {name!r}, which is not one of `consumers`.")

@@ -28,8 +28,13 @@ Groups where that reconstruction does not apply are reported and left alone:
 * channels combined with a tensor the graph does not track (the model input, a buffer, a functional
   layer's parameter). A module's own weight and bias behind an op of its forward (a fused
   BatchNorm's ``F.batch_norm``, a Linear's ``addmm`` on a 3-D input) are not such tensors;
-* consumers whose design matrix would have more than ``max_features`` columns (a Gram matrix of
-  ``max_features**2`` float64 entries), e.g. VGG's ``512 * 7 * 7`` classifier input.
+* a grouped convolution consumer wider than ``max_features``.
+
+A consumer whose design matrix has more than ``max_features`` columns (VGG's ``512 * 7 * 7`` classifier
+input) is not left alone: its channels are selected on ``s = max_features // C`` compressed columns per
+channel and its kept weights are refitted exactly (``Consumer.sketch``, :mod:`orprune.layer.wide`,
+``formulations/wide_consumers.md``). A layer with one column per channel (``g = 1``) cannot be compressed
+per channel: it keeps its exact problem (a ``C x C`` Gram matrix).
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ import torch_pruning as tp
 from torch import nn
 from torch_pruning.ops import OPTYPE
 
+from orprune.layer.wide import sketch_size
 from orprune.network._graph_rules import (
     _PASS_THROUGH,
     _channel_norm,
@@ -70,8 +76,8 @@ __all__ = [
     "DEFAULT_MAX_FEATURES",
 ]
 
-#: Largest design matrix a consumer may have by default: a 3x3 conv over 512 channels
-#: (a 170 MB float64 Gram matrix).
+#: Largest design matrix a consumer's selection problem has by default: a 3x3 conv over 512 channels
+#: (a 170 MB float64 Gram matrix). Wider consumers are compressed per channel (``Consumer.sketch``).
 DEFAULT_MAX_FEATURES = 4608
 
 # Per-channel modules that are sliced along with the unit and do not mix channels.
@@ -253,9 +259,10 @@ def _classify(
     for module, (g, channels, n_inputs) in consumers:
         if isinstance(module, nn.Conv2d):
             g = int(np.prod(module.kernel_size))
-        if n_inputs * g > max_features:  # the design matrix spans every input channel of the layer
+        sketch = sketch_size(n_inputs, g, max_features)  # the design matrix spans every input channel of the layer
+        if sketch < g and getattr(module, "groups", 1) > 1:
             return excluded(
-                f"consumer {names[module]} would have C*g = {n_inputs}*{g} = {n_inputs * g} features > "
+                f"grouped consumer {names[module]} would have C*g = {n_inputs}*{g} = {n_inputs * g} features > "
                 f"`max_features` = {max_features}"
             )
         kind = "linear" if isinstance(module, nn.Linear) else "conv"
@@ -264,7 +271,7 @@ def _classify(
         norms = () if norm is not None else _norms_through_concat(dg, module, names)
         groups = module.groups if isinstance(module, nn.Conv2d) else 1
         out.append(Consumer(names[module], kind, names[root], n // tie, g, n_out, norm, channels,
-                            None if channels is None else n_inputs, norms, tie, groups))
+                            None if channels is None else n_inputs, norms, tie, groups, sketch))
     unit = PrunableUnit(names[root], names[root], n // tie, tuple(out), tuple(dict.fromkeys(carried)), tie,
                         tuple(dict.fromkeys(channel_norms)))
     return unit, None
@@ -290,7 +297,9 @@ def find_groups(
         Modules (or their qualified names) left untouched: every group that would slice one of them,
         as producer, carried module or consumer, is excluded.
     max_features : int, default ``DEFAULT_MAX_FEATURES``
-        Largest allowed ``C * g`` of a consumer's design matrix.
+        Largest ``C * g`` of a consumer's design matrix solved as it is; a wider consumer's channels are
+        selected on ``max(1, max_features // C)`` compressed columns per channel (``Consumer.sketch``) and
+        refitted exactly (``formulations/wide_consumers.md``). Before 0.2 such consumers were left alone.
     residual : bool, default True
         Also prune channels tied through residual adds (a ResNet stage's stream): one unit whose
         producers are every conv adding into the stream and whose consumers are every layer reading

@@ -51,6 +51,10 @@ class Consumer:
         for ``j < tie`` (a unit tied by a grouped convolution, :class:`PrunableUnit`).
     groups : int
         The layer's ``groups`` (a grouped convolution): its least squares is block-diagonal by group.
+    sketch : int
+        Columns per input channel of the layer's *selection* problem: ``group_size`` (exact) unless the
+        layer is wider than ``max_features`` (``C * g`` columns), then ``s < g`` compressed columns per channel
+        and the exact refit from stored rows (:mod:`orprune.layer.wide`, ``formulations/wide_consumers.md``).
     """
 
     name: str
@@ -65,6 +69,12 @@ class Consumer:
     norms: tuple[tuple[str, tuple[int, ...]], ...] = ()
     tie: int = 1
     groups: int = 1
+    sketch: int = 0
+
+    @property
+    def wide(self) -> bool:
+        """Whether the selection problem is compressed (``0 < sketch < group_size``)."""
+        return 0 < self.sketch < self.group_size
 
     @property
     def n_input_channels(self) -> int:

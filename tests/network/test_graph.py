@@ -72,21 +72,25 @@ def test_residual_streams_are_units_read_by_every_block(name, blocks):
 def test_vgg_units_and_max_features():
     model, graph = groups("vgg11_bn", max_features=1000)
     convs = [n for n, m in model.features.named_modules() if isinstance(m, nn.Conv2d)]
-    assert list(graph.names) == [f"features.{n}" for n in convs[:-1]] + ["classifier.0", "classifier.3"]
+    # the last conv's unit feeds the flattened classifier input (C*g = 32*49 > 1000): compressed, not left alone
+    assert list(graph.names) == [f"features.{n}" for n in convs] + ["classifier.0", "classifier.3"]
+    assert set(reasons(graph)) == {"classifier.6"}
     last = model.get_submodule(f"features.{convs[-1]}")
-    why = reasons(graph)
-    assert set(why) == {f"features.{convs[-1]}", "classifier.6"}
-    reason = why[f"features.{convs[-1]}"]
-    assert f"{last.out_channels}*49" in reason and "max_features" in reason
+    (wide,) = graph[f"features.{convs[-1]}"].consumers
+    assert (wide.name, wide.kind, wide.group_size) == ("classifier.0", "linear", 49)
+    assert wide.wide and wide.sketch == 1000 // last.out_channels
     # the conv consumers read 3x3 patches; the hidden Linear layers read one feature per channel
-    assert graph["features.0"].consumers[0].group_size == 9
+    assert graph["features.0"].consumers[0].group_size == 9 and not graph["features.0"].consumers[0].wide
     assert graph["classifier.0"].consumers[0].name == "classifier.3"
-    # with a larger limit the flattened classifier input is a consumer with 7*7 features per channel
+    # with a larger limit the flattened classifier input is an exact consumer with 7*7 features per channel
     big = find_groups(model, torch.randn(2, 3, 32, 32), max_features=10_000)
     assert "classifier.6" in reasons(big)
     (consumer,) = big[f"features.{convs[-1]}"].consumers
-    assert (consumer.name, consumer.kind, consumer.group_size) == ("classifier.0", "linear", 49)
-    assert consumer.n_features == model.classifier[0].in_features
+    assert (consumer.name, consumer.kind, consumer.group_size, consumer.sketch) == ("classifier.0", "linear", 49, 49)
+    assert consumer.n_features == model.classifier[0].in_features and not consumer.wide
+    # one column per channel cannot be compressed: the exact problem, whatever the limit
+    tiny = find_groups(model, torch.randn(2, 3, 32, 32), max_features=8)
+    assert all(c.sketch == 1 for c in tiny["classifier.0"].consumers)
 
 
 def test_mobilenet_expanded_channels_are_units():
