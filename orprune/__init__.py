@@ -57,6 +57,7 @@ from orprune.layer import (
     write_model,
 )
 from orprune.mixed import MixedPruner, MixedResult, prune_and_factorize
+from orprune.mixed_guard import GuardedResult, guarded_prune
 from orprune.network import (
     Consumer,
     ConsumerUpdate,
@@ -130,6 +131,7 @@ __all__ = [
     "GatingTraining",
     "GraphConv",
     "GridGCN",
+    "GuardedResult",
     "HierarchicalSelection",
     "INFEASIBLE",
     "LatencyModel",
@@ -183,6 +185,7 @@ __all__ = [
     "fix_channels",
     "following_norms",
     "greedy_path",
+    "guarded_prune",
     "join_curves",
     "latency_tables",
     "load",

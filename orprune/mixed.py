@@ -263,8 +263,21 @@ class MixedPruner:
         time_limit : float, optional
             Seconds for the allocation MILP.
         """
-        self._check_fitted()
         start = time.perf_counter()
+        keep, ranks, chosen, budgets = self.choose(macs=macs, params=params, mode=mode, time_limit=time_limit)
+        result = self.apply(keep, ranks, allocation=chosen, mode=mode)
+        for what in ("macs", "params"):
+            achieved = getattr(result, f"{what}_after")
+            if what in budgets and achieved > budgets[what] * (1 + 1e-9):
+                warnings.warn(f"pruned and factorized model has {achieved:,} {what}, above the budget "
+                              f"{budgets[what]:,.0f}.", RuntimeWarning, stacklevel=2)
+        return dataclasses.replace(result, prune_time=time.perf_counter() - start)
+
+    def choose(self, *, macs: float | None = None, params: float | None = None, mode: str = "mixed",
+               time_limit: float | None = None) -> tuple[dict[str, int], dict[str, int | None], Allocation,
+                                                         dict[str, float]]:
+        """The allocation of :meth:`prune` without the surgery: ``(keep, ranks, allocation, budgets)``."""
+        self._check_fitted()
         macs, params = check_fraction(macs, "macs"), check_fraction(params, "params")
         if macs is None and params is None:
             raise ValueError("give a budget: `macs` and/or `params` as a fraction in (0, 1].")
@@ -282,13 +295,7 @@ class MixedPruner:
         for n, (options, labels) in self.rank_options_.items():
             r = int(options[np.flatnonzero(labels == chosen.keep[rank_unit(n)])[0]])
             ranks[n] = None if r < 0 else r
-        result = self.apply(keep, ranks, allocation=chosen, mode=mode)
-        for what in ("macs", "params"):
-            achieved = getattr(result, f"{what}_after")
-            if what in budgets and achieved > budgets[what] * (1 + 1e-9):
-                warnings.warn(f"pruned and factorized model has {achieved:,} {what}, above the budget "
-                              f"{budgets[what]:,.0f}.", RuntimeWarning, stacklevel=2)
-        return dataclasses.replace(result, prune_time=time.perf_counter() - start)
+        return keep, ranks, chosen, budgets
 
     def labels(self, ranks: Mapping[str, int | None]) -> dict[tuple[str, str], int]:
         """The rank units' option labels (MACs) of ``ranks`` (layer -> rank or None; missing layers whole)."""
