@@ -9,9 +9,13 @@ curves), then at each MACs budget the same allocation MILP in its three modes:
 - ``mixed``: both; a layer may be factorized only while the units slicing it keep their full width.
 
 The MILP minimises the summed relative layer errors over the options of each mode; the mixed option set holds
-both others, so its objective is never larger (checked and reported). Accuracy is measured after the surgery
-(channel refit, then sequential closed-form refit of the factorized layers), without fine-tuning and, with
-``--finetune-epochs E``, after E epochs of SGD on the training split (lr ``--finetune-lr``, one-cycle).
+both others, so its objective is never larger (checked and reported). The three allocations come from
+:func:`orprune.guarded_prune`, which builds each distinct one and keeps the one with the smallest output error on
+the training images outside the calibration (the ``guard`` row; no labels, no test images). Accuracy is measured
+after the surgery (channel refit, then sequential closed-form refit of the factorized layers), without
+fine-tuning and, with ``--finetune-epochs E``, after E epochs of SGD on the training split (lr
+``--finetune-lr``, one-cycle). CPU latency of every built model: median of interleaved calls on a batch of test
+images, one torch thread (:func:`orprune.network.timing.call_times`).
 
 Run ``python -m benchmarks.low_rank_mixed`` (``--help`` for the settings); writes
 ``benchmarks/results/low_rank_mixed.md``.

@@ -208,16 +208,20 @@ class MixedPruner:
                             assume_psd=True)
 
     # ------------------------------------------------------------------ the allocation
-    def allocation_problem(self, mode: str = "mixed") -> tuple[AllocationProblem, dict[str, Any]]:
+    def allocation_problem(self, mode: str = "mixed", rank_weight: float = 1.0) -> tuple[AllocationProblem,
+                                                                                         dict[str, Any]]:
         """The MILP's data: options and errors of units and rank units, and the costs (MACs, params, links).
 
-        Rank unit ``("rank", layer)`` has the options labelled by their MACs (whole last, error 0). Each link
-        ``"link:<layer>|<unit>"`` is a :class:`~orprune.network.cost_model.TableCost` with budget 1:
+        Rank unit ``("rank", layer)`` has the options labelled by their MACs (whole last, error 0), its errors
+        multiplied by ``rank_weight`` (the exchange rate between rank and channel errors, 1: as measured). Each
+        link ``"link:<layer>|<unit>"`` is a :class:`~orprune.network.cost_model.TableCost` with budget 1:
         ``[layer factorized] + [unit below full width] <= 1``.
         """
         self._check_fitted()
         if mode not in MODES:
             raise ValueError(f"`mode` must be one of {MODES}, got {mode!r}.")
+        if isinstance(rank_weight, bool) or not isinstance(rank_weight, (int, float)) or not 0 < rank_weight < np.inf:
+            raise ValueError(f"`rank_weight` must be a positive finite number, got {rank_weight!r}.")
         p = self.pruner_
         options: dict[Hashable, np.ndarray] = {}
         errors: dict[Hashable, np.ndarray] = {}
@@ -232,7 +236,7 @@ class MixedPruner:
             errs = (np.r_[self.curves_[n].relative_errors[ranks[:-1]], 0.0] if self.rank_output_errors_ is None
                     else self.rank_output_errors_[n])
             sl = slice(-1, None) if mode == "channels" else slice(None)
-            options[key], errors[key] = labels[sl], errs[sl]
+            options[key], errors[key] = labels[sl], rank_weight * errs[sl]
             macs_lin[key], macs_shift = 1.0, macs_shift + whole  # MACs of the option replace the whole layer's
             params_lin[key], params_shift = 1.0 / self.positions_[n], params_shift + whole / self.positions_[n]
         costs: dict[str, Any] = {
@@ -274,15 +278,17 @@ class MixedPruner:
         return dataclasses.replace(result, prune_time=time.perf_counter() - start)
 
     def choose(self, *, macs: float | None = None, params: float | None = None, mode: str = "mixed",
-               time_limit: float | None = None) -> tuple[dict[str, int], dict[str, int | None], Allocation,
-                                                         dict[str, float]]:
-        """The allocation of :meth:`prune` without the surgery: ``(keep, ranks, allocation, budgets)``."""
+               time_limit: float | None = None, rank_weight: float = 1.0) -> tuple[
+                   dict[str, int], dict[str, int | None], Allocation, dict[str, float]]:
+        """The allocation of :meth:`prune` without the surgery: ``(keep, ranks, allocation, budgets)``.
+
+        ``rank_weight`` multiplies the rank errors (:meth:`allocation_problem`)."""
         self._check_fitted()
         macs, params = check_fraction(macs, "macs"), check_fraction(params, "params")
         if macs is None and params is None:
             raise ValueError("give a budget: `macs` and/or `params` as a fraction in (0, 1].")
         p = self.pruner_
-        problem, costs = self.allocation_problem(mode)
+        problem, costs = self.allocation_problem(mode, rank_weight)
         full = p.costs_.evaluate()
         budgets = {name: f * full[name] for name, f in (("macs", macs), ("params", params)) if f is not None}
         budgets.update({name: 1.0 for name in costs if name.startswith("link:")})
