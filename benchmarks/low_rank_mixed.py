@@ -98,7 +98,8 @@ def main(argv: list[str] | None = None) -> None:
             guarded = orprune.guarded_prune(fitted, [held_out], macs=budget, metric=args.metric)
         seconds, cpu = time.perf_counter() - t, time.process_time() - c
         by_mode = guarded.by_mode()
-        for mode in (*MODES, "guard"):
+        problem, _ = fitted.allocation_problem()  # the objective in its own units (calibrated: unweighted)
+        for mode in (*MODES, *(m for m in by_mode if m not in MODES), "guard"):
             cand = by_mode[guarded.chosen] if mode == "guard" else by_mode[mode]
             result = cand.result
             if all(result.model is not m for m in timed):
@@ -111,13 +112,15 @@ def main(argv: list[str] | None = None) -> None:
                             lr=args.finetune_lr, seed=args.seed, flip=False, threads=1, progress=False)
                 tuned = evaluate(net, test_images, test_labels)
             label = f"guard -> {'/'.join(cand.modes)}" if mode == "guard" else mode
-            rows.append(dict(budget=budget, mode=label, objective=result.objective, probe=cand.output_error,
+            rows.append(dict(budget=budget, mode=label, objective=problem.objective(dict(result.allocation.keep)),
+                             probe=cand.output_error,
                              disagree=cand.disagreement, out_err=out_err, acc=acc, tuned=tuned,
                              macs=result.macs_after / result.macs_before,
                              params=result.params_after / result.params_before,
                              model=result.model, time=(seconds, cpu) if mode == "guard" else None))
             if mode != "guard":
-                details.append(f"- {budget:.0%} MACs, {mode}: {describe(fitted, result)}")
+                details.append(f"- {budget:.0%} MACs, {mode}: {describe(fitted, result)}"
+                               + (f" (rank errors x {guarded.rank_weight:.4f})" if mode == "calibrated" else ""))
             print({k: v for k, v in rows[-1].items() if k != "model"}, flush=True)
     latency = {}
     if args.latency_batch > 0:
@@ -139,6 +142,8 @@ def main(argv: list[str] | None = None) -> None:
         f"the other {len(held_out)} training images (held out from the calibration; no labels, no test images). "
         f"One `MixedPruner(solver={args.solver!r}, errors={args.errors!r})` fit ({fit_time:.0f} s wall, "
         f"{fit_cpu:.0f} s CPU), then per budget the allocation MILP in each mode, each distinct choice built once, "
+        "the `calibrated` candidate (the mixed MILP with the rank errors multiplied by the exchange rate the two pure "
+        "candidates measured on the probe, its `objective` in the original units), "
         "and the guard's pick: the candidate with the smallest probe output error. `objective`: the MILP's summed "
         + ("relative layer errors (channel curves + rank curves)" if args.errors == "layer" else
            "relative output errors of each option alone (512 probe images)")

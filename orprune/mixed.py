@@ -4,9 +4,11 @@ Per prunable unit, its keep counts (channel pruning, as :class:`orprune.Pruner`)
 its ranks (the layer becomes two thinner layers, :func:`orprune.factorize`) or "whole". A layer may be
 factorized only if every unit that slices it (the unit it reads, the unit it writes) keeps its full width:
 then every network cost is *linear* in the option labels and the allocation MILP (:func:`orprune.allocate`)
-solves the joint choice exactly (``formulations/low_rank.md``, section 10). The surgery prunes the channels
-(:meth:`orprune.Pruner.apply`), then factorizes the chosen layers in forward order, each refitted by the
-closed form on inputs from the pruned and partly factorized network, targets from the original.
+solves the joint choice exactly (``formulations/low_rank.md``, section 10). The surgery refits every changed
+layer in forward order on inputs from the network with every earlier change made, targets from the original: a
+pruned unit's consumers by least squares on the kept channels, a factorized layer by the closed form of its rank
+(:mod:`orprune.mixed_surgery` when both kinds are present; otherwise :meth:`orprune.Pruner.apply`, then the
+factorized layers).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from orprune.budget.output_errors import probe_batches
 from orprune.factorize import factorization_options, output_positions
 from orprune.layer.low_rank import RankCurve, rank_curve, select_rank
 from orprune.layer.problem import LayerProblem, StatisticsAccumulator
+from orprune.mixed_surgery import joint_surgery
 from orprune.network.calibration import collect_statistics
 from orprune.network.costs import count_macs_params
 from orprune.network.factorization import (
@@ -75,7 +78,8 @@ class MixedResult:
         The MILP's certificate over units and rank options (``keep`` holds the rank options' MACs labels under
         the keys ``("rank", layer)``); ``costs["macs"]`` / ``costs["params"]`` are the model's counted costs.
     pruning : PruneResult
-        The channel stage alone (before the factorization).
+        The channel stage (its plan: kept channels and refitted consumers; in a real mix those refits saw the
+        factorized layers before them, :func:`orprune.mixed_surgery.joint_refit`).
     factors : mapping layer -> LayerFactors
     mode : str
     prune_time : float
@@ -340,8 +344,12 @@ class MixedPruner:
                                     costs=types.MappingProxyType({k: c.evaluate(choice) for k, c in costs.items()}),
                                     solve_time=0.0, message="given keep counts and ranks", formulation="none")
         channel_part = dataclasses.replace(allocation, keep=types.MappingProxyType(keep))
-        pruning = p.apply(channel_part)
-        factors = self._factorize(pruning.model, {n: r for n, r in ranks.items() if r is not None})
+        factored = {n: r for n, r in ranks.items() if r is not None}
+        if p.sequential and factored and any(k < p.graph_[u].n_channels for u, k in keep.items()):
+            pruning, factors = joint_surgery(self, channel_part, factored)  # a real mix: one forward-order refit
+        else:
+            pruning = p.apply(channel_part)
+            factors = self._factorize(pruning.model, factored)
         model = apply_factorization(pruning.model, factors, self.norms_)
         macs_after, params_after = count_macs_params(model, p.example_inputs_)
         return MixedResult(model=model, macs_before=p.macs_before_, macs_after=macs_after,

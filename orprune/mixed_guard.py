@@ -7,11 +7,14 @@ targets, interactions) is not that sum, and channel and rank options need not be
 (``"mixed"``, ``"channels"``, ``"factorize"``) at the same budgets, builds each distinct choice once, measures
 every built model's output error on probe images (held out from the calibration when the caller gives them)
 and returns the best, with the comparison. The MILP still decides *within* each mode; the probe decides
-*between* the modes, on the quantity the MILP's objective stands for.
+*between* the modes, on the quantity the MILP's objective stands for. With all three modes one more candidate,
+``"calibrated"``, is the mixed MILP with the rank errors re-weighted by the exchange rate between the two kinds
+of error that the pure candidates measured.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -23,13 +26,16 @@ from orprune.budget.output_errors import probe_batches
 from orprune.mixed import MODES, MixedPruner, MixedResult
 from orprune.network.graph import call_model
 
-__all__ = ["METRICS", "Candidate", "GuardedResult", "guarded_prune", "probe_metrics"]
+__all__ = ["CALIBRATED", "METRICS", "Candidate", "GuardedResult", "guarded_prune", "probe_metrics"]
 
 #: ``"output"``: ``sum ||f(x) - f_0(x)||^2 / sum ||f_0(x)||^2`` over the probe inputs (the quantity
 #: ``errors="output"`` prices option by option); ``"disagreement"``: the fraction of probe inputs whose
 #: top-1 class (argmax over dim 1) differs from the original model's, ties broken by ``"output"``. Neither
 #: uses labels.
 METRICS = ("output", "disagreement")
+
+#: The mode name of the mixed allocation at the measured exchange rate between rank and channel errors.
+CALIBRATED = "calibrated"
 
 
 @dataclass(frozen=True)
@@ -39,7 +45,8 @@ class Candidate:
     Attributes
     ----------
     modes : tuple of str
-        The modes whose MILP chose this allocation (modes choosing the same keep counts and ranks share it).
+        The modes whose MILP chose this allocation (modes choosing the same keep counts and ranks share it;
+        ``"calibrated"``: the mixed MILP at the measured exchange rate, see :func:`guarded_prune`).
     result : MixedResult
     output_error : float
         Relative squared output error on the probe inputs.
@@ -74,6 +81,8 @@ class GuardedResult:
         Number of probe inputs measured.
     held_out : bool
         Whether the probe inputs were given (False: the first calibration batches, in-sample).
+    rank_weight : float or None
+        The exchange rate of the ``"calibrated"`` candidate (None: not built).
     """
 
     result: MixedResult
@@ -82,6 +91,7 @@ class GuardedResult:
     metric: str
     probe_images: int
     held_out: bool
+    rank_weight: float | None = None
 
     @property
     def model(self) -> torch.nn.Module:
@@ -114,7 +124,7 @@ def probe_metrics(outputs: Sequence[torch.Tensor], reference: Sequence[torch.Ten
 
 def guarded_prune(fitted: MixedPruner, probe: Iterable[Any] | None = None, *, macs: float | None = None,
                   params: float | None = None, modes: Sequence[str] = MODES, metric: str = "output",
-                  time_limit: float | None = None) -> GuardedResult:
+                  calibrate: bool = True, time_limit: float | None = None) -> GuardedResult:
     """The allocation of each of ``modes`` at the same budgets, built, measured on ``probe``; the best kept.
 
     Parameters
@@ -132,6 +142,11 @@ def guarded_prune(fitted: MixedPruner, probe: Iterable[Any] | None = None, *, ma
         The candidates. Modes whose MILP chooses the same keep counts and ranks are built once.
     metric : {"output", "disagreement"}, default "output"
         What is minimised over the candidates (``METRICS``); both are reported.
+    calibrate : bool, default True
+        With all three modes: one more candidate, ``"calibrated"``, the mixed MILP with the rank errors
+        multiplied by the exchange rate the two pure candidates measure, ``(err_f / obj_f) / (err_c / obj_c)``
+        (probe output error per unit of the MILP's objective, factorization over channel pruning;
+        ``rank_weight``), so that the two kinds of price are on the scale of the network's error.
     time_limit : float, optional
         Seconds per allocation MILP.
 
@@ -146,6 +161,8 @@ def guarded_prune(fitted: MixedPruner, probe: Iterable[Any] | None = None, *, ma
     fitted._check_fitted()
     if metric not in METRICS:
         raise ValueError(f"`metric` must be one of {METRICS}, got {metric!r}.")
+    if not isinstance(calibrate, bool):
+        raise ValueError(f"`calibrate` must be True or False, got {calibrate!r}.")
     if isinstance(modes, str) or not modes or any(m not in MODES for m in modes) or len(set(modes)) < len(modes):
         raise ValueError(f"`modes` must be distinct modes of {MODES}, got {modes!r}.")
     p = fitted.pruner_
@@ -158,21 +175,31 @@ def guarded_prune(fitted: MixedPruner, probe: Iterable[Any] | None = None, *, ma
         if not batches:
             raise ValueError("`probe` is empty: the guard needs at least one batch of inputs.")
     reference = _outputs(p.model_, batches)
-    chosen: dict[tuple, list[str]] = {}
-    choices: dict[tuple, tuple] = {}
-    for mode in modes:
-        keep, ranks, allocation, _ = fitted.choose(macs=macs, params=params, mode=mode, time_limit=time_limit)
-        key = (tuple(sorted(keep.items())), tuple(sorted(ranks.items())))
-        chosen.setdefault(key, []).append(mode)
-        choices.setdefault(key, (keep, ranks, allocation, mode))
-    candidates = []
-    for key, key_modes in chosen.items():
-        keep, ranks, allocation, mode = choices[key]
+    candidates: list[Candidate] = []
+
+    def add(mode: str, rank_weight: float = 1.0) -> None:
+        keep, ranks, allocation, _ = fitted.choose(macs=macs, params=params, mode="mixed" if mode == CALIBRATED
+                                                   else mode, time_limit=time_limit, rank_weight=rank_weight)
+        for i, c in enumerate(candidates):  # the same allocation as an earlier mode: built once
+            if dict(c.result.keep) == keep and dict(c.result.ranks) == ranks:
+                candidates[i] = dataclasses.replace(c, modes=(*c.modes, mode))
+                return
         built = fitted.apply(keep, ranks, allocation=allocation, mode=mode)
         error, differ = probe_metrics(_outputs(built.model, batches), reference)
-        candidates.append(Candidate(tuple(key_modes), built, error, differ))
+        candidates.append(Candidate((mode,), built, error, differ))
+
+    for mode in modes:
+        add(mode)
+    weight = None
+    if calibrate and set(MODES) <= set(modes):
+        pure = {m: c for c in candidates for m in c.modes}
+        (obj_c, err_c), (obj_f, err_f) = ((pure[m].result.objective, pure[m].output_error)
+                                          for m in ("channels", "factorize"))
+        if min(obj_c, err_c, obj_f, err_f) > 0:
+            weight = (err_f / obj_f) / (err_c / obj_c)  # measured output error per unit of summed error, ranks / units
+            add(CALIBRATED, weight)
     if metric == "disagreement" and any(c.disagreement != c.disagreement for c in candidates):
         raise ValueError("`metric='disagreement'` needs outputs with a class dimension (dim 1).")
     best = min(candidates, key=lambda c: c.score(metric))  # first of equals: the earlier mode
     return GuardedResult(result=best.result, chosen=best.modes[0], candidates=tuple(candidates), metric=metric,
-                         probe_images=sum(int(r.shape[0]) for r in reference), held_out=held_out)
+                         probe_images=sum(int(r.shape[0]) for r in reference), held_out=held_out, rank_weight=weight)

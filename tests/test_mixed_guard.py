@@ -51,14 +51,21 @@ def test_guard_is_never_worse_on_the_probe_than_either_pure_mode(tiny, macs):
     # distinct candidates: modes that chose the same allocation share one built model
     keys = [(tuple(c.result.keep.items()), tuple(c.result.ranks.items())) for c in guarded.candidates]
     assert len(set(keys)) == len(keys)
-    assert sorted(m for c in guarded.candidates for m in c.modes) == sorted(("mixed", "channels", "factorize"))
+    assert sorted(m for c in guarded.candidates for m in c.modes) == sorted(("mixed", "channels", "factorize",
+                                                                             "calibrated"))
+    # the calibrated candidate: the mixed MILP at the exchange rate the two pure candidates measured
+    pure = guarded.by_mode()
+    rate = [pure[m].output_error / pure[m].result.objective for m in ("factorize", "channels")]
+    assert guarded.rank_weight == pytest.approx(rate[0] / rate[1], rel=1e-12)
+    keep, ranks, _, _ = fitted.choose(macs=macs, rank_weight=guarded.rank_weight)
+    assert (dict(pure["calibrated"].result.keep), dict(pure["calibrated"].result.ranks)) == (keep, ranks)
 
 
 def test_disagreement_metric_and_in_sample_probe(tiny):
     fitted, model = tiny
     in_sample = orprune.guarded_prune(fitted, macs=0.45, modes=("channels",))
     assert not in_sample.held_out and in_sample.probe_images == 24  # every calibration image (probe_images=512)
-    assert [c.modes for c in in_sample.candidates] == [("channels",)]
+    assert [c.modes for c in in_sample.candidates] == [("channels",)] and in_sample.rank_weight is None
     probe = calibration((2, 5, 5), n_batches=2, seed=7)
     guarded = orprune.guarded_prune(fitted, probe, macs=0.45, metric="disagreement")
     best = min(guarded.candidates, key=lambda c: (c.disagreement, c.output_error))
@@ -100,3 +107,7 @@ def test_bad_inputs(tiny):
         orprune.guarded_prune(MixedPruner(), macs=0.6)
     with pytest.raises(ValueError, match="give a budget"):
         orprune.guarded_prune(fitted)
+    with pytest.raises(ValueError, match="`calibrate` must be True or False"):
+        orprune.guarded_prune(fitted, macs=0.6, calibrate=1)
+    with pytest.raises(ValueError, match="`rank_weight` must be a positive finite number"):
+        fitted.choose(macs=0.6, rank_weight=0.0)
