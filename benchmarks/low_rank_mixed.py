@@ -9,9 +9,13 @@ curves), then at each MACs budget the same allocation MILP in its three modes:
 - ``mixed``: both; a layer may be factorized only while the units slicing it keep their full width.
 
 The MILP minimises the summed relative layer errors over the options of each mode; the mixed option set holds
-both others, so its objective is never larger (checked and reported). Accuracy is measured after the surgery
-(channel refit, then sequential closed-form refit of the factorized layers), without fine-tuning and, with
-``--finetune-epochs E``, after E epochs of SGD on the training split (lr ``--finetune-lr``, one-cycle).
+both others, so its objective is never larger (checked and reported). The three allocations come from
+:func:`orprune.guarded_prune`, which builds each distinct one and keeps the one with the smallest output error on
+the training images outside the calibration (the ``guard`` row; no labels, no test images). Accuracy is measured
+after the surgery (channel refit, then sequential closed-form refit of the factorized layers), without
+fine-tuning and, with ``--finetune-epochs E``, after E epochs of SGD on the training split (lr
+``--finetune-lr``, one-cycle). CPU latency of every built model: median of interleaved calls on a batch of test
+images, one torch thread (:func:`orprune.network.timing.call_times`).
 
 Run ``python -m benchmarks.low_rank_mixed`` (``--help`` for the settings); writes
 ``benchmarks/results/low_rank_mixed.md``.
@@ -34,6 +38,8 @@ from benchmarks.common import RESULTS_DIR, machine
 from benchmarks.low_rank import trained
 from orprune.examples.datasets import load_digits
 from orprune.mixed import MODES
+from orprune.mixed_guard import METRICS
+from orprune.network.timing import call_times, torch_threads
 from orprune.training import batches, evaluate, train
 
 
@@ -62,8 +68,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--errors", choices=["layer", "output"], default="layer",
                         help="what the MILP sums: relative layer errors, or the network's relative output error of "
                              "each option alone (MixedPruner(errors=...))")
+    parser.add_argument("--metric", choices=list(METRICS), default="output", help="the guard's probe metric")
     parser.add_argument("--finetune-epochs", type=float, default=0, help="fine-tune epochs (0: none)")
     parser.add_argument("--finetune-lr", type=float, default=0.01)
+    parser.add_argument("--latency-batch", type=int, default=64, help="test images per timed call (0: no latency)")
+    parser.add_argument("--latency-repeats", type=int, default=30, help="timed calls per model (median)")
     parser.add_argument("--output", default=str(RESULTS_DIR / "low_rank_mixed.md"))
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -72,20 +81,29 @@ def main(argv: list[str] | None = None) -> None:
     images, labels = load_digits("train")
     test_images, test_labels = load_digits("test")
     calibration = list(batches(images, 128, args.calibration))
+    held_out = images[args.calibration:]  # training images outside the calibration: the guard's probe
+    if len(held_out) == 0:
+        parser.error("`--calibration` uses the whole training split: no held-out probe images are left.")
     t, c = time.perf_counter(), time.process_time()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         fitted = orprune.MixedPruner(solver=args.solver, errors=args.errors, progress=False).fit(model,
                                                                                                     calibration)
     fit_time, fit_cpu = time.perf_counter() - t, time.process_time() - c
-    rows, details = [], []
+    rows, details, timed = [], [], [model]
     for budget in args.macs:
-        for mode in MODES:
-            t, c = time.perf_counter(), time.process_time()
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                result = fitted.prune(macs=budget, mode=mode)
-            seconds, cpu = time.perf_counter() - t, time.process_time() - c
+        t, c = time.perf_counter(), time.process_time()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            guarded = orprune.guarded_prune(fitted, [held_out], macs=budget, metric=args.metric)
+        seconds, cpu = time.perf_counter() - t, time.process_time() - c
+        by_mode = guarded.by_mode()
+        problem, _ = fitted.allocation_problem()  # the objective in its own units (calibrated: unweighted)
+        for mode in (*MODES, *(m for m in by_mode if m not in MODES), "guard"):
+            cand = by_mode[guarded.chosen] if mode == "guard" else by_mode[mode]
+            result = cand.result
+            if all(result.model is not m for m in timed):
+                timed.append(result.model)
             acc = evaluate(result.model, test_images, test_labels)
             out_err = output_error(result.model, model, test_images)
             tuned = None
@@ -93,10 +111,24 @@ def main(argv: list[str] | None = None) -> None:
                 net = train(copy.deepcopy(result.model), images, labels, epochs=args.finetune_epochs,
                             lr=args.finetune_lr, seed=args.seed, flip=False, threads=1, progress=False)
                 tuned = evaluate(net, test_images, test_labels)
-            rows.append((budget, mode, result.objective, out_err, acc, tuned, result.macs_after / result.macs_before,
-                         result.params_after / result.params_before, seconds, cpu))
-            details.append(f"- {budget:.0%} MACs, {mode}: {describe(fitted, result)}")
-            print(rows[-1], flush=True)
+            label = f"guard -> {'/'.join(cand.modes)}" if mode == "guard" else mode
+            rows.append(dict(budget=budget, mode=label, objective=problem.objective(dict(result.allocation.keep)),
+                             probe=cand.output_error,
+                             disagree=cand.disagreement, out_err=out_err, acc=acc, tuned=tuned,
+                             macs=result.macs_after / result.macs_before,
+                             params=result.params_after / result.params_before,
+                             model=result.model, time=(seconds, cpu) if mode == "guard" else None))
+            if mode != "guard":
+                details.append(f"- {budget:.0%} MACs, {mode}: {describe(fitted, result)}"
+                               + (f" (rank errors x {guarded.rank_weight:.4f})" if mode == "calibrated" else ""))
+            print({k: v for k, v in rows[-1].items() if k != "model"}, flush=True)
+    latency = {}
+    if args.latency_batch > 0:
+        x = test_images[: args.latency_batch]
+        with torch_threads(1):
+            seconds = call_times(timed, x, repeats=args.latency_repeats, warmup=3, statistic="median")
+        latency = {id(m): s for m, s in zip(timed, seconds)}
+    base = latency.get(id(model))
     lines = [
         "# Channel pruning, factorization and both in one allocation: resnet20 on digits",
         "",
@@ -106,25 +138,41 @@ def main(argv: list[str] | None = None) -> None:
         "",
         f"ResNet-20 (1 input channel) trained {args.epochs} epochs on the 8x8 digits' train split (1437 images): "
         f"test accuracy {accuracy:.2%} on the 360 test images (one image is 0.28%). Calibration: the first "
-        f"{args.calibration} training images. One `MixedPruner(solver={args.solver!r}, errors={args.errors!r})` fit ({fit_time:.0f} s wall, "
-        f"{fit_cpu:.0f} s CPU), then the allocation MILP per budget and mode. `objective`: the MILP's summed "
+        f"{args.calibration} training images; the guard's probe (`orprune.guarded_prune`, metric {args.metric!r}): "
+        f"the other {len(held_out)} training images (held out from the calibration; no labels, no test images). "
+        f"One `MixedPruner(solver={args.solver!r}, errors={args.errors!r})` fit ({fit_time:.0f} s wall, "
+        f"{fit_cpu:.0f} s CPU), then per budget the allocation MILP in each mode, each distinct choice built once, "
+        "the `calibrated` candidate (the mixed MILP with the rank errors multiplied by the exchange rate the two pure "
+        "candidates measured on the probe, its `objective` in the original units), "
+        "and the guard's pick: the candidate with the smallest probe output error. `objective`: the MILP's summed "
         + ("relative layer errors (channel curves + rank curves)" if args.errors == "layer" else
            "relative output errors of each option alone (512 probe images)")
-        + ", the quantity it minimises; `output error`: "
-        "||f(x) - f_0(x)||^2 / ||f_0(x)||^2 of the logits on the test images, f_0 the unpruned model. MACs and params as "
-        "torch-pruning counts the built models, relative to the unpruned model (the MILP's costs equal these "
-        "counts). No BatchNorm re-estimation."
+        + ", the quantity it minimises; `probe error` / `probe disagree`: ||f(x) - f_0(x)||^2 / ||f_0(x)||^2 of the "
+        "logits and the fraction of top-1 classes that differ from f_0's, on the held-out probe; `test error`: the "
+        "same relative logit error on the test images, f_0 the unpruned model. MACs and params as torch-pruning "
+        "counts the built models, relative to the unpruned model (the MILP's costs equal these counts). No BatchNorm "
+        "re-estimation."
         + (f" Fine-tune: {args.finetune_epochs:g} epoch(s) of SGD (one-cycle, peak lr {args.finetune_lr:g}) on the "
-           "training split." if args.finetune_epochs > 0 else ""),
+           "training split." if args.finetune_epochs > 0 else "")
+        + (f" CPU latency: median of {args.latency_repeats} calls on a batch of {args.latency_batch} test images, "
+           "one torch thread, the thread's CPU time, calls of all models interleaved "
+           f"(`orprune.network.timing.call_times`); the unpruned model takes {1e3 * base:.2f} ms."
+           if base else ""),
         "",
-        "| MACs budget | mode | objective | output error | test accuracy | after fine-tune | MACs | params | "
-        "prune time (s wall / CPU) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| MACs budget | mode | objective | probe error | probe disagree | test error | test accuracy | "
+        "after fine-tune | MACs | params | CPU latency (ms, x unpruned) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for budget, mode, objective, out_err, acc, tuned, m, p, seconds, cpu in rows:
-        lines.append(f"| {budget:.0%} | {mode} | {objective:.4f} | {out_err:.4f} | {acc:.2%} | "
-                     f"{'-' if tuned is None else f'{tuned:.2%}'} | {m:.1%} | {p:.1%} | {seconds:.0f} / {cpu:.0f} |")
-    lines += ["", "What each allocation chose (pruned units kept/full; factorized layers rank/max rank):", "",
+    for r in rows:
+        lat = latency.get(id(r["model"]))
+        lines.append(f"| {r['budget']:.0%} | {r['mode']} | {r['objective']:.4f} | {r['probe']:.4f} | "
+                     f"{r['disagree']:.2%} | {r['out_err']:.4f} | {r['acc']:.2%} | "
+                     f"{'-' if r['tuned'] is None else format(r['tuned'], '.2%')} | {r['macs']:.1%} | "
+                     f"{r['params']:.1%} | {'-' if lat is None else f'{1e3 * lat:.2f} ({lat / base:.2f}x)'} |")
+    times = [f"{r['budget']:.0%}: {r['time'][0]:.0f} s wall / {r['time'][1]:.0f} s CPU" for r in rows if r["time"]]
+    lines += ["", "Guard time per budget (every mode's MILP, each distinct allocation built and probed): "
+              + "; ".join(times) + ".", "",
+              "What each allocation chose (pruned units kept/full; factorized layers rank/max rank):", "",
               *details, ""]
     text = "\n".join(lines)
     with open(args.output, "w") as handle:

@@ -57,7 +57,9 @@ from orprune.layer import (
     to_pyomo,
     write_model,
 )
+from orprune.layer.spatial_rank import SpatialSelection, select_spatial_rank, spatial_weights
 from orprune.mixed import MixedPruner, MixedResult, prune_and_factorize
+from orprune.mixed_guard import GuardedResult, guarded_prune
 from orprune.network import (
     Consumer,
     ConsumerUpdate,
@@ -89,6 +91,7 @@ from orprune.network import (
     reconstructed_copy,
 )
 from orprune.network.saving import load, save
+from orprune.network.spatial_factorization import spatial_layer
 from orprune.network.stages import stage_ties
 from orprune.pipeline import Pruner, PruneResult, prune
 from orprune.spr import (
@@ -131,6 +134,7 @@ __all__ = [
     "GatingTraining",
     "GraphConv",
     "GridGCN",
+    "GuardedResult",
     "HierarchicalSelection",
     "INFEASIBLE",
     "LatencyModel",
@@ -157,6 +161,7 @@ __all__ = [
     "SEImportance",
     "SPRTraining",
     "Selection",
+    "SpatialSelection",
     "SplitMultiheadAttention",
     "StatisticsAccumulator",
     "TIME_LIMIT",
@@ -185,6 +190,7 @@ __all__ = [
     "fix_channels",
     "following_norms",
     "greedy_path",
+    "guarded_prune",
     "join_curves",
     "latency_tables",
     "load",
@@ -209,8 +215,11 @@ __all__ = [
     "select_hierarchical",
     "select_nm",
     "select_rank",
+    "select_spatial_rank",
     "select_with_fixed",
     "solve_scip",
+    "spatial_layer",
+    "spatial_weights",
     "split_attention",
     "spr_optimal_y",
     "spr_penalty",

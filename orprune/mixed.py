@@ -4,9 +4,11 @@ Per prunable unit, its keep counts (channel pruning, as :class:`orprune.Pruner`)
 its ranks (the layer becomes two thinner layers, :func:`orprune.factorize`) or "whole". A layer may be
 factorized only if every unit that slices it (the unit it reads, the unit it writes) keeps its full width:
 then every network cost is *linear* in the option labels and the allocation MILP (:func:`orprune.allocate`)
-solves the joint choice exactly (``formulations/low_rank.md``, section 10). The surgery prunes the channels
-(:meth:`orprune.Pruner.apply`), then factorizes the chosen layers in forward order, each refitted by the
-closed form on inputs from the pruned and partly factorized network, targets from the original.
+solves the joint choice exactly (``formulations/low_rank.md``, section 10). The surgery refits every changed
+layer in forward order on inputs from the network with every earlier change made, targets from the original: a
+pruned unit's consumers by least squares on the kept channels, a factorized layer by the closed form of its rank
+(:mod:`orprune.mixed_surgery` when both kinds are present; otherwise :meth:`orprune.Pruner.apply`, then the
+factorized layers).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from orprune.budget.output_errors import probe_batches
 from orprune.factorize import factorization_options, output_positions
 from orprune.layer.low_rank import RankCurve, rank_curve, select_rank
 from orprune.layer.problem import LayerProblem, StatisticsAccumulator
+from orprune.mixed_surgery import joint_surgery
 from orprune.network.calibration import collect_statistics
 from orprune.network.costs import count_macs_params
 from orprune.network.factorization import (
@@ -75,7 +78,8 @@ class MixedResult:
         The MILP's certificate over units and rank options (``keep`` holds the rank options' MACs labels under
         the keys ``("rank", layer)``); ``costs["macs"]`` / ``costs["params"]`` are the model's counted costs.
     pruning : PruneResult
-        The channel stage alone (before the factorization).
+        The channel stage (its plan: kept channels and refitted consumers; in a real mix those refits saw the
+        factorized layers before them, :func:`orprune.mixed_surgery.joint_refit`).
     factors : mapping layer -> LayerFactors
     mode : str
     prune_time : float
@@ -208,16 +212,20 @@ class MixedPruner:
                             assume_psd=True)
 
     # ------------------------------------------------------------------ the allocation
-    def allocation_problem(self, mode: str = "mixed") -> tuple[AllocationProblem, dict[str, Any]]:
+    def allocation_problem(self, mode: str = "mixed", rank_weight: float = 1.0) -> tuple[AllocationProblem,
+                                                                                         dict[str, Any]]:
         """The MILP's data: options and errors of units and rank units, and the costs (MACs, params, links).
 
-        Rank unit ``("rank", layer)`` has the options labelled by their MACs (whole last, error 0). Each link
-        ``"link:<layer>|<unit>"`` is a :class:`~orprune.network.cost_model.TableCost` with budget 1:
+        Rank unit ``("rank", layer)`` has the options labelled by their MACs (whole last, error 0), its errors
+        multiplied by ``rank_weight`` (the exchange rate between rank and channel errors, 1: as measured). Each
+        link ``"link:<layer>|<unit>"`` is a :class:`~orprune.network.cost_model.TableCost` with budget 1:
         ``[layer factorized] + [unit below full width] <= 1``.
         """
         self._check_fitted()
         if mode not in MODES:
             raise ValueError(f"`mode` must be one of {MODES}, got {mode!r}.")
+        if isinstance(rank_weight, bool) or not isinstance(rank_weight, (int, float)) or not 0 < rank_weight < np.inf:
+            raise ValueError(f"`rank_weight` must be a positive finite number, got {rank_weight!r}.")
         p = self.pruner_
         options: dict[Hashable, np.ndarray] = {}
         errors: dict[Hashable, np.ndarray] = {}
@@ -232,7 +240,7 @@ class MixedPruner:
             errs = (np.r_[self.curves_[n].relative_errors[ranks[:-1]], 0.0] if self.rank_output_errors_ is None
                     else self.rank_output_errors_[n])
             sl = slice(-1, None) if mode == "channels" else slice(None)
-            options[key], errors[key] = labels[sl], errs[sl]
+            options[key], errors[key] = labels[sl], rank_weight * errs[sl]
             macs_lin[key], macs_shift = 1.0, macs_shift + whole  # MACs of the option replace the whole layer's
             params_lin[key], params_shift = 1.0 / self.positions_[n], params_shift + whole / self.positions_[n]
         costs: dict[str, Any] = {
@@ -263,13 +271,28 @@ class MixedPruner:
         time_limit : float, optional
             Seconds for the allocation MILP.
         """
-        self._check_fitted()
         start = time.perf_counter()
+        keep, ranks, chosen, budgets = self.choose(macs=macs, params=params, mode=mode, time_limit=time_limit)
+        result = self.apply(keep, ranks, allocation=chosen, mode=mode)
+        for what in ("macs", "params"):
+            achieved = getattr(result, f"{what}_after")
+            if what in budgets and achieved > budgets[what] * (1 + 1e-9):
+                warnings.warn(f"pruned and factorized model has {achieved:,} {what}, above the budget "
+                              f"{budgets[what]:,.0f}.", RuntimeWarning, stacklevel=2)
+        return dataclasses.replace(result, prune_time=time.perf_counter() - start)
+
+    def choose(self, *, macs: float | None = None, params: float | None = None, mode: str = "mixed",
+               time_limit: float | None = None, rank_weight: float = 1.0) -> tuple[
+                   dict[str, int], dict[str, int | None], Allocation, dict[str, float]]:
+        """The allocation of :meth:`prune` without the surgery: ``(keep, ranks, allocation, budgets)``.
+
+        ``rank_weight`` multiplies the rank errors (:meth:`allocation_problem`)."""
+        self._check_fitted()
         macs, params = check_fraction(macs, "macs"), check_fraction(params, "params")
         if macs is None and params is None:
             raise ValueError("give a budget: `macs` and/or `params` as a fraction in (0, 1].")
         p = self.pruner_
-        problem, costs = self.allocation_problem(mode)
+        problem, costs = self.allocation_problem(mode, rank_weight)
         full = p.costs_.evaluate()
         budgets = {name: f * full[name] for name, f in (("macs", macs), ("params", params)) if f is not None}
         budgets.update({name: 1.0 for name in costs if name.startswith("link:")})
@@ -282,13 +305,7 @@ class MixedPruner:
         for n, (options, labels) in self.rank_options_.items():
             r = int(options[np.flatnonzero(labels == chosen.keep[rank_unit(n)])[0]])
             ranks[n] = None if r < 0 else r
-        result = self.apply(keep, ranks, allocation=chosen, mode=mode)
-        for what in ("macs", "params"):
-            achieved = getattr(result, f"{what}_after")
-            if what in budgets and achieved > budgets[what] * (1 + 1e-9):
-                warnings.warn(f"pruned and factorized model has {achieved:,} {what}, above the budget "
-                              f"{budgets[what]:,.0f}.", RuntimeWarning, stacklevel=2)
-        return dataclasses.replace(result, prune_time=time.perf_counter() - start)
+        return keep, ranks, chosen, budgets
 
     def labels(self, ranks: Mapping[str, int | None]) -> dict[tuple[str, str], int]:
         """The rank units' option labels (MACs) of ``ranks`` (layer -> rank or None; missing layers whole)."""
@@ -327,8 +344,12 @@ class MixedPruner:
                                     costs=types.MappingProxyType({k: c.evaluate(choice) for k, c in costs.items()}),
                                     solve_time=0.0, message="given keep counts and ranks", formulation="none")
         channel_part = dataclasses.replace(allocation, keep=types.MappingProxyType(keep))
-        pruning = p.apply(channel_part)
-        factors = self._factorize(pruning.model, {n: r for n, r in ranks.items() if r is not None})
+        factored = {n: r for n, r in ranks.items() if r is not None}
+        if p.sequential and factored and any(k < p.graph_[u].n_channels for u, k in keep.items()):
+            pruning, factors = joint_surgery(self, channel_part, factored)  # a real mix: one forward-order refit
+        else:
+            pruning = p.apply(channel_part)
+            factors = self._factorize(pruning.model, factored)
         model = apply_factorization(pruning.model, factors, self.norms_)
         macs_after, params_after = count_macs_params(model, p.example_inputs_)
         return MixedResult(model=model, macs_before=p.macs_before_, macs_after=macs_after,

@@ -1,5 +1,6 @@
 """Channel pruning and factorization in one allocation: exact costs, brute-force optimum, supersets, surgery."""
 
+import dataclasses
 import itertools
 import math
 import warnings
@@ -49,9 +50,9 @@ def reconstructed(fitted, result):
                                       fitted.norms_)
 
 
-def brute_force(fitted, mode, macs):
+def brute_force(fitted, mode, macs, rank_weight=1.0):
     """Minimum objective over every combination of options allowed in ``mode`` that meets the links and ``macs``."""
-    problem, costs = fitted.allocation_problem("mixed")
+    problem, costs = fitted.allocation_problem("mixed", rank_weight)
     full = fitted.pruner_.costs_.evaluate()["macs"]
     allowed = {}
     for key, options in problem.options.items():
@@ -179,3 +180,43 @@ def test_output_errors_price_units_and_ranks_alike():
         np.testing.assert_array_equal(problem.errors[u], fitted.pruner_.output_errors_[u])
     result = fitted.prune(macs=0.6)
     assert result.allocation.objective == pytest.approx(brute_force(fitted, "mixed", 0.6), rel=1e-9, abs=1e-12)
+
+
+def test_pruned_consumers_after_factorized_layers_are_refitted_on_the_factorized_network(resnet):
+    fitted, example = resnet
+    p = fitted.pruner_
+    # stage 1 factorized, stage 3's internal units pruned: the pruned consumers run after the factorized layers
+    ranks = {n: int(fitted.rank_options_[n][0][1]) for n in fitted.rank_options_ if n.startswith("layer1.")}
+    internal = [u for u in p.graph_.names if u.startswith("layer3.") and u.endswith("conv1")]
+    keep = {u: int(p.curves_[u].keep_counts[1]) for u in internal}
+    result = fitted.apply(keep, ranks)
+    assert set(result.factors) == set(ranks) and set(result.pruning.plan.keep) == set(internal)
+    final = reconstructed(fitted, result)  # the original architecture: dropped channels zero, products written
+    with torch.no_grad():
+        torch.testing.assert_close(result.model(example), final(example), rtol=1e-4, atol=1e-4)
+    # the last pruned consumer's refit is the least squares on its inputs in the *final* network (every
+    # factorized layer before it in place), targets from the original (the pruner's cache, which also holds the
+    # original operands of the residual correction)
+    last = [c for c in p.consumer_order_ if c.name in result.pruning.plan.updates][-1]
+    target = p.residual_targets_.get(last.name)
+    acc = orprune.collect_statistics(final, [last], p.batches_, reference=p.targets_,  # the original's cached outputs
+                                     offsets=None if target is None else {last.name: target.offset(p.model_)},
+                                     positions_per_image=p.positions_per_image, seed=p.seed, progress=False)[last.name]
+    expected = p._update(last, dict(result.pruning.plan.keep), acc, p._problem(acc, last, p.model_, check=False))
+    np.testing.assert_allclose(result.pruning.plan.updates[last.name].weight, expected.weight, rtol=1e-3, atol=1e-6)
+    # channels first (the consumer refitted without the factorization upstream) gives other weights
+    alone = p.apply(dataclasses.replace(result.allocation, keep=dict(result.keep)))
+    assert not np.allclose(alone.plan.updates[last.name].weight, expected.weight, rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize("rank_weight", [0.05, 20.0])
+def test_weighted_rank_errors_are_the_brute_force_optimum(tiny, rank_weight):
+    unweighted, _ = tiny.allocation_problem()
+    problem, _ = tiny.allocation_problem(rank_weight=rank_weight)
+    for key, errors in problem.errors.items():
+        np.testing.assert_allclose(errors, unweighted.errors[key] * (rank_weight if isinstance(key, tuple) else 1.0))
+    for macs in (0.7, 0.5):
+        keep, ranks, allocation, _ = tiny.choose(macs=macs, rank_weight=rank_weight)
+        assert allocation.objective == pytest.approx(brute_force(tiny, "mixed", macs, rank_weight), rel=1e-9,
+                                                     abs=1e-12)
+        assert allocation.objective == pytest.approx(problem.objective(dict(allocation.keep)), rel=1e-9, abs=1e-12)
