@@ -47,7 +47,17 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{argv} fit cpu {fit_cpu:.1f} wall {fit_wall:.1f} | prune cpu {prune_cpu:.1f} wall {prune_wall:.1f} | "
           f"macs {result.macs_after / result.macs_before:.4f} | rel.err sum "
           f"{sum(u.relative_error for u in result.report):.5f} | polished {len(getattr(result, 'polished', ()))} | "
+          f"refit {_refit(result)} | "
           f"peak fit {peak_fit:.0f} MB, end {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
+
+
+def _refit(result: object) -> str:
+    """The last refit's path, seconds and held activations (None before ``PruneResult.refit`` existed)."""
+    refit = getattr(result, "refit", None)
+    if refit is None:
+        return "-"
+    held = "" if refit.peak_bytes is None else f", held {refit.peak_bytes / 2**20:.0f} MB"
+    return f"{refit.path} {refit.seconds:.1f} s wall{held}"
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@ earlier consumer already refitted, against the original model's targets (the :cl
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -21,10 +23,14 @@ from orprune.layer.tied import block_diagonal
 from orprune.network.calibration import TargetCache, collect_statistics
 from orprune.network.graph import Consumer, weight_matrix
 from orprune.network.residual_targets import ResidualTarget
+from orprune.network.streaming import StreamUnsupported, stream_refit
 from orprune.network.surgery import ConsumerUpdate, PruningPlan, masked_copy, write_updates
 from orprune.network.units import PruningGraph
+from orprune.prune_result import RefitReport
 
 __all__ = ["consumer_problem", "consumer_update", "has_intercept", "refit_updates"]
+
+_log = logging.getLogger(__name__)
 
 
 def has_intercept(consumer: Consumer, model: nn.Module) -> bool:
@@ -85,7 +91,8 @@ def refit_updates(
     seed: int,
     float32: bool = False,
     progress: bool = False,
-) -> dict[str, ConsumerUpdate]:
+    max_bytes: int | None = None,
+) -> tuple[dict[str, ConsumerUpdate], RefitReport]:
     """Least-squares weights and biases of every consumer reading a pruned unit.
 
     Parameters
@@ -109,31 +116,69 @@ def refit_updates(
         False: every consumer refitted on the original inputs (``statistics``).
     ridge, positions_per_image, seed, float32, progress
         As in :class:`orprune.Pruner`.
+    max_bytes : int, optional
+        Sequential mode: the most bytes of activations the one-pass refit
+        (:func:`orprune.network.streaming.stream_refit`) may hold; above it, and for models it does not
+        support, one pass per consumer (the same updates). 0: always one pass per consumer.
+
+    Returns
+    -------
+    updates : dict consumer -> ConsumerUpdate
+    report : RefitReport
+        Which path ran (``"stream"``, ``"passes"`` and why, ``"parallel"``), its time and memory.
     """
+    start = time.perf_counter()
     readers = [c for c in order if any(r.unit in pruned_keep for r in graph.readers(c.name))]
     if not sequential:
-        return {c.name: consumer_update(c, pruned_keep, statistics[c.name], problems[c.name], graph, model)
-                for c in readers}
-    # Consumers in the order they run: each refits on inputs from the network with every
+        updates = {c.name: consumer_update(c, pruned_keep, statistics[c.name], problems[c.name], graph, model)
+                   for c in readers}
+        return updates, RefitReport("parallel", len(readers), time.perf_counter() - start)
+    updates: dict[str, ConsumerUpdate] = {}
+    keep = dict(pruned_keep)
+    offsets = {c.name: residual_targets[c.name].offset(model) for c in readers if c.name in residual_targets}
+    by_name = {c.name: c for c in readers}
+    working = masked_copy(model, graph, PruningPlan(keep, {}))
+
+    def refit(name: str, acc: StatisticsAccumulator) -> None:
+        """Solve one consumer from its statistics (used once: no checks) and write it into the working copy."""
+        consumer = by_name[name]
+        updates[name] = consumer_update(consumer, keep, acc, consumer_problem(acc, consumer, model, ridge, check=False),
+                                        graph, model)
+        write_updates(working, graph, PruningPlan(keep, updates), [name])
+
+    reason = "no consumer to refit" if not readers else None
+    if readers and targets is None:
+        reason = "no target cache (`cache_targets=False`)"
+    elif readers and max_bytes is not None and max_bytes <= 0:
+        reason = "streaming is off (`refit_memory=0`)"
+    elif readers:
+        try:
+            peak, estimate = stream_refit(working, [c.name for c in readers], batches, targets, refit,
+                                          offsets=offsets, float32=float32, max_bytes=max_bytes)
+        except Exception as exc:  # StreamUnsupported before any refit; anything else: start again, one pass each
+            reason = str(exc) if isinstance(exc, StreamUnsupported) else (
+                f"the streamed pass failed ({type(exc).__name__}: {exc})")
+            if updates:
+                updates.clear()
+                working = masked_copy(model, graph, PruningPlan(keep, {}))
+        else:
+            _log.debug("refit: one streamed pass for %d consumers (peak %.0f MB held)", len(readers), peak / 2**20)
+            return updates, RefitReport("stream", len(readers), time.perf_counter() - start, peak_bytes=peak,
+                                        estimated_bytes=estimate)
+    if readers:
+        _log.debug("refit: one pass per consumer for %d consumers (%s)", len(readers), reason)
+    # One pass per consumer, in the order they run: each refits on inputs from the network with every
     # earlier consumer already refitted and every dropped channel zero (the masked model),
     # so a residual stream's readers each see the stream as pruned up to their own depth.
     # A consumer feeding a residual add also absorbs the other operand's error as the masked
     # network has it now: of two consumers on one add, the later absorbs what the first left.
     # One working copy (the masked model) gets each refit written as it is made, instead of a
-    # copy of the model per consumer; each pass's statistics are used once (no checks).
-    updates: dict[str, ConsumerUpdate] = {}
+    # copy of the model per consumer.
     reference = model if targets is None else targets
-    working = masked_copy(model, graph, PruningPlan(dict(pruned_keep), {}))
     for consumer in tqdm(readers, desc="refit", disable=not progress, leave=False):
-        target = residual_targets.get(consumer.name)
-        offsets = None if target is None else {consumer.name: target.offset(model)}
-        stats = collect_statistics(working, [consumer], batches, reference=reference, offsets=offsets,
+        own = {consumer.name: offsets[consumer.name]} if consumer.name in offsets else None
+        stats = collect_statistics(working, [consumer], batches, reference=reference, offsets=own,
                                    positions_per_image=positions_per_image, seed=seed, progress=False,
                                    float32=float32)
-        acc = stats.pop(consumer.name)
-        updates[consumer.name] = consumer_update(consumer, pruned_keep, acc,
-                                                 consumer_problem(acc, consumer, model, ridge, check=False),
-                                                 graph, model)
-        del acc
-        write_updates(working, graph, PruningPlan(dict(pruned_keep), updates), [consumer.name])
-    return updates
+        refit(consumer.name, stats.pop(consumer.name))
+    return updates, RefitReport("passes", len(readers), time.perf_counter() - start, reason=reason)

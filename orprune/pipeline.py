@@ -59,9 +59,12 @@ from orprune.network.latency import LatencyModel, latency_tables
 from orprune.network.residual_targets import ResidualTarget, find_residual_targets
 from orprune.network.surgery import ConsumerUpdate, PruningPlan, apply_pruning
 from orprune.network.timing import call_times, torch_threads
-from orprune.prune_result import LatencyReport, PruneResult, UnitReport
+from orprune.prune_result import LatencyReport, PruneResult, RefitReport, UnitReport
 
 __all__ = ["Pruner", "PruneResult", "UnitReport", "prune"]
+
+#: Default ``refit_memory`` of :class:`Pruner`: 4 GiB of activations held by the streamed refit.
+DEFAULT_REFIT_MEMORY = 4 * 2**30
 
 
 class Pruner:
@@ -137,6 +140,12 @@ class Pruner:
         Each calibration batch's ``X^T X`` and ``X^T Y`` in float32 on the model's device, summed and
         solved in float64 (:func:`orprune.network.calibration.collect_statistics`): faster and lighter on
         wide layers, equal to the float64 statistics within ``StatisticsAccumulator.FLOAT32_RTOL``.
+    refit_memory : float or None, default 4 GiB
+        Bytes of activations the sequential refit of :meth:`prune` may hold to refit every consumer in one
+        node-by-node pass of the calibration set (:mod:`orprune.network.streaming`; traced with ``torch.fx``),
+        estimated from the first batch. Above it, or when the model does not trace or a consumer runs more than
+        once per forward pass, one pass per consumer (O(depth^2) layer evaluations) gives the same updates. None:
+        no limit; 0: always one pass per consumer. ``PruneResult.refit`` says which ran.
     progress : bool, default True
     seed : int, default 0
 
@@ -179,6 +188,7 @@ class Pruner:
         time_limit: float | None = 1.0,
         polish_time: float | None = 5.0,
         float32_statistics: bool = False,
+        refit_memory: float | None = DEFAULT_REFIT_MEMORY,
         progress: bool = True,
         seed: int = 0,
     ) -> None:
@@ -201,6 +211,7 @@ class Pruner:
         self.time_limit = time_limit
         self.polish_time = polish_time
         self.float32_statistics = float32_statistics
+        self.refit_memory = refit_memory
         self.progress = progress
         self.seed = seed
 
@@ -216,6 +227,9 @@ class Pruner:
         if self.polish_time is not None and (isinstance(self.polish_time, bool) or not isinstance(
                 self.polish_time, (int, float)) or not math.isfinite(self.polish_time) or self.polish_time < 0):
             raise ValueError(f"`polish_time` must be a number of seconds >= 0 or None, got {self.polish_time!r}.")
+        if self.refit_memory is not None and (isinstance(self.refit_memory, bool) or not isinstance(
+                self.refit_memory, (int, float)) or not math.isfinite(self.refit_memory) or self.refit_memory < 0):
+            raise ValueError(f"`refit_memory` must be a number of bytes >= 0 or None, got {self.refit_memory!r}.")
         if self.positions_per_image is not None and (isinstance(self.positions_per_image, bool) or not isinstance(
                 self.positions_per_image, int) or self.positions_per_image < 1):
             raise ValueError(f"`positions_per_image` must be a positive integer or None, got {self.positions_per_image!r}.")
@@ -381,14 +395,15 @@ class Pruner:
     def _intercept(consumer: Consumer, model: nn.Module) -> bool:
         return has_intercept(consumer, model)
 
-    def _refit_updates(self, pruned_keep: dict[str, np.ndarray]) -> dict[str, ConsumerUpdate]:
-        """Least-squares weights and biases of every consumer reading a pruned unit
+    def _refit_updates(self, pruned_keep: dict[str, np.ndarray]) -> tuple[dict[str, ConsumerUpdate], RefitReport]:
+        """Least-squares weights and biases of every consumer reading a pruned unit, and how they were made
         (:func:`orprune._refit.refit_updates`)."""
         return refit_updates(self.model_, self.graph_, pruned_keep, self.batches_, order=self.consumer_order_,
                              statistics=self.statistics_, problems=self.problems_, targets=self.targets_,
                              residual_targets=self.residual_targets_, sequential=self.sequential, ridge=self.ridge,
                              positions_per_image=self.positions_per_image, seed=self.seed,
-                             float32=self.float32_statistics, progress=self.progress)
+                             float32=self.float32_statistics, progress=self.progress,
+                             max_bytes=None if self.refit_memory is None else int(self.refit_memory))
 
     def _polish(self, unit: str, k: int, mask: np.ndarray) -> tuple[np.ndarray, float, int]:
         """Swap search from the curve's mask at ``k`` for ``polish_time`` seconds (at least one round)."""
@@ -524,7 +539,8 @@ class Pruner:
                  for u, k in chosen.keep.items()}
         keep = {u: np.flatnonzero(m) for u, m in masks.items()}
         pruned_keep = {u.name: keep[u.name] for u in self.graph_.units if keep[u.name].size < u.n_channels}
-        plan = PruningPlan(pruned_keep, self._refit_updates(pruned_keep))
+        updates, refit = self._refit_updates(pruned_keep)
+        plan = PruningPlan(pruned_keep, updates)
         model = apply_pruning(self.model_, self.graph_, plan, self.example_inputs_)
         macs_after, params_after = count_macs_params(model, self.example_inputs_)
         report = tuple(self._report(u.name, int(keep[u.name].size),
@@ -535,7 +551,7 @@ class Pruner:
             self, "latency_") else None
         result = PruneResult(model=model, macs_before=self.macs_before_, macs_after=macs_after,
                              params_before=self.params_before_, params_after=params_after, report=report,
-                             allocation=chosen, plan=plan, prune_time=prune_time, latency=timing)
+                             allocation=chosen, plan=plan, prune_time=prune_time, latency=timing, refit=refit)
         warn_over_budget(result, budgets)
         return result
 

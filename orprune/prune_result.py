@@ -11,7 +11,7 @@ from orprune.budget.allocation import Allocation
 from orprune.budget.recheck import PolishedPoint
 from orprune.network.surgery import PruningPlan
 
-__all__ = ["LatencyReport", "LatencyRound", "PruneResult", "UnitReport"]
+__all__ = ["LatencyReport", "LatencyRound", "PruneResult", "RefitReport", "UnitReport"]
 
 
 @dataclass(frozen=True)
@@ -69,6 +69,25 @@ class LatencyReport:
 
 
 @dataclass(frozen=True)
+class RefitReport:
+    """How the consumers reading pruned units were refitted (:func:`orprune._refit.refit_updates`).
+
+    ``path``: ``"stream"``, the sequential refit in one node-by-node pass over all calibration batches
+    (:mod:`orprune.network.streaming`); ``"passes"``, one pass of the calibration set per consumer (``reason`` says
+    why not streamed: the model does not trace, a consumer runs twice, the memory limit, ...; the same updates);
+    ``"parallel"``, ``sequential=False`` (the fit's statistics). ``peak_bytes``: activations the streamed pass held
+    at most (measured), ``estimated_bytes`` its estimate from the first batch; None on the other paths.
+    """
+
+    path: str
+    consumers: int
+    seconds: float
+    reason: str | None = None
+    peak_bytes: int | None = None
+    estimated_bytes: int | None = None
+
+
+@dataclass(frozen=True)
 class PruneResult:
     """A pruned model with its costs and the per-unit report."""
 
@@ -83,6 +102,7 @@ class PruneResult:
     prune_time: float
     latency: LatencyReport | None = None  # with latency tables (Pruner.fit_latency or a `latency` budget)
     polished: tuple[PolishedPoint, ...] = ()  # swap-polished points of path curves (Pruner's `polish_time`)
+    refit: RefitReport | None = None  # how the consumers were refitted (the last apply's)
 
     def summary(self) -> str:
         lines = [
@@ -117,4 +137,5 @@ class PruneResult:
                 "measured_fraction": self.latency.measured_fraction},
             "units": [asdict(r) for r in self.report],
             "polished": [asdict(p) for p in self.polished],
+            "refit": None if self.refit is None else asdict(self.refit),
         }
