@@ -117,9 +117,10 @@ def refit_updates(
     ridge, positions_per_image, seed, float32, progress
         As in :class:`orprune.Pruner`.
     max_bytes : int, optional
-        Sequential mode: the most bytes of activations the one-pass refit
-        (:func:`orprune.network.streaming.stream_refit`) may hold; above it, and for models it does not
-        support, one pass per consumer (the same updates). 0: always one pass per consumer.
+        Sequential mode: the most bytes of activations the streamed refit
+        (:func:`orprune.network.streaming.stream_refit`) may hold (beyond, it recomputes from checkpoints);
+        None: no limit; 0: one pass of :func:`collect_statistics` per consumer, also for models the stream does
+        not support (the same updates).
 
     Returns
     -------
@@ -153,8 +154,8 @@ def refit_updates(
         reason = "streaming is off (`refit_memory=0`)"
     elif readers:
         try:
-            peak, estimate = stream_refit(working, [c.name for c in readers], batches, targets, refit,
-                                          offsets=offsets, float32=float32, max_bytes=max_bytes)
+            stats = stream_refit(working, [c.name for c in readers], batches, targets, refit,
+                                 offsets=offsets, float32=float32, max_bytes=max_bytes)
         except Exception as exc:  # StreamUnsupported before any refit; anything else: start again, one pass each
             reason = str(exc) if isinstance(exc, StreamUnsupported) else (
                 f"the streamed pass failed ({type(exc).__name__}: {exc})")
@@ -162,9 +163,11 @@ def refit_updates(
                 updates.clear()
                 working = masked_copy(model, graph, PruningPlan(keep, {}))
         else:
-            _log.debug("refit: one streamed pass for %d consumers (peak %.0f MB held)", len(readers), peak / 2**20)
-            return updates, RefitReport("stream", len(readers), time.perf_counter() - start, peak_bytes=peak,
-                                        estimated_bytes=estimate)
+            _log.debug("refit: streamed, %d consumers in %.2f forward passes (peak %.0f MB held)", len(readers),
+                       stats.passes, stats.peak_bytes / 2**20)
+            return updates, RefitReport("stream", len(readers), time.perf_counter() - start,
+                                        peak_bytes=stats.peak_bytes, estimated_bytes=stats.estimated_bytes,
+                                        passes=stats.passes)
     if readers:
         _log.debug("refit: one pass per consumer for %d consumers (%s)", len(readers), reason)
     # One pass per consumer, in the order they run: each refits on inputs from the network with every

@@ -141,11 +141,12 @@ class Pruner:
         solved in float64 (:func:`orprune.network.calibration.collect_statistics`): faster and lighter on
         wide layers, equal to the float64 statistics within ``StatisticsAccumulator.FLOAT32_RTOL``.
     refit_memory : float or None, default 4 GiB
-        Bytes of activations the sequential refit of :meth:`prune` may hold to refit every consumer in one
-        node-by-node pass of the calibration set (:mod:`orprune.network.streaming`; traced with ``torch.fx``),
-        estimated from the first batch. Above it, or when the model does not trace or a consumer runs more than
-        once per forward pass, one pass per consumer (O(depth^2) layer evaluations) gives the same updates. None:
-        no limit; 0: always one pass per consumer. ``PruneResult.refit`` says which ran.
+        Bytes of activations the sequential refit of :meth:`prune` may hold. It refits every consumer in one
+        node-by-node pass of all calibration batches (:mod:`orprune.network.streaming`, traced with ``torch.fx``);
+        where that pass would hold more (estimated from the first batch), batches are recomputed from the last
+        consumer where all fitted. Models fx cannot trace, or that run a consumer twice per forward pass, get one
+        calibration pass per consumer (O(depth^2) layer evaluations), as does ``refit_memory=0``. Every path gives
+        the same updates; ``PruneResult.refit`` says which ran. None: no limit.
     progress : bool, default True
     seed : int, default 0
 

@@ -75,8 +75,10 @@ class RefitReport:
     ``path``: ``"stream"``, the sequential refit in one node-by-node pass over all calibration batches
     (:mod:`orprune.network.streaming`); ``"passes"``, one pass of the calibration set per consumer (``reason`` says
     why not streamed: the model does not trace, a consumer runs twice, the memory limit, ...; the same updates);
-    ``"parallel"``, ``sequential=False`` (the fit's statistics). ``peak_bytes``: activations the streamed pass held
-    at most (measured), ``estimated_bytes`` its estimate from the first batch; None on the other paths.
+    ``"parallel"``, ``sequential=False`` (the fit's statistics). Streamed only: ``peak_bytes``, the activations it
+    held at most (measured); ``estimated_bytes``, what one pass of all batches holds (estimated from the first
+    batch; above ``Pruner(refit_memory=...)`` batches are recomputed from checkpoints); ``passes``, its node
+    evaluations in forward passes (1.0 without recomputation).
     """
 
     path: str
@@ -85,6 +87,7 @@ class RefitReport:
     reason: str | None = None
     peak_bytes: int | None = None
     estimated_bytes: int | None = None
+    passes: float | None = None
 
 
 @dataclass(frozen=True)

@@ -16,24 +16,29 @@ weights (its own consumers not refitted yet, as in the consumer's own pass), the
 again when it gets there, after those consumers' refits. The statistics are therefore those of the
 per-consumer passes, bit for bit (same positions and targets from the cache, same accumulation order).
 
+Memory: one pass holds, at each node, the live values of every batch. Under a ``max_bytes`` limit the values of
+all batches are kept only at a *checkpoint* (the last consumer where they fitted); a consumer beyond is reached by
+running each batch alone from the checkpoint (its values cloned, so in-place ops leave it intact), with the weights
+already refitted, which gives the same values again. With no room at all the checkpoint stays at the inputs: one
+pass per consumer, the O(depth^2) of the per-consumer passes.
+
 :func:`stream_refit` raises :class:`StreamUnsupported` before changing anything when a model does not qualify
 (fx cannot trace it, a consumer or tapped module runs more than once, the node-by-node run of the first batch
-does not reproduce the model's output, the held activations would exceed ``max_bytes``); the caller then runs
-one pass per consumer.
+does not reproduce the model's output bit for bit); the caller then runs one pass per consumer.
 """
 
 from __future__ import annotations
 
 import logging
 import operator
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.fx as fx
 from torch import nn
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_flatten, tree_map
 
 from orprune.layer.problem import StatisticsAccumulator
 from orprune.network._consumer_stream import ConsumerStream, TargetCache
@@ -41,7 +46,7 @@ from orprune.network.calibration import _batch_input, _n_positions, _to
 from orprune.network.graph import call_model
 from orprune.network.residual_targets import TargetOffset
 
-__all__ = ["StreamUnsupported", "stream_refit"]
+__all__ = ["StreamStats", "StreamUnsupported", "stream_refit"]
 
 _log = logging.getLogger(__name__)
 
@@ -52,6 +57,19 @@ _INPLACE_FUNCTIONS = {operator.iadd, operator.isub, operator.imul, operator.itru
 
 class StreamUnsupported(Exception):
     """The model cannot be streamed (the message says why): refit it with one pass per consumer."""
+
+
+@dataclass(frozen=True)
+class StreamStats:
+    """What :func:`stream_refit` did: the peak bytes of activations it held (measured), the peak one pass of all
+    batches would hold (estimated from the first batch), node evaluations in forward passes (1.0: one pass; more
+    where consumers were recomputed from an earlier checkpoint to stay within ``max_bytes``), and how many
+    consumers the checkpoint moved to."""
+
+    peak_bytes: int
+    estimated_bytes: int
+    passes: float
+    checkpoints: int
 
 
 @dataclass
@@ -172,42 +190,58 @@ def _run(model: nn.Module, node: fx.Node, fetch: Callable[[fx.Node], Any]) -> An
     raise StreamUnsupported(f"node {node.name} has op {node.op!r}")
 
 
-def _bytes(values: Mapping[fx.Node, list[Any]]) -> int:
-    """Bytes of the held tensors, each storage counted once (in-place ops share one)."""
+def _bytes(states: Iterable[Mapping[fx.Node, Any] | None], inputs: Any = ()) -> int:
+    """Bytes of the tensors held in ``states``, each storage counted once (in-place ops share one), but for those
+    of ``inputs`` (the calibration batches, held anyway)."""
+    given = {leaf.untyped_storage().data_ptr() for leaf in tree_flatten(inputs)[0] if torch.is_tensor(leaf)}
     seen: dict[int, int] = {}
-    for batch_values in values.values():
-        for value in batch_values:
+    for state in states:
+        for value in (state or {}).values():
             for leaf in tree_flatten(value)[0]:
                 if torch.is_tensor(leaf) and leaf.device.type != "meta":
                     storage = leaf.untyped_storage()
                     seen[storage.data_ptr()] = storage.nbytes()
-    return sum(seen.values())
+    return sum(n for ptr, n in seen.items() if ptr not in given)
+
+
+def _clone(value: Any) -> Any:
+    return tree_map(lambda v: v.clone() if torch.is_tensor(v) else v, value)
+
+
+class _Recompute(dict):
+    """One batch's values while it is recomputed from a checkpoint: a checkpoint value is cloned when first read
+    (an in-place op of the recomputation must not change the checkpoint)."""
+
+    def __init__(self, checkpoint: Mapping[fx.Node, Any]):
+        super().__init__()
+        self.checkpoint = checkpoint
+
+    def __missing__(self, node: fx.Node) -> Any:
+        value = self[node] = _clone(self.checkpoint[node])
+        return value
 
 
 def _numel(inputs: Any) -> int:
     return sum(leaf.numel() for leaf in tree_flatten(inputs)[0] if torch.is_tensor(leaf))
 
 
-def _check_first_batch(model: nn.Module, plan: _Plan, inputs: Any) -> int:
+def _check_first_batch(model: nn.Module, plan: _Plan, inputs: Any) -> list[int]:
     """Run the whole graph node by node on one batch: its output must equal the model's, bit for bit. Returns the
-    peak bytes held up to the refit's last node."""
-    values: dict[fx.Node, list[Any]] = {}
-    for p, v in zip(plan.placeholders, _placeholder_values(plan, inputs)):
-        values[p] = [v]
-    peak, out = 0, None
+    bytes held after each node (its dead inputs freed) up to the refit's last one."""
+    values: dict[fx.Node, Any] = dict(zip(plan.placeholders, _placeholder_values(plan, inputs)))
+    live, out = [0] * (plan.stop + 1), None
     last = {arg: i for i, node in enumerate(plan.nodes) for arg in node.all_input_nodes}
     for i, node in enumerate(plan.nodes):
-        if node.op == "placeholder":
-            continue
         if node.op == "output":
-            out = fx.node.map_arg(node.args[0], lambda n: values[n][0])
+            out = fx.node.map_arg(node.args[0], values.__getitem__)
             break
-        values[node] = [_run(model, node, lambda n: values[n][0])]
-        if i <= plan.stop:
-            peak = max(peak, _bytes(values))
+        if node.op != "placeholder":
+            values[node] = _run(model, node, values.__getitem__)
         for arg in node.all_input_nodes:
             if last.get(arg) == i:
                 values.pop(arg, None)
+        if i <= plan.stop:
+            live[i] = _bytes([values], inputs)
     expected = call_model(model, inputs)
     got, want = tree_flatten(out)[0], tree_flatten(expected)[0]
     same = len(got) == len(want) and all(
@@ -215,7 +249,7 @@ def _check_first_batch(model: nn.Module, plan: _Plan, inputs: Any) -> int:
         or (not torch.is_tensor(a) and not torch.is_tensor(b) and a == b) for a, b in zip(got, want))
     if not same:
         raise StreamUnsupported("the traced graph does not reproduce the model's output on the first batch")
-    return peak
+    return live
 
 
 def stream_refit(
@@ -228,7 +262,7 @@ def stream_refit(
     offsets: Mapping[str, TargetOffset] | None = None,
     float32: bool = False,
     max_bytes: int | None = None,
-) -> tuple[int, int]:
+) -> StreamStats:
     """Refit ``consumers`` sequentially in one node-by-node pass of ``model`` over all ``batches``.
 
     Parameters
@@ -248,13 +282,14 @@ def stream_refit(
     float32 : bool, default False
         Batch products in float32 (``StatisticsAccumulator(float32=True)``).
     max_bytes : int, optional
-        Most bytes of activations to hold at once, estimated from the first batch; above it
-        :class:`StreamUnsupported` is raised before any refit.
+        Most bytes of activations of all batches to hold at once (estimated from the first batch): where one pass
+        would hold more, the values of all batches are kept only at an earlier consumer (a checkpoint) and each
+        batch is recomputed from there, alone, up to the consumer to refit (the same values, more node
+        evaluations). None: one pass.
 
     Returns
     -------
-    (int, int)
-        Peak bytes of activations held (measured) and the estimate made from the first batch.
+    StreamStats
 
     Raises
     ------
@@ -271,105 +306,131 @@ def stream_refit(
     if reference.n_batches != len(batches):
         raise StreamUnsupported(f"the target cache holds {reference.n_batches} batches, not {len(batches)}")
     plan = _plan(model, consumers, offsets)
+    if any(n.op == "placeholder" for n in plan.nodes[len(plan.placeholders):]):
+        raise StreamUnsupported("the traced graph has placeholders after other nodes")
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     inputs = [_to(_batch_input(b), device) for b in batches]
     with torch.no_grad():
         try:
-            first = _check_first_batch(model, plan, inputs[0])
+            live = _check_first_batch(model, plan, inputs[0])
         except StreamUnsupported:
             raise
         except Exception as exc:
             raise StreamUnsupported(f"the traced graph fails on the first batch ({type(exc).__name__}: {exc})") from exc
-        estimate = int(first * sum(_numel(x) for x in inputs) / max(_numel(inputs[0]), 1))
-        if max_bytes is not None and estimate > max_bytes:
-            raise StreamUnsupported(f"the activations of all batches would take about {estimate / 2**30:.2f} GiB, "
-                                    f"above the limit of {max_bytes / 2**30:.2f} GiB")
-        peak = _stream(model, plan, inputs, reference, refit, offsets, float32)
-    return peak, estimate
+        scale = sum(_numel(x) for x in inputs) / max(_numel(inputs[0]), 1)
+        stream = _Stream(model, plan, inputs, reference, dict(offsets), bool(float32))
+        stream.run(refit, [v * scale for v in live], max_bytes)
+    last = max(plan.index[n] for n in plan.consumers)
+    evaluated = sum(1 for n in plan.nodes[: last + 1] if n.op != "placeholder")
+    at_consumers = [max(live[plan.index[n] - 1], live[plan.index[n]]) for n in plan.consumers]
+    return StreamStats(peak_bytes=stream.peak, estimated_bytes=int(max(at_consumers) * scale),
+                       passes=stream.evaluations / max(evaluated * len(inputs), 1), checkpoints=stream.checkpoints)
 
 
-def _stream(model: nn.Module, plan: _Plan, inputs: list[Any], reference: TargetCache,
-            refit: Callable[[str, StatisticsAccumulator], None], offsets: Mapping[str, TargetOffset],
-            float32: bool) -> int:
-    n = len(inputs)
-    values: dict[fx.Node, list[Any]] = {}
-    for b, x in enumerate(inputs):
-        for p, v in zip(plan.placeholders, _placeholder_values(plan, x)):
-            values.setdefault(p, []).append(v)
-    peak = 0
-    for i, node in enumerate(plan.nodes[: plan.stop + 1]):
-        if node.op == "placeholder":
-            pass
-        elif node in plan.consumers:
+class _Stream:
+    """The pass: per batch, the values of a checkpoint (the nodes alive after it); at each consumer, every batch
+    runs from the checkpoint to the consumer's input, the consumer is refitted, and the checkpoint moves to the
+    consumer when the values of all batches fit in ``max_bytes`` (else the next consumer runs from the old one)."""
+
+    def __init__(self, model: nn.Module, plan: _Plan, inputs: list[Any], reference: TargetCache,
+                 offsets: dict[str, TargetOffset], float32: bool):
+        self.model, self.plan, self.reference, self.offsets, self.float32 = model, plan, reference, offsets, float32
+        self.checkpoint = len(plan.placeholders) - 1
+        self.states: list[dict[fx.Node, Any] | None] = [
+            dict(zip(plan.placeholders, _placeholder_values(plan, x))) for x in inputs]
+        for j in range(self.checkpoint + 1):
+            self._free(j, self.states)
+        self.inputs = inputs
+        self.peak = 0
+        self.evaluations = 0
+        self.checkpoints = 0
+
+    def _free(self, j: int, states: Iterable[dict[fx.Node, Any] | None]) -> None:
+        for state in states:
+            for dead in self.plan.frees.get(j, ()):
+                if state is not None:
+                    state.pop(dead, None)
+
+    def run(self, refit: Callable[[str, StatisticsAccumulator], None], live: list[float],
+            max_bytes: int | None) -> None:
+        plan = self.plan
+        for node in sorted(plan.consumers, key=plan.index.__getitem__):
+            i = plan.index[node]
+            # moving the checkpoint here holds every batch's values at the consumer's input and output (one batch
+            # at a time runs from the checkpoint); else one batch at a time is recomputed and dropped
+            keep = max_bytes is None or max(live[i - 1], live[i]) <= max_bytes
             name = plan.consumers[node]
-            shapes = _record_and_refit(model, plan, i, node, name, values, reference, refit, offsets.get(name),
-                                       float32)
-            values[node] = [_run(model, node, lambda a, b=b: values[a][b]) for b in range(n)]
-            for b, (n_pos, tap_shapes) in enumerate(shapes):
-                out = values[node][b]
+            stream = ConsumerStream(name, self.model.get_submodule(name), None, torch.Generator())
+            stream.float32, stream.bias, stream.offset = self.float32, self.reference._bias[name], self.offsets.get(name)
+            kept: list[dict[fx.Node, Any]] = []
+            checks = []
+            for b in range(len(self.states)):
+                if keep:  # the batch's checkpoint values become its values at the consumer
+                    state, self.states[b] = self.states[b], None
+                else:
+                    state = _Recompute(self.states[b])
+                for j in range(self.checkpoint + 1, i):
+                    state[plan.nodes[j]] = _run(self.model, plan.nodes[j], state.__getitem__)
+                    self._free(j, [state])
+                self.evaluations += i - self.checkpoint - 1
+                checks.append(self._record(stream, b, i, node, state))
+                if keep:
+                    kept.append(state)
+                self.peak = max(self.peak, _bytes(self.states + kept + ([] if keep else [state]), self.inputs))
+                del state
+            if stream.acc is None:
+                raise ValueError(f"consumer {name!r} got no calibration rows.")
+            refit(name, stream.acc)
+            del stream
+            if not keep:
+                continue
+            for state, (n_pos, tap_shapes) in zip(kept, checks):  # the consumer's output with its new weights
+                out = state[node] = _run(self.model, node, state.__getitem__)
                 if _n_positions(out) != n_pos or any(s != out.shape for s in tap_shapes):
                     raise ValueError(f"consumer {name!r} has output shape {tuple(out.shape)} in `model`, which does "
                                      "not match the target cache or its tapped tensors.")
-        else:
-            values[node] = [_run(model, node, lambda a, b=b: values[a][b]) for b in range(n)]
-        peak = max(peak, _bytes(values))
-        for dead in plan.frees.get(i, ()):
-            values.pop(dead, None)
-    return peak
+                self._free(i, [state])
+            self.evaluations += len(kept)
+            self.states, self.checkpoint = kept, i
+            self.checkpoints += 1
+            self.peak = max(self.peak, _bytes(self.states, self.inputs))
 
-
-def _lookahead(model: nn.Module, plan: _Plan, position: int, target: fx.Node, values: Mapping[fx.Node, list[Any]],
-               b: int) -> Any:
-    """The value of ``target`` (after ``position`` in the graph) for batch ``b`` from the held values and the
-    current weights, without touching the held values (each is cloned where a node reads it)."""
-    needed: set[fx.Node] = set()
-    stack = [target]
-    while stack:
-        node = stack.pop()
-        if node not in needed and plan.index[node] > position:
-            needed.add(node)
-            stack.extend(node.all_input_nodes)
-    local: dict[fx.Node, Any] = {}
-
-    def fetch(arg: fx.Node) -> Any:
-        if arg in local:
-            return local[arg]
-        value = values[arg][b]
-        return value.clone() if torch.is_tensor(value) else value
-
-    for node in sorted(needed, key=plan.index.__getitem__):
-        local[node] = _run(model, node, fetch)
-    return local[target]
-
-
-def _record_and_refit(model: nn.Module, plan: _Plan, position: int, node: fx.Node, name: str,
-                      values: Mapping[fx.Node, list[Any]], reference: TargetCache,
-                      refit: Callable[[str, StatisticsAccumulator], None], offset: TargetOffset | None,
-                      float32: bool) -> list[tuple[int, list[torch.Size]]]:
-    """A consumer's statistics over all batches (as :func:`collect_statistics` with a cache reference has them),
-    then ``refit``. Returns per batch the cached rows per sample and the tapped tensors' shapes, to check."""
-    stream = ConsumerStream(name, model.get_submodule(name), None, torch.Generator())
-    stream.float32 = bool(float32)
-    stream.bias = reference._bias[name]
-    stream.offset = offset
-    shapes = []
-    x_node = node.args[0]
-    for b in range(len(values[x_node])):
+    def _record(self, stream: ConsumerStream, b: int, position: int, node: fx.Node,
+                state: dict[fx.Node, Any]) -> tuple[int, list[torch.Size]]:
+        """Batch ``b``'s rows of a consumer (as :func:`collect_statistics` with a cache reference has them).
+        Returns the cached rows per sample and the tapped tensors' shapes, to check against the output."""
         stream.begin(b)
         stream.taps = None
-        n_pos, idx, rows = reference._get(stream)
-        x = values[x_node][b]
-        if offset is None:
+        n_pos, idx, rows = self.reference._get(stream)
+        x = state[node.args[0]]
+        if stream.offset is None:
             stream.update(x, rows, idx)
-            shapes.append((n_pos, []))
-            continue
-        tapped = [values[t][b] if plan.index[t] <= position else _lookahead(model, plan, position, t, values, b)
-                  for t in plan.taps[name]]
+            return n_pos, []
+        tapped = [state[t] if self.plan.index[t] < position else self._lookahead(position, t, state)
+                  for t in self.plan.taps[stream.name]]
         model_taps = torch.stack([stream.sample(t, idx).double() for t in tapped]).sum(0)
-        diff = reference._get_offset(stream).double() - model_taps
-        stream.update(x, rows, idx, diff if offset.scale is None else diff * offset.scale.to(diff))
-        shapes.append((n_pos, [t.shape for t in tapped]))
-    if stream.acc is None:
-        raise ValueError(f"consumer {name!r} got no calibration rows.")
-    refit(name, stream.acc)
-    return shapes
+        diff = self.reference._get_offset(stream).double() - model_taps
+        scale = stream.offset.scale
+        stream.update(x, rows, idx, diff if scale is None else diff * scale.to(diff))
+        return n_pos, [t.shape for t in tapped]
+
+    def _lookahead(self, position: int, target: fx.Node, state: Mapping[fx.Node, Any]) -> Any:
+        """The value of ``target`` (after ``position`` in the graph) for one batch from its values and the current
+        weights, without changing them (each is cloned where a node reads it)."""
+        index = self.plan.index
+        needed: set[fx.Node] = set()
+        stack = [target]
+        while stack:
+            node = stack.pop()
+            if node not in needed and index[node] > position:
+                needed.add(node)
+                stack.extend(node.all_input_nodes)
+        local: dict[fx.Node, Any] = {}
+
+        def fetch(arg: fx.Node) -> Any:
+            return local[arg] if arg in local else _clone(state[arg])
+
+        for node in sorted(needed, key=index.__getitem__):
+            local[node] = _run(self.model, node, fetch)
+        self.evaluations += len(needed)
+        return local[target]
