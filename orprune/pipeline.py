@@ -46,6 +46,7 @@ from orprune._pipeline_steps import (
     unit_part,
 )
 from orprune._pool import interruptible_pool
+from orprune._refit import consumer_problem, consumer_update, has_intercept, refit_updates
 from orprune.budget.allocation import Allocation, AllocationProblem, allocate
 from orprune.budget.curves import PATH_SOLVERS, ErrorCurve, join_curves
 from orprune.budget.output_errors import output_error_curves, probe_batches
@@ -54,18 +55,19 @@ from orprune.budget.uniform_allocation import allocate_uniform
 from orprune.layer.problem import LayerProblem, StatisticsAccumulator
 from orprune.layer.selection import resolve_solver
 from orprune.layer.solvers.polish import polish_swap
-from orprune.layer.tied import block_diagonal
-from orprune.layer.wide import WideAccumulator
 from orprune.network.calibration import DEFAULT_POSITIONS_PER_IMAGE, TargetCache, collect_statistics
 from orprune.network.costs import count_macs_params, network_costs
-from orprune.network.graph import DEFAULT_MAX_FEATURES, Consumer, find_groups, weight_matrix
+from orprune.network.graph import DEFAULT_MAX_FEATURES, Consumer, find_groups
 from orprune.network.latency import LatencyModel, latency_tables
 from orprune.network.residual_targets import ResidualTarget, find_residual_targets
-from orprune.network.surgery import ConsumerUpdate, PruningPlan, apply_pruning, masked_copy, write_updates
+from orprune.network.surgery import ConsumerUpdate, PruningPlan, apply_pruning
 from orprune.network.timing import call_times, torch_threads
-from orprune.prune_result import LatencyReport, PruneResult, UnitReport
+from orprune.prune_result import LatencyReport, PruneResult, RefitReport, UnitReport
 
 __all__ = ["Pruner", "PruneResult", "UnitReport", "prune"]
+
+#: Default ``refit_memory`` of :class:`Pruner`: 4 GiB of activations held by the streamed refit.
+DEFAULT_REFIT_MEMORY = 4 * 2**30
 
 
 class Pruner:
@@ -148,6 +150,13 @@ class Pruner:
         Each calibration batch's ``X^T X`` and ``X^T Y`` in float32 on the model's device, summed and
         solved in float64 (:func:`orprune.network.calibration.collect_statistics`): faster and lighter on
         wide layers, equal to the float64 statistics within ``StatisticsAccumulator.FLOAT32_RTOL``.
+    refit_memory : float or None, default 4 GiB
+        Bytes of activations the sequential refit of :meth:`prune` may hold. It refits every consumer in one
+        node-by-node pass of all calibration batches (:mod:`orprune.network.streaming`, traced with ``torch.fx``);
+        where that pass would hold more (estimated from the first batch), batches are recomputed from the last
+        consumer where all fitted. Models fx cannot trace, or that run a consumer twice per forward pass, get one
+        calibration pass per consumer (O(depth^2) layer evaluations), as does ``refit_memory=0``. Every path gives
+        the same updates; ``PruneResult.refit`` says which ran. None: no limit.
     progress : bool, default True
     seed : int, default 0
 
@@ -190,6 +199,7 @@ class Pruner:
         time_limit: float | None = 1.0,
         polish_time: float | None = 5.0,
         float32_statistics: bool = False,
+        refit_memory: float | None = DEFAULT_REFIT_MEMORY,
         progress: bool = True,
         seed: int = 0,
     ) -> None:
@@ -212,6 +222,7 @@ class Pruner:
         self.time_limit = time_limit
         self.polish_time = polish_time
         self.float32_statistics = float32_statistics
+        self.refit_memory = refit_memory
         self.progress = progress
         self.seed = seed
 
@@ -227,6 +238,9 @@ class Pruner:
         if self.polish_time is not None and (isinstance(self.polish_time, bool) or not isinstance(
                 self.polish_time, (int, float)) or not math.isfinite(self.polish_time) or self.polish_time < 0):
             raise ValueError(f"`polish_time` must be a number of seconds >= 0 or None, got {self.polish_time!r}.")
+        if self.refit_memory is not None and (isinstance(self.refit_memory, bool) or not isinstance(
+                self.refit_memory, (int, float)) or not math.isfinite(self.refit_memory) or self.refit_memory < 0):
+            raise ValueError(f"`refit_memory` must be a number of bytes >= 0 or None, got {self.refit_memory!r}.")
         if self.positions_per_image is not None and (isinstance(self.positions_per_image, bool) or not isinstance(
                 self.positions_per_image, int) or self.positions_per_image < 1):
             raise ValueError(f"`positions_per_image` must be a positive integer or None, got {self.positions_per_image!r}.")
@@ -265,23 +279,7 @@ class Pruner:
 
     def _problem(self, acc: StatisticsAccumulator, consumer: Consumer, model: nn.Module,
                  check: bool = True) -> LayerProblem:
-        if isinstance(acc, WideAccumulator):  # compressed selection, exact refit (formulations/wide_consumers.md)
-            center = self._intercept(consumer, model)
-            scale = acc.mean_diagonal(center=center)
-            return acc.to_problem(ridge=self.ridge * (scale if scale > 0 else 1.0), center=center,
-                                  weights=weight_matrix(model.get_submodule(consumer.name)).detach())
-        gram, cross, yy = acc.statistics(center=self._intercept(consumer, model))
-        if consumer.groups > 1:  # a grouped conv's own least squares: block-diagonal by group
-            gram, cross = block_diagonal(gram, cross, consumer.groups, consumer.group_size)
-        scale = float(np.mean(np.diag(gram)))
-        # inputs constant over the calibration data have a zero centred Gram matrix: an absolute ridge then
-        # gives weights 0 and the bias keeps the (constant) output
-        ridge = self.ridge * (scale if scale > 0 else 1.0)
-        if not check:  # a refit's statistics, used once: no weights (magnitude baseline), no checks
-            return LayerProblem(gram, cross, yy, group_size=consumer.group_size, ridge=ridge, check=False)
-        weights = weight_matrix(model.get_submodule(consumer.name)).detach().double().numpy()
-        return LayerProblem(gram, cross, yy, group_size=consumer.group_size, ridge=ridge, weights=weights,
-                            assume_psd=True)  # accumulated X^T X
+        return consumer_problem(acc, consumer, model, self.ridge, check=check)
 
     def fit(self, model: nn.Module, calibration: Iterable[Any]) -> Pruner:
         """Trace ``model``, accumulate calibration statistics and compute every unit's curve.
@@ -426,55 +424,23 @@ class Pruner:
 
     def _update(self, consumer: Consumer, keep: dict[str, np.ndarray], acc: StatisticsAccumulator,
                 problem: LayerProblem | None = None) -> ConsumerUpdate:
-        """Least-squares weights on the kept input channels (of every unit in ``keep`` the layer reads)
-        and the compensated bias of one consumer."""
-        mask = self.graph_.input_mask(consumer.name, keep)
+        """Least-squares weights and compensated bias of one consumer (:func:`orprune._refit.consumer_update`)."""
         problem = problem if problem is not None else self._problem(acc, consumer, self.model_)
-        weights, _ = problem.refit(mask)
-        if not self._intercept(consumer, self.model_):
-            return ConsumerUpdate(weight=weights)
-        mean_x, mean_y = acc.means()
-        module = self.model_.get_submodule(consumer.name)
-        old_bias = module.bias.detach().double().numpy() if getattr(module, "bias", None) is not None else 0.0
-        return ConsumerUpdate(weight=weights, bias=old_bias + mean_y - mean_x @ weights)
+        return consumer_update(consumer, keep, acc, problem, self.graph_, self.model_)
 
     @staticmethod
     def _intercept(consumer: Consumer, model: nn.Module) -> bool:
-        """Whether the refit has an intercept: the layer has a bias, or a BatchNorm to fold one into.
-        Otherwise a new bias would add parameters and MACs the cost model does not price."""
-        return (getattr(model.get_submodule(consumer.name), "bias", None) is not None
-                or consumer.norm is not None or bool(consumer.norms))
+        return has_intercept(consumer, model)
 
-    def _refit_updates(self, pruned_keep: dict[str, np.ndarray]) -> dict[str, ConsumerUpdate]:
-        """Least-squares weights and biases of every consumer reading a pruned unit."""
-        updates: dict[str, ConsumerUpdate] = {}
-        if not self.sequential:
-            for c in self.consumer_order_:
-                if any(r.unit in pruned_keep for r in self.graph_.readers(c.name)):
-                    updates[c.name] = self._update(c, pruned_keep, self.statistics_[c.name], self.problems_[c.name])
-            return updates
-        consumers = [c for c in self.consumer_order_ if any(r.unit in pruned_keep for r in self.graph_.readers(c.name))]
-        # Consumers in the order they run: each refits on inputs from the network with every
-        # earlier consumer already refitted and every dropped channel zero (the masked model),
-        # so a residual stream's readers each see the stream as pruned up to their own depth.
-        # A consumer feeding a residual add also absorbs the other operand's error as the masked
-        # network has it now: of two consumers on one add, the later absorbs what the first left.
-        # One working copy (the masked model) gets each refit written as it is made, instead of a
-        # copy of the model per consumer; each pass's statistics are used once (no checks).
-        reference = self.model_ if self.targets_ is None else self.targets_
-        working = masked_copy(self.model_, self.graph_, PruningPlan(pruned_keep, {}))
-        for consumer in tqdm(consumers, desc="refit", disable=not self.progress, leave=False):
-            target = self.residual_targets_.get(consumer.name)
-            offsets = None if target is None else {consumer.name: target.offset(self.model_)}
-            stats = collect_statistics(working, [consumer], self.batches_, reference=reference, offsets=offsets,
-                                       positions_per_image=self.positions_per_image, seed=self.seed, progress=False,
-                                       float32=self.float32_statistics)
-            acc = stats.pop(consumer.name)
-            updates[consumer.name] = self._update(consumer, pruned_keep, acc,
-                                                  self._problem(acc, consumer, self.model_, check=False))
-            del acc
-            write_updates(working, self.graph_, PruningPlan(pruned_keep, updates), [consumer.name])
-        return updates
+    def _refit_updates(self, pruned_keep: dict[str, np.ndarray]) -> tuple[dict[str, ConsumerUpdate], RefitReport]:
+        """Least-squares weights and biases of every consumer reading a pruned unit, and how they were made
+        (:func:`orprune._refit.refit_updates`)."""
+        return refit_updates(self.model_, self.graph_, pruned_keep, self.batches_, order=self.consumer_order_,
+                             statistics=self.statistics_, problems=self.problems_, targets=self.targets_,
+                             residual_targets=self.residual_targets_, sequential=self.sequential, ridge=self.ridge,
+                             positions_per_image=self.positions_per_image, seed=self.seed,
+                             float32=self.float32_statistics, progress=self.progress,
+                             max_bytes=None if self.refit_memory is None else int(self.refit_memory))
 
     def _polish(self, unit: str, k: int, mask: np.ndarray) -> tuple[np.ndarray, float, int]:
         """Swap search from the curve's mask at ``k`` for ``polish_time`` seconds (at least one round)."""
@@ -624,7 +590,8 @@ class Pruner:
         pruned_keep = {u.name: keep[u.name] for u in self.graph_.units if keep[u.name].size < u.n_channels}
         phases: list[PhaseTime] = list(getattr(self, "fit_phases_", ()))
         with timed_phase(phases, "refit", module_device(self.model_)):
-            plan = PruningPlan(pruned_keep, self._refit_updates(pruned_keep))
+            updates, refit = self._refit_updates(pruned_keep)
+        plan = PruningPlan(pruned_keep, updates)
         with timed_phase(phases, "surgery", module_device(self.model_)):
             model = apply_pruning(self.model_, self.graph_, plan, self.example_inputs_)
             macs_after, params_after = count_macs_params(model, self.example_inputs_)
@@ -638,7 +605,8 @@ class Pruner:
                 timing = self._latency_report(model, dict(chosen.keep), budgets.get("latency"))
         result = PruneResult(model=model, macs_before=self.macs_before_, macs_after=macs_after,
                              params_before=self.params_before_, params_after=params_after, report=report,
-                             allocation=chosen, plan=plan, prune_time=prune_time, latency=timing, phases=tuple(phases))
+                             allocation=chosen, plan=plan, prune_time=prune_time, latency=timing, refit=refit,
+                             phases=tuple(phases))
         warn_over_budget(result, budgets)
         return result
 

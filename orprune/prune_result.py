@@ -12,7 +12,7 @@ from orprune.budget.allocation import Allocation
 from orprune.budget.recheck import PolishedPoint
 from orprune.network.surgery import PruningPlan
 
-__all__ = ["LatencyReport", "LatencyRound", "PruneResult", "UnitReport"]
+__all__ = ["LatencyReport", "LatencyRound", "PruneResult", "RefitReport", "UnitReport"]
 
 
 @dataclass(frozen=True)
@@ -70,6 +70,28 @@ class LatencyReport:
 
 
 @dataclass(frozen=True)
+class RefitReport:
+    """How the consumers reading pruned units were refitted (:func:`orprune._refit.refit_updates`).
+
+    ``path``: ``"stream"``, the sequential refit in one node-by-node pass over all calibration batches
+    (:mod:`orprune.network.streaming`); ``"passes"``, one pass of the calibration set per consumer (``reason`` says
+    why not streamed: the model does not trace, a consumer runs twice, the memory limit, ...; the same updates);
+    ``"parallel"``, ``sequential=False`` (the fit's statistics). Streamed only: ``peak_bytes``, the activations it
+    held at most (measured); ``estimated_bytes``, what one pass of all batches holds (estimated from the first
+    batch; above ``Pruner(refit_memory=...)`` batches are recomputed from checkpoints); ``passes``, its node
+    evaluations in forward passes (1.0 without recomputation).
+    """
+
+    path: str
+    consumers: int
+    seconds: float
+    reason: str | None = None
+    peak_bytes: int | None = None
+    estimated_bytes: int | None = None
+    passes: float | None = None
+
+
+@dataclass(frozen=True)
 class PruneResult:
     """A pruned model with its costs and the per-unit report."""
 
@@ -87,6 +109,7 @@ class PruneResult:
     # fit's phases (trace, calibration, curves[, output errors]) then this prune's (allocation, polish, refit,
     # surgery[, latency]; repeated when the budget self-check re-solves): wall / CPU seconds, peak memory
     phases: tuple[PhaseTime, ...] = ()
+    refit: RefitReport | None = None  # how the consumers were refitted (the last apply's)
 
     def summary(self) -> str:
         lines = [
@@ -123,4 +146,5 @@ class PruneResult:
             "units": [asdict(r) for r in self.report],
             "polished": [asdict(p) for p in self.polished],
             "phases": [asdict(p) for p in self.phases],
+            "refit": None if self.refit is None else asdict(self.refit),
         }

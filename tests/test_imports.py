@@ -44,7 +44,8 @@ def stage(module: str) -> str:
         return "core"
     part = module.split(".")[1]
     return {"prune_result": "pipeline", "_pipeline_steps": "pipeline", "_latency_loop": "pipeline",
-            "factorize": "pipeline", "mixed": "pipeline", "mixed_guard": "pipeline", "mixed_surgery": "pipeline"}.get(part, part)
+            "factorize": "pipeline", "mixed": "pipeline", "mixed_guard": "pipeline", "mixed_surgery": "pipeline",
+            "_refit": "pipeline"}.get(part, part)
 
 
 def modules() -> dict[str, Path]:
