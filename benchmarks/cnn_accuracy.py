@@ -75,7 +75,7 @@ def _row(network: str, method: str, fraction: float, model: torch.nn.Module, bas
 def run_network(name: str, args: argparse.Namespace, fractions: list[float]) -> tuple[list[Row], dict]:
     model, meta = trained_model(name, epochs=args.epochs, channels_last=False)
     train_x, train_y, _ = load_default("train")
-    test = load_default("test")[:2]
+    test = tuple(t[: args.test_size] for t in load_default("test")[:2])
     order = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(0))[: args.calibration]
     calibration = list(batches(train_x[order], 128))
     taylor = list(zip(train_x[order].split(128), train_y[order].split(128)))[:4]
@@ -154,6 +154,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--calibration", type=int, default=2048, help="calibration images (training set)")
     parser.add_argument("--macs", default="0.5", help="comma-separated MACs fractions to keep")
     parser.add_argument("--solvers", default="auto,greedy", help="orprune layer solvers (Pruner solver)")
+    parser.add_argument("--test-size", type=int, default=10000, help="test images the accuracy is measured on")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--output", default=str(RESULTS_DIR / "cnn_accuracy.md"))
     args = parser.parse_args(argv)
@@ -173,7 +174,7 @@ def main(argv: list[str] | None = None) -> None:
     lines = [f"Command: `{command.strip()}`", "",
              f"{date.today().isoformat()}, {machine()}, torch {torch.__version__}, {args.threads} torch thread(s); "
              f"Fashion-MNIST, {args.calibration} calibration images from the training set, test accuracy on the "
-             "10,000 test images, no fine-tuning. Pruning time: orprune fit + prune, torch-pruning the bisection "
+             f"first {args.test_size:,} test images, no fine-tuning. Pruning time: orprune fit + prune, torch-pruning the bisection "
              "over its ratio (several prunings); wall seconds on a shared machine, CPU seconds of this process.", ""]
     for name in names:
         info = infos[name]

@@ -33,7 +33,7 @@ def stubbed(monkeypatch):
 
 @pytest.mark.parametrize("name", sorted(NETS))
 def test_rows_meet_the_budget_and_pruned_equals_masked(stubbed, name):
-    args = argparse.Namespace(epochs=1, calibration=128, solvers="greedy")
+    args = argparse.Namespace(epochs=1, calibration=128, solvers="greedy", test_size=96)
     rows, info = ca.run_network(name, args, [0.5])
     assert info["input_unchanged"]
     methods = {r.method for r in rows if r.accuracy is not None}
