@@ -29,6 +29,7 @@ import torch.nn.functional as F
 import torch_pruning as tp
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
+from orprune.examples.coverage_zoo import DenseNet, ResNeXt
 from orprune.examples.datasets import fashion_mnist_available, load_default
 from orprune.examples.zoo import SmallCNN, resnet20, vgg_small
 from orprune.layer.problem import LayerProblem, StatisticsAccumulator
@@ -57,6 +58,11 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "small_cnn": lambda in_channels, n_classes: SmallCNN(in_channels, n_classes),
     "resnet20": lambda in_channels, n_classes: resnet20(num_classes=n_classes, in_channels=in_channels),
     "vgg_small": lambda in_channels, n_classes: vgg_small(num_classes=n_classes, in_channels=in_channels),
+    # issue 21's trained concatenation and grouped networks (benchmarks/cnn_accuracy.py): 5.6M and 7.3M MACs
+    "densenet_small": lambda in_channels, n_classes: DenseNet(growth=8, n_layers=3, stem=16, n_classes=n_classes,
+                                                              in_channels=in_channels),
+    "resnext_small": lambda in_channels, n_classes: ResNeXt(stem=16, width=32, out_channels=64, groups=8,
+                                                            n_classes=n_classes, in_channels=in_channels, stride=2),
 }
 
 
@@ -77,9 +83,12 @@ def _key(**parts: object) -> str:
 
 
 def trained_model(
-    name: str = "small_cnn", *, epochs: int = 2, seed: int = 0, log: Callable[[str], None] | None = print
+    name: str = "small_cnn", *, epochs: int = 2, seed: int = 0, log: Callable[[str], None] | None = print,
+    channels_last: bool = CHANNELS_LAST,
 ) -> tuple[nn.Module, dict]:
     """A trained model of :data:`MODELS` on the default dataset, cached on disk.
+
+    ``channels_last`` is the training memory format (part of the cache key when it is not the default).
 
     Returns
     -------
@@ -87,7 +96,8 @@ def trained_model(
     meta : dict with ``dataset``, ``test_accuracy``, ``train_seconds``
     """
     dataset = "fashion-mnist" if fashion_mnist_available() else "digits"  # as load_default picks
-    key = _key(name=name, dataset=dataset, epochs=epochs, seed=seed)
+    parts = dict(name=name, dataset=dataset, epochs=epochs, seed=seed)
+    key = _key(**parts) if channels_last == CHANNELS_LAST else _key(**parts, channels_last=channels_last)
     path = CACHE_DIR / f"{name}_{dataset}_{key}.pt"
     torch.manual_seed(seed)
     model = MODELS[name](in_channels=1, n_classes=10)  # both datasets: one channel, ten classes
@@ -97,7 +107,7 @@ def trained_model(
         return model.eval(), saved["meta"]
     images, labels, dataset = load_default("train")
     start = time.perf_counter()
-    train(model, images, labels, epochs=epochs, seed=seed, threads=1, channels_last=CHANNELS_LAST, progress=False,
+    train(model, images, labels, epochs=epochs, seed=seed, threads=1, channels_last=channels_last, progress=False,
           log=log)
     seconds = time.perf_counter() - start
     test_images, test_labels, _ = load_default("test")

@@ -75,21 +75,36 @@ def torch_pruning_baseline(
     if not 0 < macs <= 1:
         raise ValueError(f"`macs` must be a fraction in (0, 1], got {macs}.")
     base, _ = count_macs_params(model, example_inputs)
-    # ratio 0 keeps everything; torch-pruning skips layers it would empty, so ratios near 1 keep
-    # *more*: 0.9 is the largest ratio that reliably prunes every layer.
-    low, high = 0.0, 0.9
-    best = None
-    for _ in range(20):
-        ratio = high if best is None else 0.5 * (low + high)
+
+    def kept(ratio: float) -> tuple[float, nn.Module]:
         candidate = _pruned(model, example_inputs, importance, ratio, calibration)
-        kept = count_macs_params(candidate, example_inputs)[0] / base
-        if kept <= macs:
-            best, high = candidate, ratio
-            if macs - kept <= tolerance:
+        return count_macs_params(candidate, example_inputs)[0] / base, candidate
+
+    # ratio 0 keeps everything; torch-pruning skips layers it would empty, so ratios near 1 keep
+    # *more*: 0.9 is the largest ratio that reliably prunes every layer of a wide network. On narrow
+    # ones (4 channels: 0.9 empties them) it can keep everything, so then a grid finds the first
+    # ratio that meets the budget, and the bisection runs below it.
+    low, high = 0.0, 0.9
+    fraction, best = kept(high)
+    best_fraction = fraction
+    if fraction > macs:
+        best = None
+        for ratio in (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8):
+            fraction, candidate = kept(ratio)
+            if fraction <= macs:
+                best, best_fraction, high = candidate, fraction, ratio
                 break
+            low = ratio
+        if best is None:
+            raise ValueError(f"torch-pruning cannot reach {macs:.3f} of the MACs (min {fraction:.3f}).")
+    for _ in range(20):
+        if macs - best_fraction <= tolerance:
+            break
+        ratio = 0.5 * (low + high)
+        fraction, candidate = kept(ratio)
+        if fraction <= macs:
+            best, best_fraction, high = candidate, fraction, ratio
         else:
-            if best is None:
-                raise ValueError(f"torch-pruning cannot reach {macs:.3f} of the MACs (min {kept:.3f}).")
             low = ratio
     return best
 

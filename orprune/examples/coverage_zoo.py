@@ -54,9 +54,9 @@ class DenseNet(nn.Module):
     """A stem, one dense block of ``n_layers`` layers (each reads the concatenation of all earlier
     outputs), a transition (BN-ReLU-conv1x1-pool), a second block, and a BN + Linear head."""
 
-    def __init__(self, growth: int = 4, n_layers: int = 3, stem: int = 8, n_classes: int = 5):
+    def __init__(self, growth: int = 4, n_layers: int = 3, stem: int = 8, n_classes: int = 5, in_channels: int = 3):
         super().__init__()
-        self.stem = nn.Conv2d(3, stem, 3, padding=1, bias=False)
+        self.stem = nn.Conv2d(in_channels, stem, 3, padding=1, bias=False)
         channels = stem
         self.block1 = nn.ModuleList()
         for _ in range(n_layers):
@@ -101,17 +101,17 @@ def randomize_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
 
 class ResNeXtBlock(nn.Module):
     """torchvision's ResNeXt bottleneck: 1x1 reduce, 3x3 grouped conv (``groups`` paths), 1x1 expand,
-    residual add (with a 1x1 projection when the widths differ)."""
+    residual add (with a 1x1 projection when the widths or the resolution differ; ``stride`` on the 3x3)."""
 
-    def __init__(self, in_channels: int, width: int, out_channels: int, groups: int):
+    def __init__(self, in_channels: int, width: int, out_channels: int, groups: int, stride: int = 1):
         super().__init__()
         self.conv1, self.bn1 = nn.Conv2d(in_channels, width, 1, bias=False), nn.BatchNorm2d(width)
-        self.conv2 = nn.Conv2d(width, width, 3, padding=1, groups=groups, bias=False)
+        self.conv2 = nn.Conv2d(width, width, 3, stride, padding=1, groups=groups, bias=False)
         self.bn2 = nn.BatchNorm2d(width)
         self.conv3, self.bn3 = nn.Conv2d(width, out_channels, 1, bias=False), nn.BatchNorm2d(out_channels)
         self.downsample = None
-        if in_channels != out_channels:
-            self.downsample = nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, bias=False),
+        if in_channels != out_channels or stride != 1:
+            self.downsample = nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, stride, bias=False),
                                             nn.BatchNorm2d(out_channels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -123,13 +123,15 @@ class ResNeXtBlock(nn.Module):
 
 
 class ResNeXt(nn.Module):
-    """A stem and two ResNeXt blocks (4 paths of width 2 each: 8 grouped channels), pooled Linear head."""
+    """A stem and two ResNeXt blocks (4 paths of width 2 each: 8 grouped channels), pooled Linear head;
+    ``stride`` is the second block's."""
 
-    def __init__(self, stem: int = 8, width: int = 8, out_channels: int = 16, groups: int = 4, n_classes: int = 5):
+    def __init__(self, stem: int = 8, width: int = 8, out_channels: int = 16, groups: int = 4, n_classes: int = 5,
+                 in_channels: int = 3, stride: int = 1):
         super().__init__()
-        self.stem, self.bn = nn.Conv2d(3, stem, 3, padding=1, bias=False), nn.BatchNorm2d(stem)
+        self.stem, self.bn = nn.Conv2d(in_channels, stem, 3, padding=1, bias=False), nn.BatchNorm2d(stem)
         self.block1 = ResNeXtBlock(stem, width, out_channels, groups)
-        self.block2 = ResNeXtBlock(out_channels, width, out_channels, groups)
+        self.block2 = ResNeXtBlock(out_channels, width, out_channels, groups, stride)
         self.fc = nn.Linear(out_channels, n_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
