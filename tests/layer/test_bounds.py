@@ -1,6 +1,8 @@
-"""Root SDP relaxations (optimal separable split, Shor + RLT lifting) against brute force."""
+"""Root SDP relaxations (optimal separable split, Shor + RLT lifting, removal-view Shor) against brute force."""
 
 from __future__ import annotations
+
+import itertools
 
 import numpy as np
 import pytest
@@ -11,7 +13,13 @@ from tests.layer.instances import brute_force
 
 pytest.importorskip("cvxpy")
 
-from orprune.layer.solvers._sdp_bounds import lifted_relaxation, optimal_split, shrink_split  # noqa: E402
+from orprune.layer.solvers._sdp_bounds import (  # noqa: E402
+    lifted_relaxation,
+    optimal_split,
+    removal_cut,
+    removal_shor,
+    shrink_split,
+)
 
 
 def _problem(rng, C, g, N, ridge, n_out=2):
@@ -77,3 +85,45 @@ def test_lifted_relaxation_is_tight_on_orthogonal_channels():
     optimum = brute_force(prob, 2)[0] / prob.yy
     H, B = _normalised(prob)
     assert lifted_relaxation(H, B, 1.0, 1, 2).value == pytest.approx(optimum, abs=1e-5)
+
+
+def _subset_errors(prob, k):
+    """``f(S) / ||Y||^2`` and the removal indicator of every ``S`` with ``|S| = k``."""
+    values, removed = [], []
+    for S in itertools.combinations(range(prob.n_channels), k):
+        mask = np.zeros(prob.n_channels, bool)
+        mask[list(S)] = True
+        values.append(prob.objective(mask) / prob.yy)
+        removed.append((~mask).astype(float))
+    return np.array(values), np.array(removed)
+
+
+@pytest.mark.parametrize("case", [0, 2, 6])  # positive definite H (the removal view needs M = H^{-1})
+def test_removal_shor_is_valid_and_its_cut_holds_everywhere(case):
+    C, g, k, N, ridge = CASES[case]
+    prob = _problem(np.random.default_rng(case), C, g, N, ridge)
+    H, B = _normalised(prob)
+    values, removed = _subset_errors(prob, k)
+    sdp, V = removal_shor(H, B, 1.0, g, k)
+    assert sdp.value <= values.min() + 1e-5
+    assert np.isclose(sdp.z.sum(), k, atol=1e-4)
+    rng = np.random.default_rng(case)
+    for cut_V in (V, rng.normal(size=V.shape), np.zeros_like(V)):  # the cut holds for any V
+        fA, a, Q = removal_cut(H, B, g, cut_V)
+        cut = 1.0 + fA + removed @ a - np.einsum("ic,cd,id->i", removed, Q, removed)
+        assert np.all(cut <= values + 1e-9)
+    # the SDP's own V: the cut's smallest value over all removal sets is at least the SDP value (minimax)
+    fA, a, Q = removal_cut(H, B, g, V)
+    cut = 1.0 + fA + removed @ a - np.einsum("ic,cd,id->i", removed, Q, removed)
+    assert cut.min() >= sdp.value - 1e-4
+
+
+def test_removal_shor_is_tight_on_orthogonal_channels():
+    """Orthonormal channels: removal costs add up, and the relaxation reaches the optimum."""
+    rng = np.random.default_rng(4)
+    X = np.linalg.qr(rng.normal(size=(40, 6)))[0] * 3.0
+    Y = X @ rng.normal(size=(6, 2))
+    prob = LayerProblem.from_arrays(X, Y, group_size=1)
+    optimum = brute_force(prob, 3)[0] / prob.yy
+    H, B = _normalised(prob)
+    assert removal_shor(H, B, 1.0, 1, 3)[0].value == pytest.approx(optimum, abs=1e-5)

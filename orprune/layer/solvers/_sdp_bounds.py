@@ -17,6 +17,10 @@ of :mod:`orprune.layer.solvers._bnb`). See ``formulations/root_relaxations.md``.
 * :func:`lifted_relaxation`: Shor's lifting of ``(1, z, w_o)`` for every output column ``o``
   with the RLT products ``z_c W_c = W_c`` and ``(sum z - m) W = 0``. Its value comes from SCS
   (accurate to the solver tolerance, not certified).
+* :func:`removal_shor`: Shor's lifting of the removal indicators only, in the superset view
+  ``cost(J) = tr(w_J^T (M_JJ)^{-1} w_J)``: one PSD block of size ``n g + n_out`` and one of size
+  ``n + 1`` (against ``n_out`` blocks of ``1 + n + n g`` for the lifting above). Its dual gives a
+  quadratic cut in the removal indicators, valid at every node (:func:`removal_cut`).
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import scipy.linalg
 
 from orprune.layer.solvers._perspective import perspective_relaxation
 
-__all__ = ["SdpBound", "optimal_split", "lifted_relaxation", "shrink_split"]
+__all__ = ["SdpBound", "optimal_split", "lifted_relaxation", "removal_cut", "removal_shor", "shrink_split"]
 
 
 @dataclass(frozen=True)
@@ -144,3 +148,68 @@ def lifted_relaxation(P: np.ndarray, R: np.ndarray, e0: float, g: int, m: int, *
     problem = cp.Problem(cp.Minimize(e0 - 2 * cp.sum(cp.multiply(R, W)) + cp.trace(P @ X)), constraints)
     status = _solve(problem, eps, max_iters)
     return SdpBound(float(problem.value), None, np.asarray(z.value), None, status)
+
+
+def _indicator_moments(cp, n: int, d: int):
+    """Shor's moment matrix of ``(1, x)`` for ``x in {0, 1}^n, sum x = d``, with the RLT products."""
+    x = cp.Variable(n)
+    X = cp.Variable((n, n), symmetric=True)
+    row, col = cp.reshape(x, (1, n), order="C"), cp.reshape(x, (n, 1), order="C")
+    ones = np.ones((n, 1))
+    constraints = [cp.bmat([[np.ones((1, 1)), row], [col, X]]) >> 0, cp.diag(X) == x, cp.sum(X, axis=1) == d * x,
+                   cp.sum(x) == d, x >= 0, x <= 1, X >= 0, X <= ones @ row, X >= ones @ row + col @ ones.T - 1]
+    return x, X, constraints
+
+
+def removal_cut(P: np.ndarray, R: np.ndarray, g: int, V: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
+    """``(fA, a, Q)`` with ``f(A minus J) >= fA + a^T x - x^T Q x`` for every removal set ``J`` (``x`` its indicator).
+
+    ``M = P^{-1}``, ``w = M R``, ``fA`` the value with every channel of ``P``; for any ``V`` (shape of ``R``)
+    ``a_c = 2<V_c, w_c>`` and ``Q_cd = <V_c, M_cd V_d>`` (Fenchel: ``tr(w_J^T M_JJ^{-1} w_J) >=
+    2<V_J, w_J> - <V_J, M_JJ V_J>``). ``P`` must be positive definite; ``fA`` is relative to ``e0 = 0``.
+    """
+    M = np.linalg.inv(P)
+    M = 0.5 * (M + M.T)
+    w = M @ R
+    n = P.shape[0] // g
+    Vb, wb = V.reshape(n, g, -1), w.reshape(n, g, -1)
+    a = 2.0 * np.einsum("cgo,cgo->c", Vb, wb)
+    Q = np.einsum("cgo,cgdh,dho->cd", Vb, M.reshape(n, g, n, g), Vb)
+    return -float(np.sum(R * w)), a, 0.5 * (Q + Q.T)
+
+
+def removal_shor(P: np.ndarray, R: np.ndarray, e0: float, g: int, m: int, *, eps: float = 1e-6,
+                 max_iters: int = 50_000) -> tuple[SdpBound, np.ndarray]:
+    """Shor relaxation of the removal view, and the dual ``V`` for :func:`removal_cut`.
+
+    With ``M = P^{-1}``, ``w = M R``, ``d = n - m`` removals and ``E`` the ``(n g) x n`` channel
+    expansion (``E X E^T`` repeats ``X_cd`` over the ``g x g`` block ``(c, d)``):
+
+    .. math::
+
+        \\min\\ e_0 - \\operatorname{tr}(R^T w) + \\operatorname{tr} T\\quad\\text{s.t.}\\quad
+        \\begin{bmatrix} M \\circ (E X E^T) & \\operatorname{diag}(E x)\\, w \\\\
+        w^T \\operatorname{diag}(E x) & T \\end{bmatrix} \\succeq 0,\\quad
+        \\begin{bmatrix} 1 & x^T \\\\ x & X \\end{bmatrix} \\succeq 0,
+
+    ``diag X = x``, ``X 1 = d x``, ``sum x = d``, ``max(0, x_c + x_d - 1) <= X_cd <= min(x_c, x_d)``.
+    At the indicator ``x`` of a removal set ``J`` and ``X = x x^T`` the first block is ``M_JJ`` bordered
+    by zeros and its smallest feasible ``tr T`` is ``cost(J)``, so the value is a lower bound (to the
+    accuracy of SCS; ``bound`` is ``None``). ``z`` holds the relaxed keep indicators ``1 - x``.
+    """
+    import cvxpy as cp
+
+    n_f, n_out = R.shape
+    n = n_f // g
+    M = np.linalg.inv(P)
+    M = 0.5 * (M + M.T)
+    w = M @ R
+    x, X, constraints = _indicator_moments(cp, n, n - m)
+    E = np.kron(np.eye(n), np.ones((g, 1)))
+    T = cp.Variable((n_out, n_out), symmetric=True)
+    Dw = cp.multiply((E @ cp.reshape(x, (n, 1), order="C")) @ np.ones((1, n_out)), w)
+    lmi = cp.bmat([[cp.multiply(M, E @ X @ E.T), Dw], [Dw.T, T]]) >> 0
+    problem = cp.Problem(cp.Minimize(e0 - float(np.sum(R * w)) + cp.trace(T)), constraints + [lmi])
+    status = _solve(problem, eps, max_iters)
+    V = -np.asarray(lmi.dual_value)[:n_f, n_f:]  # the Lagrangian term -2<Lambda_12, Dw>: V = -Lambda_12
+    return SdpBound(float(problem.value), None, 1.0 - np.asarray(x.value), None, status), V
