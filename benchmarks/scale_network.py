@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--images", type=int, default=128, help="calibration images (default 128)")
     parser.add_argument("--size", type=int, default=64, help="input height and width (default 64)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
-    parser.add_argument("--polish-time", type=float, default=5.0, help="Pruner(polish_time=...) (default 5.0)")
+    parser.add_argument("--polish-time", type=float, default=2.0, help="Pruner(polish_time=...) (default 2.0)")
     parser.add_argument("--float32-statistics", action="store_true", help="Pruner(float32_statistics=True)")
     parser.add_argument("--profile", action="store_true", help="print the cProfile top functions of fit")
     parser.add_argument("--no-write", action="store_true", help="print, do not write the results file")
@@ -148,6 +148,9 @@ def main(argv: list[str] | None = None) -> None:
     lines += ["", "Phases (`PruneResult.phases`, summed over repeats):", "",
               "| phase | wall s | CPU s | peak RSS at its end, MB |", "|---|---:|---:|---:|"]
     lines += [f"| {name} | {w:.1f} | {c:.1f} | {m:.0f} |" for name, (w, c, m) in phases.items()]
+    lines += ["", f"Summed relative error of the chosen channels (`result.report`): "
+              f"{sum(r.relative_error for r in result.report):.5f}; refit path: "
+              f"{getattr(result.refit, 'path', '-')}; curve workers: {getattr(pruner, 'n_jobs_used_', '-')}."]
     lines += ["", f"Peak resident memory: {tp_peak:.0f} MB after torch-pruning, {peak:.0f} MB after orprune "
               f"(process high-water mark). Load average at the end: {os.getloadavg()[0]:.1f} (2 cores)."]
     text = "\n".join(lines) + "\n"

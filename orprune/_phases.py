@@ -22,7 +22,8 @@ __all__ = ["PhaseTime", "format_phases", "module_device", "peak_memory_mb", "tim
 class PhaseTime:
     """One phase of :meth:`Pruner.fit` / :meth:`Pruner.prune`.
 
-    ``cpu`` is this process's CPU time over all threads (above ``wall`` when torch / BLAS run in parallel);
+    ``cpu`` is this process's CPU time over all threads (above ``wall`` when torch / BLAS run in parallel; the
+    curves' worker processes, with ``n_jobs``, are not counted);
     ``peak_memory_mb`` is the process's resident-memory high-water mark at the end of the phase (it never
     decreases: a phase that raises it is the one that needed the memory), ``None`` where the platform does
     not report it; ``device_peak_mb`` the CUDA allocator's peak during the phase when the model is on a GPU.

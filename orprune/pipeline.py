@@ -140,12 +140,14 @@ class Pruner:
         ResNet-20's 16-channel units; the rest of its time proves it
         (``benchmarks/results/heuristic_curves.md``). Past the limit the curve keeps that mask with its
         proven bound and gap (the report's status), so a short limit costs certificates, not accuracy.
-    polish_time : float, optional, default 5.0
+    polish_time : float, optional, default 2.0
         Seconds of 1-swap search (:func:`orprune.layer.solvers.polish.polish_swap`) per keep count the
         allocation picks for a unit whose curve comes from ``"path"``; :meth:`prune` then re-solves the
         allocation with the polished errors until no chosen point improves
         (:func:`orprune.budget.recheck.recheck_allocation`, ``formulations/swap_polish.md``). Polished
         points stay in ``curves_`` for later budgets. None: no polishing. Not with ``errors="output"``.
+        On ResNet-50 (512 images, 64x64) 2 s and 5 s per point give the same summed error (0.10039) in
+        16 s and 27 s of polishing (``benchmarks/results/scale_network.md``).
     float32_statistics : bool, default False
         Each calibration batch's ``X^T X`` and ``X^T Y`` in float32 on the model's device, summed and
         solved in float64 (:func:`orprune.network.calibration.collect_statistics`): faster and lighter on
@@ -197,7 +199,7 @@ class Pruner:
         executor: Executor | None = None,
         n_jobs: int | None = None,
         time_limit: float | None = 1.0,
-        polish_time: float | None = 5.0,
+        polish_time: float | None = 2.0,
         float32_statistics: bool = False,
         refit_memory: float | None = DEFAULT_REFIT_MEMORY,
         progress: bool = True,
