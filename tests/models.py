@@ -319,6 +319,22 @@ def small_model(name: str, batch: int = 4, seed: int = 0) -> tuple[nn.Module, to
     return calibrate_batchnorm(model, example, seed=seed), example
 
 
+def fitted_greedy_pruner(name: str = "resnet20", n_batches: int = 2):
+    """``(model, example, pruner)``: a greedy ``orprune.Pruner`` fitted on ``n_batches`` random batches of 8 for
+    a ``SMALL`` model (8 positions per image, no progress bars; tracing warnings silenced)."""
+    import warnings
+
+    import orprune
+
+    model, example = small_model(name)
+    gen = torch.Generator().manual_seed(0)
+    calibration = [torch.randn(8, *example.shape[1:], generator=gen) for _ in range(n_batches)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        pruner = orprune.Pruner(solver="greedy", progress=False, positions_per_image=8).fit(model, calibration)
+    return model, example, pruner
+
+
 @pytest.fixture(autouse=True, scope="module")
 def one_thread() -> Iterator[None]:
     """Run a test module single-threaded (torch and numpy's BLAS): on the shared 2-core machine,

@@ -6,21 +6,14 @@ import dataclasses
 import warnings
 
 import pytest
-import torch
 
-import orprune
 from orprune.network.cost_model import CostModel
-from tests.models import one_thread, small_model  # noqa: F401  (module fixture)
+from tests.models import fitted_greedy_pruner, one_thread  # noqa: F401  (module fixture)
 
 
 @pytest.fixture(scope="module")
 def fitted():
-    model, example = small_model("resnet20")
-    gen = torch.Generator().manual_seed(0)
-    calibration = [torch.randn(8, *example.shape[1:], generator=gen) for _ in range(2)]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        return orprune.Pruner(solver="greedy", progress=False, positions_per_image=8).fit(model, calibration)
+    return fitted_greedy_pruner("resnet20")[2]
 
 
 def _doctored(macs: CostModel, kind: str) -> CostModel:

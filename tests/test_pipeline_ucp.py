@@ -2,28 +2,19 @@
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 import pytest
 import torch
 
-import orprune
 from orprune.network.stages import stage_ties
 from orprune.network.surgery import masked_copy
 from orprune.ucp import se_importance
-from tests.models import one_thread, small_model  # noqa: F401  (one_thread: module fixture)
+from tests.models import fitted_greedy_pruner, one_thread  # noqa: F401  (one_thread: module fixture)
 
 
 @pytest.fixture(scope="module")
 def fitted():
-    model, example = small_model("resnet20")
-    gen = torch.Generator().manual_seed(0)
-    calibration = [torch.randn(8, *example.shape[1:], generator=gen) for _ in range(3)]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        pruner = orprune.Pruner(solver="greedy", progress=False, positions_per_image=8).fit(model, calibration)
-    return model, example, pruner
+    return fitted_greedy_pruner("resnet20", n_batches=3)
 
 
 def assert_pruned_equals_masked(model, example, pruner, result):
