@@ -16,9 +16,35 @@ import warnings
 from collections.abc import Callable
 from dataclasses import replace
 
-from orprune.prune_result import LatencyRound, PruneResult
+import torch
+import torch.nn as nn
 
-__all__ = ["check_latency_loop", "next_table_fraction", "prune_to_measured_latency"]
+from orprune.network.latency import LatencyModel
+from orprune.network.timing import call_times, torch_threads
+from orprune.prune_result import LatencyReport, LatencyRound, PruneResult
+
+__all__ = ["check_latency_loop", "latency_inputs", "latency_report", "next_table_fraction",
+           "prune_to_measured_latency"]
+
+
+def latency_inputs(batches: list, batch_size: int) -> torch.Tensor:
+    """``batch_size`` calibration inputs to time the model on (repeated when there are fewer)."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
+    if not all(torch.is_tensor(b) for b in batches):
+        raise ValueError("latency tables need tensor inputs (the calibration batches are not tensors).")
+    images = torch.cat(batches)
+    return images[torch.arange(batch_size) % len(images)]
+
+
+def latency_report(tables: LatencyModel, reference: nn.Module, model: nn.Module, inputs: torch.Tensor,
+                   keep: dict[str, int], budget: float | None) -> LatencyReport:
+    """The tables' prediction at ``keep``, and the unpruned ``reference`` and pruned ``model`` timed
+    alternately (median of 11 calls each, the tables' thread count)."""
+    with torch_threads(tables.threads):
+        before, after = call_times([reference, model], inputs, repeats=11, warmup=2, statistic="median")
+    return LatencyReport(batch_size=tables.batch_size, threads=tables.threads, budget=budget,
+                         predicted=tables.predict(keep), table_full=tables.full, before=before, after=after)
 
 
 def check_latency_loop(rounds: int, tolerance: float) -> None:

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 from threadpoolctl import threadpool_limits
 
-from orprune.budget.curves import ErrorCurve, error_curve
+from orprune.budget.curves import PATH_SOLVERS, ErrorCurve, error_curve
 from orprune.layer.fixed import fix_channels
 from orprune.layer.problem import LayerProblem
 from orprune.layer.tied import tie_channels
@@ -56,6 +56,22 @@ def curve_task(problem: LayerProblem, keep_counts: np.ndarray, solver: str, time
 #: ``n_jobs=None`` solves the curves in a process pool when their estimated serial time is above this many
 #: seconds: below it the pool's start-up (spawned workers import torch, ~2-5 s) would cost more than it saves.
 AUTO_POOL_SECONDS = 20.0
+
+
+def curve_tasks(problems: Sequence[LayerProblem], solvers: Sequence[str], options: Sequence[np.ndarray],
+                n_consumers: Sequence[int]) -> list[tuple[int, np.ndarray]]:
+    """The curve solves of every unit as ``(unit index, keep counts)`` tasks, longest first.
+
+    Greedy and path give a whole curve from one run; other solvers solve each keep count alone, so each count
+    is its own task and parallel workers share even a single slow unit. Longest first (exact, wide, many
+    consumers, middle counts), so that workers finish together.
+    """
+    tasks: list[tuple[int, np.ndarray]] = []
+    for i, (solver, counts) in enumerate(zip(solvers, options)):
+        tasks += [(i, counts)] if solver in PATH_SOLVERS else [(i, counts[j : j + 1]) for j in range(counts.size)]
+    tasks.sort(key=lambda t: (solvers[t[0]] not in PATH_SOLVERS, problems[t[0]].n_channels, n_consumers[t[0]],
+                              -abs(int(t[1][0]) - problems[t[0]].n_channels / 2)), reverse=True)
+    return tasks
 
 
 def estimated_curve_seconds(problem: LayerProblem, solver: str) -> float:

@@ -27,6 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from orprune._pipeline_steps import check_fraction, forward_order
+from orprune._refit import has_intercept
 from orprune._status import FEASIBLE
 from orprune.budget.allocation import Allocation, AllocationProblem, CostModel, TableCost, allocate
 from orprune.budget.output_errors import probe_batches
@@ -148,7 +149,7 @@ class MixedPruner:
                  <= p.max_features]
         self.norms_ = following_norms(original, example, names)
         consumers = {c.name: c for c in p.graph_.consumers}
-        self.intercepts_ = {n: p._intercept(consumers[n], original) if n in consumers
+        self.intercepts_ = {n: has_intercept(consumers[n], original) if n in consumers
                             else (original.get_submodule(n).bias is not None or n in self.norms_) for n in names}
         missing = [n for n in names if n not in p.problems_]
         stats = collect_statistics(original, missing, p.batches_, positions_per_image=p.positions_per_image,

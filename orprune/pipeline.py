@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from orprune._latency_loop import check_latency_loop, prune_to_measured_latency
+from orprune._latency_loop import check_latency_loop, latency_inputs, latency_report, prune_to_measured_latency
 from orprune._phases import PhaseTime, module_device, timed_phase
 from orprune._pipeline_steps import (
     batch_inputs,
@@ -36,6 +36,7 @@ from orprune._pipeline_steps import (
     check_calibration,
     check_scores,
     curve_task,
+    curve_tasks,
     estimated_curve_seconds,
     forward_order,
     keep_options,
@@ -46,11 +47,13 @@ from orprune._pipeline_steps import (
     unit_part,
 )
 from orprune._pool import interruptible_pool
-from orprune._refit import consumer_problem, consumer_update, has_intercept, refit_updates
+from orprune._pruner_options import check_pruner_options
+from orprune._refit import consumer_problem, consumer_update, refit_updates
 from orprune.budget.allocation import Allocation, AllocationProblem, allocate
-from orprune.budget.curves import PATH_SOLVERS, ErrorCurve, join_curves
+from orprune.budget.curves import ErrorCurve, join_curves
 from orprune.budget.output_errors import output_error_curves, probe_batches
-from orprune.budget.recheck import recheck_allocation
+from orprune.budget.recheck import PolishedPoint, recheck_allocation
+from orprune.budget.self_check import meet_counted_budgets
 from orprune.budget.uniform_allocation import allocate_uniform
 from orprune.layer.problem import LayerProblem, StatisticsAccumulator
 from orprune.layer.selection import resolve_solver
@@ -61,7 +64,6 @@ from orprune.network.graph import DEFAULT_MAX_FEATURES, Consumer, find_groups
 from orprune.network.latency import LatencyModel, latency_tables
 from orprune.network.residual_targets import ResidualTarget, find_residual_targets
 from orprune.network.surgery import ConsumerUpdate, PruningPlan, apply_pruning
-from orprune.network.timing import call_times, torch_threads
 from orprune.prune_result import LatencyReport, PruneResult, RefitReport, UnitReport
 
 __all__ = ["Pruner", "PruneResult", "UnitReport", "prune"]
@@ -230,40 +232,7 @@ class Pruner:
 
     # ------------------------------------------------------------------ fit
     def _validate(self) -> None:
-        if self.solver != "auto":
-            resolve_solver(self.solver, 1)  # unknown / unavailable solver: fail before any work
-        if not isinstance(self.solver, str):
-            raise ValueError(f"`solver` must be a solver name, got {self.solver!r}.")
-        if self.time_limit is not None and not (isinstance(self.time_limit, (int, float)) and self.time_limit > 0
-                                                and not isinstance(self.time_limit, bool)):
-            raise ValueError(f"`time_limit` must be a positive number of seconds or None, got {self.time_limit!r}.")
-        if self.polish_time is not None and (isinstance(self.polish_time, bool) or not isinstance(
-                self.polish_time, (int, float)) or not math.isfinite(self.polish_time) or self.polish_time < 0):
-            raise ValueError(f"`polish_time` must be a number of seconds >= 0 or None, got {self.polish_time!r}.")
-        if self.refit_memory is not None and (isinstance(self.refit_memory, bool) or not isinstance(
-                self.refit_memory, (int, float)) or not math.isfinite(self.refit_memory) or self.refit_memory < 0):
-            raise ValueError(f"`refit_memory` must be a number of bytes >= 0 or None, got {self.refit_memory!r}.")
-        if self.positions_per_image is not None and (isinstance(self.positions_per_image, bool) or not isinstance(
-                self.positions_per_image, int) or self.positions_per_image < 1):
-            raise ValueError(f"`positions_per_image` must be a positive integer or None, got {self.positions_per_image!r}.")
-        if not (isinstance(self.ridge, (int, float)) and np.isfinite(self.ridge) and self.ridge >= 0):
-            raise ValueError(f"`ridge` must be a finite number >= 0, got {self.ridge!r}.")
-        for name in ("max_options", "min_channels", "round_to"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
-        if self.errors not in ("layer", "output"):
-            raise ValueError(f"`errors` must be 'layer' or 'output', got {self.errors!r}.")
-        if isinstance(self.probe_images, bool) or not isinstance(self.probe_images, int) or self.probe_images < 1:
-            raise ValueError(f"`probe_images` must be a positive integer, got {self.probe_images!r}.")
-        for name in ("residual", "sequential", "cache_targets", "residual_targets", "float32_statistics"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"`{name}` must be True or False, got {getattr(self, name)!r}.")
-        if self.executor is not None and not hasattr(self.executor, "map"):
-            raise ValueError("`executor` must be a concurrent.futures.Executor (with a `map` method).")
-        if self.n_jobs is not None and (isinstance(self.n_jobs, bool) or not isinstance(self.n_jobs, int)
-                                        or self.n_jobs < 1):
-            raise ValueError(f"`n_jobs` must be a positive integer or None, got {self.n_jobs!r}.")
+        check_pruner_options(self)
 
     @contextlib.contextmanager
     def _mapper(self, seconds: float = 0.0, n_tasks: int = 1) -> Iterator[Callable[..., Iterator[Any]]]:
@@ -361,15 +330,7 @@ class Pruner:
         options = [keep_options(u.n_channels, self.max_options, self.min_channels, self.round_to)
                    for u in self.graph_.units]
         solvers = [resolve_solver(self.solver, p.n_channels, p.n_features) for p in problems]
-        # Greedy and path give a whole curve from one run; other solvers solve each keep count alone, so
-        # each count is its own task and parallel workers share even a single slow unit.
-        tasks: list[tuple[int, np.ndarray]] = []
-        for i, (solver, counts) in enumerate(zip(solvers, options)):
-            tasks += [(i, counts)] if solver in PATH_SOLVERS else [(i, counts[j : j + 1]) for j in range(counts.size)]
-        # longest first (exact, wide, many consumers, middle counts), so that workers finish together
-        tasks.sort(key=lambda t: (solvers[t[0]] not in PATH_SOLVERS, problems[t[0]].n_channels,
-                                  len(self.graph_.units[t[0]].consumers),
-                                  -abs(int(t[1][0]) - problems[t[0]].n_channels / 2)), reverse=True)
+        tasks = curve_tasks(problems, solvers, options, [len(u.consumers) for u in self.graph_.units])
         seconds = sum(estimated_curve_seconds(problems[i], solvers[i]) for i, _ in tasks)
         with self._mapper(seconds, len(tasks)) as mapper:
             in_process = mapper is map  # progress bars of the paths only in this process
@@ -398,12 +359,7 @@ class Pruner:
         Sets ``latency_`` (a :class:`~orprune.network.latency.LatencyModel`) and returns ``self``.
         """
         self._check_fitted()
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
-        if not all(torch.is_tensor(b) for b in self.batches_):
-            raise ValueError("latency tables need tensor inputs (the calibration batches are not tensors).")
-        images = torch.cat(self.batches_)
-        inputs = images[torch.arange(batch_size) % len(images)]  # repeated when fewer than batch_size
+        inputs = latency_inputs(self.batches_, batch_size)
         options = {u: c.keep_counts for u, c in self.curves_.items()}
         self.latency_: LatencyModel = latency_tables(self.model_, self.graph_, inputs, options, threads=threads,
                                                      repeats=repeats, cache_dir=cache_dir, progress=self.progress)
@@ -411,13 +367,7 @@ class Pruner:
         return self
 
     def _latency_report(self, model: nn.Module, keep: dict[str, int], budget: float | None) -> LatencyReport:
-        """The tables' prediction at ``keep``, and the unpruned and pruned models timed alternately."""
-        tables = self.latency_
-        with torch_threads(tables.threads):
-            before, after = call_times([self.model_, model], self.latency_inputs_, repeats=11, warmup=2,
-                                       statistic="median")
-        return LatencyReport(batch_size=tables.batch_size, threads=tables.threads, budget=budget,
-                             predicted=tables.predict(keep), table_full=tables.full, before=before, after=after)
+        return latency_report(self.latency_, self.model_, model, self.latency_inputs_, keep, budget)
 
     # ------------------------------------------------------------------ prune
     def _check_fitted(self) -> None:
@@ -429,10 +379,6 @@ class Pruner:
         """Least-squares weights and compensated bias of one consumer (:func:`orprune._refit.consumer_update`)."""
         problem = problem if problem is not None else self._problem(acc, consumer, self.model_)
         return consumer_update(consumer, keep, acc, problem, self.graph_, self.model_)
-
-    @staticmethod
-    def _intercept(consumer: Consumer, model: nn.Module) -> bool:
-        return has_intercept(consumer, model)
 
     def _refit_updates(self, pruned_keep: dict[str, np.ndarray]) -> tuple[dict[str, ConsumerUpdate], RefitReport]:
         """Least-squares weights and biases of every consumer reading a pruned unit, and how they were made
@@ -525,7 +471,7 @@ class Pruner:
         if hasattr(self, "latency_"):
             costs["latency"] = self.latency_.cost
 
-        def solve(curves: dict[str, ErrorCurve]) -> Allocation:
+        def solve(curves: dict[str, ErrorCurve], limits: dict[str, float]) -> Allocation:
             problem = AllocationProblem(
                 options={u: c.keep_counts for u, c in curves.items()},
                 errors={u: c.errors for u, c in curves.items()} if self.output_errors_ is None else self.output_errors_,
@@ -535,8 +481,7 @@ class Pruner:
             return allocate(problem, costs=costs, budgets=limits, time_limit=time_limit)
 
         polished = {u for u, c in self.curves_.items() if c.solver == "path"}
-        measured = [name for name in budgets if name != "latency"]
-        limits, points = dict(budgets), []  # limits: the budgets the allocation sees (lowered by the self-check)
+        points: list[PolishedPoint] = []
         phases: list[PhaseTime] = []
         device = module_device(self.model_)
 
@@ -544,30 +489,22 @@ class Pruner:
             with timed_phase(phases, "polish", device):
                 return self._polish(unit, k, mask)
 
-        for attempt in range(4):
-            try:
-                with timed_phase(phases, "allocation", device):
-                    if self.polish_time is None or self.output_errors_ is not None or not polished:
-                        chosen = solve(self.curves_)
-                    else:  # swap search at the chosen counts only, then the allocation re-checked with the new errors
-                        chosen, more = recheck_allocation(self.curves_, solve, polish, polished, done=self.polished_)
-                        points += more
-            except ValueError as exc:
-                if not attempt:
-                    raise ValueError(f"the budget cannot be met by pruning the prunable groups: {exc}") from exc
-                break  # the corrected budget cannot be met: keep the last model (warned below)
+        def allocate_within(limits: dict[str, float]) -> Allocation:
+            with timed_phase(phases, "allocation", device):
+                if self.polish_time is None or self.output_errors_ is not None or not polished:
+                    return solve(self.curves_, limits)
+                # swap search at the chosen counts only, then the allocation re-checked with the new errors
+                chosen, more = recheck_allocation(self.curves_, lambda curves: solve(curves, limits), polish,
+                                                  polished, done=self.polished_)
+                points.extend(more)
+                return chosen
+
+        def build(chosen: Allocation) -> PruneResult:
             result = self.apply(chosen, start=start, scores=scores, report_latency=False)
-            phases += result.phases[len(self.fit_phases_):]
-            achieved = {"macs": result.macs_after, "params": result.params_after}
-            excess = {n: achieved[n] - budgets[n] for n in measured if achieved[n] > budgets[n] * (1 + 1e-9)}
-            if not excess:
-                break
-            # Self-check failed: the cost model and the counted model disagree, by achieved - predicted at this
-            # allocation. Re-solve with each exceeded budget lowered by that discrepancy (exact when it is the same
-            # at every allocation), and at least by the excess.
-            for n, e in excess.items():
-                missed = achieved[n] - costs[n].evaluate(dict(chosen.keep))
-                limits[n] = min(limits[n] - e, budgets[n] - missed)
+            phases.extend(result.phases[len(self.fit_phases_):])
+            return result
+
+        result = meet_counted_budgets(allocate_within, build, costs, budgets)
         warn_over_budget(result, budgets)
         timing = None
         if hasattr(self, "latency_"):

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn as nn
 
+import orprune._latency_loop as latency_loop_module
 import orprune.network.latency as latency_module
-import orprune.pipeline as pipeline_module
 from orprune.cli import main
 from orprune.examples.zoo import SmallCNN
 
@@ -45,7 +45,7 @@ def test_prune_command_accepts_latency_as_the_only_budget(tmp_path, capsys):
 def test_prune_command_measures_rounds_until_the_budget_is_met(tmp_path, monkeypatch):
     monkeypatch.setattr(latency_module, "fastest_time", fake_fastest_time)
     # the measured model: its convs' table times plus an overhead the tables spread in proportion
-    monkeypatch.setattr(pipeline_module, "call_times", lambda models, x, repeats, warmup=3, statistic="min": [
+    monkeypatch.setattr(latency_loop_module, "call_times", lambda models, x, repeats, warmup=3, statistic="min": [
         5e-3 + sum(fake_fastest_time(m, x) for m in model.modules() if isinstance(m, nn.Conv2d)) for model in models])
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     torch.manual_seed(0)

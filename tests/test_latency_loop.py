@@ -14,8 +14,8 @@ import pytest
 import torch
 import torch.nn as nn
 
+import orprune._latency_loop as latency_loop_module
 import orprune.network.latency as latency_module
-import orprune.pipeline as pipeline_module
 from orprune._latency_loop import next_table_fraction
 from orprune.pipeline import Pruner
 from tests.models import TinyNet, one_thread  # noqa: F401  (one_thread: module fixture)
@@ -44,7 +44,7 @@ def fake_call_times(models, x, repeats, warmup=3, statistic="min"):
 @pytest.fixture
 def pruner(monkeypatch, tmp_path):
     monkeypatch.setattr(latency_module, "fastest_time", fake_fastest_time)
-    monkeypatch.setattr(pipeline_module, "call_times", fake_call_times)
+    monkeypatch.setattr(latency_loop_module, "call_times", fake_call_times)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)
@@ -80,7 +80,7 @@ def test_measured_rounds_meet_the_budget_the_tables_alone_miss(pruner, fraction)
 def test_one_round_stops_when_the_tables_are_right(pruner, monkeypatch):
     # measurements that agree with the tables' proportional model: the first allocation is accepted
     scale = pruner.latency_.full / pruner.latency_.tabulated
-    monkeypatch.setattr(pipeline_module, "call_times", lambda models, x, repeats, warmup=3, statistic="min": [
+    monkeypatch.setattr(latency_loop_module, "call_times", lambda models, x, repeats, warmup=3, statistic="min": [
         scale * (measured_time(m) - OVERHEAD) for m in models])
     result = pruner.prune(latency=0.6, latency_rounds=3, latency_tolerance=0.99)
     assert len(result.latency.rounds) == 1
@@ -89,7 +89,7 @@ def test_one_round_stops_when_the_tables_are_right(pruner, monkeypatch):
 
 def test_unmet_budget_warns_and_returns_the_fastest(pruner, monkeypatch):
     # the overhead alone is above the budget: no allocation can meet it when measured
-    monkeypatch.setattr(pipeline_module, "call_times", lambda models, x, repeats, warmup=3, statistic="min": [
+    monkeypatch.setattr(latency_loop_module, "call_times", lambda models, x, repeats, warmup=3, statistic="min": [
         1.0 + measured_time(m) for m in models])
     with pytest.warns(RuntimeWarning, match="above the budget"):
         result = pruner.prune(latency=0.5, latency_rounds=2)
