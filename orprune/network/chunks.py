@@ -195,16 +195,19 @@ def trace_unit(dg: Any, root: nn.Module, names: Mapping[nn.Module, str], record:
     for node in reach.values():  # every tensor on the way: its map (raises where nothing is followed)
         if node.type != OPTYPE.SPLIT:
             map_of(node, 0)
+    inputs = {}
+    for node in consumers.values():  # what each consumer reads (a chunk's part may go straight to a conv)
+        (src, nr, k), *more = edges(node) or [(None, 0, 1)]
+        if src is None or more or k != 0:
+            raise _NotBuilt(f"{names.get(node.module, node.module)} reads these channels other than as its input")
+        inputs[id(node)] = map_of(src, nr)
     tie = splits[0].grad_fn._saved_self_sym_sizes[1] // splits[0].grad_fn._saved_split_size if splits else 1
     n = n_root // tie
     decisions = np.arange(n)[:, None] + n * np.arange(tie)[None, :]  # root channels of each decision
     out = []
     for node in consumers.values():
         module = node.module
-        (src, nr, k), *more = edges(node) or [(None, 0, 1)]
-        if src is None or more or k != 0:
-            raise _NotBuilt(f"{names.get(module, module)} reads these channels other than as its input")
-        m = map_of(src, nr)[decisions]  # (n, tie) input channels, -1 where a part is not read
+        m = inputs[id(node)][decisions]  # (n, tie) input channels, -1 where a part is not read
         t = int((m[0] >= 0).sum())
         if t == 0 or np.any((m >= 0).sum(1) != t):
             raise _NotBuilt(f"{names[module]} reads the parts of the chunk unevenly")
