@@ -40,8 +40,8 @@ from torch import nn
 from torch_pruning.ops import OPTYPE
 from torch_pruning.utils import op_counter
 
-from orprune.network.cost_model import CostModel
 from orprune.network.chunks import ChunkRecorder, trace_unit
+from orprune.network.cost_model import CostModel
 from orprune.network.graph import PruningGraph, build_dependency_graph, unit_group
 
 __all__ = ["NetworkCosts", "count_macs_params", "network_costs"]
