@@ -1,7 +1,7 @@
 """Coverage of issue 21: which networks each library prunes to a MACs target, side by side.
 
 Every case of ``orprune.examples.coverage_zoo`` (hand-written DenseNet / ResNeXt / Inception / ShuffleNetV2 /
-fused-norm / channel-norm / token-MLP networks and ``transformers`` vision models at tiny widths, random initialisation) is pruned to ``--macs``
+fused-norm / channel-norm / token-MLP / C2f (chunk) networks and ``transformers`` vision models at tiny widths, random initialisation) is pruned to ``--macs``
 of its MACs by orprune (greedy curves, MILP allocation, sequential least-squares refit; the best reachable
 fraction with the reason when the target is out of reach) and by torch-pruning's magnitude pruner
 (uniform ratio: a grid, then bisection; classifier ignored). Reported: success, MACs reached, seconds, and for

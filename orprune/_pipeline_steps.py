@@ -20,7 +20,7 @@ from threadpoolctl import threadpool_limits
 from orprune.budget.curves import PATH_SOLVERS, ErrorCurve, error_curve
 from orprune.layer.fixed import fix_channels
 from orprune.layer.problem import LayerProblem
-from orprune.layer.tied import tie_channels
+from orprune.layer.tied import tie_channels, tie_layout
 from orprune.layer.wide import WideProblem
 from orprune.network.graph import Consumer, call_model
 from orprune.network.stages import stage_ties
@@ -140,13 +140,15 @@ def unit_part(problem: LayerProblem, consumer: Consumer) -> LayerProblem:
     selection problem (``formulations/wide_consumers.md``), without the stored rows."""
     if isinstance(problem, WideProblem):
         problem = problem.selection
-    if consumer.tie > 1:  # a grouped conv: one decision per position in every group
-        return tie_channels(problem, consumer.tie)
-    if consumer.channels is None:
-        return problem
+    if consumer.channels is None:  # all the inputs; a grouped conv: one decision per position in every group
+        return tie_channels(problem, consumer.tie) if consumer.tie > 1 else problem
+    layout = consumer.input_channels.reshape(consumer.n_channels, -1)  # (n, tie): the parts of a chunk
     fixed = np.ones(consumer.n_input_channels, dtype=bool)
-    fixed[consumer.input_channels] = False
-    return fix_channels(problem, fixed).reduced
+    fixed[layout.ravel()] = False
+    if fixed.any():
+        problem = fix_channels(problem, fixed).reduced  # its channels: the free ones, in increasing order
+        layout = np.searchsorted(np.flatnonzero(~fixed), layout)
+    return tie_layout(problem, layout)
 
 
 def keep_options(n_channels: int, max_options: int, min_channels: int, round_to: int = 1) -> np.ndarray:

@@ -1,5 +1,6 @@
 """Networks built from the pieces of issue 21, for the coverage suite: concatenation (DenseNet), grouped
-convolutions (ResNeXt), parallel branches concatenated (Inception), split and channel shuffle (ShuffleNetV2), fused
+convolutions (ResNeXt), parallel branches concatenated (Inception), split and channel shuffle (ShuffleNetV2), chunk
+(YOLOv8's C2f, :mod:`orprune.examples.csp_zoo`), fused
 norms and token MLPs, LayerNorm / GroupNorm over the channels, and ``transformers`` vision models at tiny widths.
 
 Random initialisation (BatchNorm statistics randomised as after training), a few channels per layer, 16x16
@@ -14,6 +15,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from orprune.examples.csp_zoo import C2fNet
 
 __all__ = [
     "CASES",
@@ -372,6 +375,7 @@ CASES: dict[str, Callable[[], tuple[nn.Module, list[torch.Tensor]]]] = {
     "norms": _case(NormNet, 8),
     "inception": _case(Inception, 8),
     "shufflenet_v2": _case(ShuffleNetV2, 16),
+    "c2f": _case(C2fNet, 16),
 }
 #: ``transformers`` cases (tiny configs, random init, 32x32 inputs).
 TRANSFORMERS_CASES: dict[str, Callable[[], tuple[nn.Module, list[torch.Tensor]]]] = {

@@ -19,7 +19,7 @@ import numpy as np
 from orprune._validation import check_integer
 from orprune.layer.problem import LayerProblem
 
-__all__ = ["block_diagonal", "tie_channels"]
+__all__ = ["block_diagonal", "tie_channels", "tie_layout"]
 
 
 def block_diagonal(gram: np.ndarray, cross: np.ndarray, groups: int, group_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -64,3 +64,25 @@ def tie_channels(problem: LayerProblem, tie: int) -> LayerProblem:
     weights = None if problem.weights is None else problem.weights[cols]
     return LayerProblem(problem.gram[np.ix_(cols, cols)], problem.cross[cols], problem.yy, group_size=g * tie,
                         ridge=problem.ridge, weights=weights)
+
+
+def tie_layout(problem: LayerProblem, layout: np.ndarray) -> LayerProblem:
+    """The problem whose channel ``c`` is ``problem``'s channels ``layout[c, :]`` (one decision each).
+
+    ``layout``, shape ``(n, t)``, must hold every channel of ``problem`` once: the general form of
+    :func:`tie_channels` (a unit through a ``chunk`` read by a layer in ``t`` parts after a concatenation,
+    :mod:`orprune.network.chunks`). Its objective at a mask ``z`` equals ``problem.objective`` at the mask
+    keeping the channels of the rows ``z`` keeps; the group size is ``t * g``.
+    """
+    layout = np.asarray(layout, dtype=np.int64)
+    if layout.ndim == 1:
+        layout = layout[:, None]
+    if layout.ndim != 2 or not np.array_equal(np.sort(layout.ravel()), np.arange(problem.n_channels)):
+        raise ValueError(f"`layout` must be an (n, t) array holding each of the {problem.n_channels} channels once.")
+    if layout.shape[1] == 1 and np.array_equal(layout[:, 0], np.arange(problem.n_channels)):
+        return problem
+    g = problem.group_size
+    cols = (layout.ravel()[:, None] * g + np.arange(g)[None, :]).ravel()  # decision-major
+    weights = None if problem.weights is None else problem.weights[cols]
+    return LayerProblem(problem.gram[np.ix_(cols, cols)], problem.cross[cols], problem.yy,
+                        group_size=g * layout.shape[1], ridge=problem.ridge, weights=weights)

@@ -40,6 +40,7 @@ from torch import nn
 from torch_pruning.ops import OPTYPE
 from torch_pruning.utils import op_counter
 
+from orprune.network.chunks import ChunkRecorder, trace_unit
 from orprune.network.cost_model import CostModel
 from orprune.network.graph import PruningGraph, build_dependency_graph, unit_group
 
@@ -126,12 +127,15 @@ class _Poly:
 class _Channels:
     """Channel counts of every node of the dependency graph as affine functions of keep counts."""
 
-    def __init__(self, dg: Any, model: nn.Module, graph: PruningGraph):
+    def __init__(self, dg: Any, model: nn.Module, graph: PruningGraph, record: ChunkRecorder | None = None):
         # node -> unit -> (multiplicity on the output side, on the input side)
         self.out: dict[Any, dict[str, float]] = defaultdict(lambda: defaultdict(float))
         self.inp: dict[Any, dict[str, float]] = defaultdict(lambda: defaultdict(float))
         self.n = graph.n_channels
         for unit in graph.units:
+            if unit.traced:  # through a chunk: orprune's own index map (torch-pruning's group is wrong there)
+                self._traced(dg, model, unit, record)
+                continue
             group = unit_group(dg, model, unit, range(unit.n_channels))
             for item in group.items:
                 node = item.dep.target
@@ -139,6 +143,19 @@ class _Channels:
                 side[node][unit.name] += len(item.idxs) / unit.n_channels
         self.by_grad_fn = {n.grad_fn: n for n in dg.module2node.values() if n.grad_fn is not None}
         self.nodes = dg.module2node
+
+    def _traced(self, dg: Any, model: nn.Module, unit: Any, record: ChunkRecorder | None) -> None:
+        names = {m: n for n, m in model.named_modules()}
+        try:
+            _, widths = trace_unit(dg, model.get_submodule(unit.root), names, record or ChunkRecorder(), set(),
+                                   set(), 1 << 62, {}, frozenset())
+        except ValueError as exc:
+            raise ValueError(f"unit {unit.name!r} no longer traces through its chunk: {exc}") from exc
+        for node, width in widths.items():
+            self.out[node][unit.name] += width
+        for consumer in unit.consumers:
+            self.inp[dg.module2node[model.get_submodule(consumer.name)]][unit.name] += consumer.input_channels.size \
+                / unit.n_channels
 
     def _affine(self, full: int, mult: Mapping[str, float]) -> _Affine:
         return _Affine(full - sum(m * self.n[u] for u, m in mult.items()), mult)
@@ -203,8 +220,15 @@ def network_costs(model: nn.Module, graph: PruningGraph, example_inputs: Any) ->
         raise ValueError(f"`graph` must be a PruningGraph from `find_groups`, got {type(graph).__name__}.")
     calls: list[tuple[nn.Module, tuple, tuple, Any]] = []
     batches: list[int] = []
-    dg, _ = build_dependency_graph(model, example_inputs, during_forward=_recorder(calls, batches))
-    channels = _Channels(dg, model, graph)
+    record, recorder = ChunkRecorder(), _recorder(calls, batches)
+
+    @contextlib.contextmanager
+    def during_forward(m: nn.Module) -> Iterator[None]:
+        with recorder(m), record:
+            yield
+
+    dg, _ = build_dependency_graph(model, example_inputs, during_forward=during_forward)
+    channels = _Channels(dg, model, graph, record)
     order = {u: i for i, u in enumerate(graph.names)}
     macs, params = _Poly(order), _Poly(order)
     batch = batches[0] if batches else 1

@@ -16,10 +16,12 @@ on the remaining channels as for any unit (``residual=False`` leaves such groups
 Groups where that reconstruction does not apply are reported and left alone:
 
 * the model's outputs (the classifier's logits): nothing consumes them;
-* channels that go through a split, chunk, slice or channel shuffle between producer and consumer
-  (torch-pruning 1.6's index maps through them are wrong, ``formulations/split_and_shuffle.md``;
-  a concatenation is followed: each consumer selects among the unit's columns with the other
-  producers' columns kept, ``formulations/fixed_columns.md``);
+* channels that go through a split with literal sizes, a slice or a channel shuffle between producer and
+  consumer (torch-pruning 1.6's index maps through them are wrong, ``formulations/split_and_shuffle.md``).
+  A ``chunk`` of one producer's output into equal parts is followed by orprune's own index map, with
+  position ``c`` of every part tied into one decision (:mod:`orprune.network.chunks`); a concatenation is
+  followed: each consumer selects among the unit's columns with the other producers' columns kept,
+  ``formulations/fixed_columns.md``;
 * groups touching a module the user ignores, or a module orprune cannot slice per channel
   (attention, unwrapped parameters, a LayerNorm over more than the channels). A grouped conv (producer
   or consumer) or a GroupNorm ties the channels at one position of every group into one decision
@@ -61,6 +63,7 @@ from orprune.network._graph_rules import (
     _parameter_owners,
     _pruning_fn,
 )
+from orprune.network.chunks import ChunkRecorder, traced_units
 from orprune.network.units import Consumer, ExcludedGroup, PrunableUnit, PruningGraph, set_weight_matrix, weight_matrix
 
 __all__ = [
@@ -332,8 +335,9 @@ def find_groups(
             raise ValueError("`ignored_layers` must hold modules of `model` or their qualified names.")
         # ignoring a container ignores everything inside it
         ignored |= {n for n in names.values() if n == prefix or n.startswith(prefix + ".") or prefix == ""}
+    record = ChunkRecorder()  # the chunks and concatenations of the forward (orprune.network.chunks)
     try:
-        dg, output = build_dependency_graph(model, example_inputs)
+        dg, output = build_dependency_graph(model, example_inputs, during_forward=record)
     except Exception as exc:  # tracing failures come from the user's model: say where
         raise ValueError(f"torch-pruning could not trace `model` with `example_inputs`: {exc}") from exc
     output_fns = {t.grad_fn for t in tp.utils.flatten_as_list(output) if isinstance(t, torch.Tensor)}
@@ -342,6 +346,16 @@ def find_groups(
                        if sum(size > 1 for size in u.parameters.shape) == 1)
     units, excluded = [], []
     for group in _dependency_groups(dg):
+        if any(it.dep.target.type == OPTYPE.SPLIT for it in group.items):  # torch-pruning's maps are wrong there
+            labels = tuple(dict.fromkeys(names[it.dep.target.module] for it in group.items
+                                         if it.dep.target.module in names))
+            for unit, producer, reason in traced_units(dg, group, names, record, ignored, output_fns, max_features,
+                                                       owners, sliced):
+                if unit is not None:
+                    units.append(unit)
+                else:
+                    excluded.append(ExcludedGroup(producer, labels, reason))
+            continue
         unit, exc_group = _classify(dg, group, names, ignored, max_features, output_fns, residual, owners, sliced)
         if unit is not None:
             units.append(unit)

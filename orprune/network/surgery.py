@@ -9,7 +9,9 @@ ignored) and bias. Two realisations give the same function:
   ones only (``formulations/channel_norms.md``);
 * :func:`apply_pruning` takes that masked copy and removes the dropped channels through
   torch-pruning's dependency groups (the producer's filters, BatchNorm entries, depthwise filters and
-  the consumers' input slices), leaving a smaller plain ``nn.Module``.
+  the consumers' input slices), leaving a smaller plain ``nn.Module``. Units through a ``chunk``
+  (``PrunableUnit.traced``) are sliced by orprune's own index maps instead, and the result is checked
+  against the masked copy on ``example_inputs``.
 
 A bias for a consumer that has none is folded into the running mean of the BatchNorm that alone
 reads its output (``BN(y + b) = BN'(y)`` with ``mu' = mu - b`` in eval mode), or of every BatchNorm
@@ -26,9 +28,11 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch_pruning as tp
 from torch import nn
 
 from orprune.network._kept_norms import channel_count, mask_norm
+from orprune.network.chunks import slice_traced
 from orprune.network.graph import (
     Consumer,
     PruningGraph,
@@ -269,20 +273,38 @@ def apply_pruning(
         equal those of ``masked_copy(model, graph, plan)`` up to rounding.
     """
     pruned = _masked_weights(model, graph, plan)
-    dg, _ = build_dependency_graph(pruned, example_inputs)
-    for unit_name, kept in plan.keep.items():
-        unit = graph[unit_name]
-        dropped = np.setdiff1d(np.arange(unit.n_channels), kept)
-        if dropped.size:
-            unit_group(dg, pruned, unit, dropped.tolist()).prune()
-    modes = {m: m.training for m in pruned.modules()}
+    dropped = {name: np.setdiff1d(np.arange(graph[name].n_channels), kept) for name, kept in plan.keep.items()}
+    dropped = {name: d for name, d in dropped.items() if d.size}
+    traced = [(graph[name], d) for name, d in dropped.items() if graph[name].traced]
+    reference = _outputs(masked_copy(model, graph, plan), example_inputs) if traced else None
+    slice_traced(pruned, traced)  # through a chunk: orprune's maps first, then torch-pruning's groups re-traced
+    plain = [(graph[name], d) for name, d in dropped.items() if not graph[name].traced]
+    if plain:
+        dg, _ = build_dependency_graph(pruned, example_inputs)
+        for unit, d in plain:
+            unit_group(dg, pruned, unit, d.tolist()).prune()
     try:
-        pruned.eval()
-        with torch.no_grad():
-            call_model(pruned, example_inputs)
+        outputs = _outputs(pruned, example_inputs)
     except Exception as exc:  # a coupling torch-pruning missed: fail here, not in the user's hands
         raise RuntimeError(f"the pruned model no longer runs on `example_inputs`: {exc}") from exc
+    if reference is not None:  # a chunk-traced unit: the pruned model must compute what the masked one does
+        scale = max((float(r.abs().max()) for r in reference if r.numel()), default=0.0)
+        worst = max((float((o - r).abs().max()) for o, r in zip(outputs, reference) if r.numel()), default=0.0)
+        if len(outputs) != len(reference) or worst > 1e-3 * max(scale, 1.0):
+            raise RuntimeError(f"the pruned model differs from the masked model by {worst:.3g} (of {scale:.3g}) "
+                               "on `example_inputs`: a chunk is not followed correctly; leave its producer out "
+                               "(`ignored_layers`).")
+    return pruned
+
+
+def _outputs(model: nn.Module, example_inputs: Any) -> list[torch.Tensor]:
+    """The model's output tensors on ``example_inputs`` in eval mode, without gradients (training flags restored)."""
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        with torch.no_grad():
+            out = call_model(model, example_inputs)
     finally:
         for m, mode in modes.items():
             m.training = mode
-    return pruned
+    return [t.float() for t in tp.utils.flatten_as_list(out) if isinstance(t, torch.Tensor)]

@@ -36,11 +36,12 @@ class Consumer:
     norm : str or None
         The BatchNorm that is the only reader of this layer's output, if any: a bias added by the
         reconstruction can be folded into its running mean instead of adding a parameter.
-    channels : tuple of int or None
+    channels : tuple of int, tuple of tuples of int, or None
         When the layer reads a concatenation: its input channel of each of the unit's channels
         (increasing); its other input channels come from other producers and are kept while this
-        unit is selected (``formulations/fixed_columns.md``). None: the unit's channels are all its
-        inputs, in order.
+        unit is selected (``formulations/fixed_columns.md``). For a unit through a ``chunk`` read by the
+        layer in ``tie > 1`` parts, its ``tie`` input channels of each of the unit's channels
+        (:mod:`orprune.network.chunks`). None: the unit's channels are all its inputs, in order.
     n_inputs : int or None
         The layer's input channels (``n_channels`` when None).
     norms : tuple of (str, tuple of int)
@@ -48,7 +49,7 @@ class Consumer:
         with its channel of each output channel; a bias is folded into all their running means.
     tie : int
         Input channels per decision: the unit's channel ``c`` is the layer's inputs ``c + j * n_channels``
-        for ``j < tie`` (a unit tied by a grouped convolution, :class:`PrunableUnit`).
+        for ``j < tie`` (a unit tied by a grouped convolution, :class:`PrunableUnit`), or ``channels[c]``.
     groups : int
         The layer's ``groups`` (a grouped convolution): its least squares is block-diagonal by group.
     sketch : int
@@ -85,9 +86,11 @@ class Consumer:
     def input_channels(self) -> np.ndarray:
         """The layer's input channel of each of the unit's channels, shape ``(n_channels,)``, or
         ``(n_channels, tie)`` for a tied unit."""
+        if self.channels is not None:  # a concatenation, or the parts of a chunk (shape (n_channels, tie))
+            return np.asarray(self.channels)
         if self.tie > 1:
             return np.arange(self.n_channels)[:, None] + self.n_channels * np.arange(self.tie)[None, :]
-        return np.arange(self.n_channels) if self.channels is None else np.asarray(self.channels)
+        return np.arange(self.n_channels)
 
     @property
     def n_features(self) -> int:
@@ -120,6 +123,11 @@ class PrunableUnit:
         The LayerNorms / GroupNorms over the channels (carried too), each with its channel of every root
         channel: removing channels changes what they normalise over (``formulations/channel_norms.md``),
         so :func:`orprune.network.surgery.masked_copy` replaces them by norms over the kept channels.
+    traced : tuple of (str, tuple of int)
+        Non-empty for a unit whose channels pass through a ``chunk`` (its ``tie`` is the chunk count): every
+        module its channels flow through (the root first), with the module's output channel of each root
+        channel (-1: not there). These units are sliced by these maps, not by torch-pruning's groups, which
+        are wrong through a split (:mod:`orprune.network.chunks`).
     """
 
     name: str
@@ -129,6 +137,7 @@ class PrunableUnit:
     carried: tuple[str, ...]
     tie: int = 1
     norms: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    traced: tuple[tuple[str, tuple[int, ...]], ...] = ()
 
     def root_channels(self, idxs: Any) -> list[int]:
         """The root module's channels of the unit's channels ``idxs``."""
