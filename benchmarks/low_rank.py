@@ -36,7 +36,6 @@ from orprune.examples.zoo import resnet20
 from orprune.network.graph import weight_matrix
 from orprune.training import batches, evaluate, train
 
-
 #: Datasets the ResNet-20 benchmarks train on (``orprune.examples.datasets.load_named`` names).
 DATASETS = ("digits", "fashion-mnist")
 
