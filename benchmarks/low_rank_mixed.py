@@ -122,6 +122,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                                                                                     calibration)
     fit_time, fit_cpu = time.perf_counter() - t, time.process_time() - c
     rows, details, timed = [], [], [model]
+    tuned_accuracy: dict[int, float] = {}  # id(built model) -> accuracy after fine-tuning
     for budget in args.macs:
         t, c = time.perf_counter(), time.process_time()
         with warnings.catch_warnings():
@@ -137,11 +138,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 timed.append(result.model)
             acc = evaluate(result.model, test_images, test_labels)
             out_err = output_error(result.model, model, test_images)
-            tuned = None
-            if args.finetune_epochs > 0:
+            tuned = tuned_accuracy.get(id(result.model))  # modes sharing one built model: fine-tuned once
+            if args.finetune_epochs > 0 and tuned is None:
                 net = train(copy.deepcopy(result.model), train_images, train_labels, epochs=args.finetune_epochs,
                             lr=args.finetune_lr, seed=args.seed, flip=False, threads=1, progress=False)
-                tuned = evaluate(net, test_images, test_labels)
+                tuned = tuned_accuracy[id(result.model)] = evaluate(net, test_images, test_labels)
             label = f"guard -> {'/'.join(cand.modes)}" if mode == "guard" else mode
             rows.append(dict(budget=budget, mode=label, objective=problem.objective(dict(result.allocation.keep)),
                              probe=cand.output_error,

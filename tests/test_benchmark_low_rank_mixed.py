@@ -1,6 +1,7 @@
 """The channels / factorize / mixed / guard benchmark (``benchmarks/low_rank_mixed.py``) end to end on tiny sizes:
 the ``--dataset`` switch reaches the training, the cache name and the results header (with the real sizes), every
-row meets its MACs budget, and the guard row is the candidate with the smallest probe error.
+row meets its MACs budget, the guard row is the candidate with the smallest probe error, and each built
+model is fine-tuned once however many modes chose it.
 
 ResNet-20 itself is replaced by a narrow ResNet-8 (same code path, same layer names) and the cache by a temporary
 directory, so one run takes a few seconds and nothing is written under ``benchmarks/``."""
@@ -15,6 +16,7 @@ import benchmarks.low_rank as low_rank
 import benchmarks.low_rank_mixed as lrm
 from orprune.examples.datasets import fashion_mnist_available
 from orprune.examples.zoo import CifarResNet
+from orprune.training import train
 from tests.models import one_thread  # noqa: F401  (module fixture)
 
 SPLITS = {"digits": (1437, 360), "fashion-mnist": (60000, 10000)}  # train / test images of each dataset
@@ -36,13 +38,15 @@ def table(text: str) -> list[dict[str, str]]:
 
 
 @pytest.mark.parametrize("dataset", ["digits", "fashion-mnist"])
-def test_dataset_switch_sizes_and_guard_row(tiny_resnet, dataset):
+def test_dataset_switch_sizes_and_guard_row(tiny_resnet, monkeypatch, dataset):
     if dataset == "fashion-mnist" and not fashion_mnist_available():
         pytest.skip("Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)")
+    tuned_models = []
+    monkeypatch.setattr(lrm, "train", lambda model, *a, **k: tuned_models.append(model) or train(model, *a, **k))
     out = tiny_resnet / "results.md"
     rows = lrm.main(["--dataset", dataset, "--train-size", "256", "--epochs", "2", "--calibration", "64",
                      "--probe", "32", "--test-size", "50", "--macs", "0.3", "--latency-batch", "8",
-                     "--latency-repeats", "2", "--output", str(out)])
+                     "--latency-repeats", "2", "--finetune-epochs", "0.5", "--output", str(out)])
     text = out.read_text()
     n_split, _ = SPLITS[dataset]
     assert text.splitlines()[0].endswith(f"resnet20 on {dataset}")
@@ -61,6 +65,9 @@ def test_dataset_switch_sizes_and_guard_row(tiny_resnet, dataset):
     for mode in guard["mode"].removeprefix("guard -> ").split("/"):  # the guard's model is the chosen modes' own
         (row,) = [r for r in candidates if r["mode"] == mode]
         assert row["model"] is guard["model"] and row["acc"] == guard["acc"]
+        assert row["tuned"] == guard["tuned"]
+    assert all(0.0 <= r["tuned"] <= 1.0 for r in rows)
+    assert len(tuned_models) == len({id(r["model"]) for r in rows})  # one fine-tune per built model
     table_rows = table(text)
     assert [r["mode"] for r in table_rows] == [r["mode"] for r in rows]
     assert float(table_rows[-1]["probe error"]) == pytest.approx(guard["probe"], abs=5e-5)
