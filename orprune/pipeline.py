@@ -67,7 +67,7 @@ from orprune.prune_result import LatencyReport, PruneResult, RefitReport, UnitRe
 __all__ = ["Pruner", "PruneResult", "UnitReport", "prune"]
 
 #: Default ``refit_memory`` of :class:`Pruner`: 2 GiB of activations held by the streamed refit (ResNet-50, 512 images
-#: of 224x224: 1.9 GiB held instead of 3.1 for 5% more layer evaluations, ``benchmarks/results/scale_network_224.md``).
+#: of 224x224: 2.1 GB held instead of 3.1, refit 146 s instead of 138 s, ``benchmarks/results/scale_network_224.md``).
 DEFAULT_REFIT_MEMORY = 2 * 2**30
 
 
