@@ -78,6 +78,14 @@ def _peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _refit_detail(refit) -> str:
+    """The streamed refit's activations held (of one pass's estimate) and its node evaluations in passes."""
+    if getattr(refit, "peak_bytes", None) is None:
+        return ""
+    return (f" (held {refit.peak_bytes / 2**20:.0f} MB of activations, one pass would hold "
+            f"{refit.estimated_bytes / 2**20:.0f} MB; {refit.passes:.2f} passes)")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--images", type=int, default=128, help="calibration images (default 128)")
@@ -150,7 +158,9 @@ def main(argv: list[str] | None = None) -> None:
     lines += [f"| {name} | {w:.1f} | {c:.1f} | {m:.0f} |" for name, (w, c, m) in phases.items()]
     lines += ["", f"Summed relative error of the chosen channels (`result.report`): "
               f"{sum(r.relative_error for r in result.report):.5f}; refit path: "
-              f"{getattr(result.refit, 'path', '-')}; curve workers: {getattr(pruner, 'n_jobs_used_', '-')}."]
+              f"{getattr(result.refit, 'path', '-')}{_refit_detail(result.refit)}; curve workers: "
+              f"{getattr(pruner, 'n_jobs_used_', '-')}; target cache "
+              f"{getattr(pruner.targets_, 'nbytes', 0) / 2**20:.0f} MB."]
     lines += ["", f"Peak resident memory: {tp_peak:.0f} MB after torch-pruning, {peak:.0f} MB after orprune "
               f"(process high-water mark). Load average at the end: {os.getloadavg()[0]:.1f} (2 cores)."]
     text = "\n".join(lines) + "\n"

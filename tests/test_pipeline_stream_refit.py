@@ -196,3 +196,24 @@ def test_sequential_off_and_the_report():
 def test_bad_refit_memory_is_refused(value):
     with pytest.raises(ValueError, match="`refit_memory`"):
         orprune.Pruner(refit_memory=value).fit(TinyNet(), [torch.randn(2, 2, 6, 6)])
+
+
+def test_half_precision_target_cache_changes_the_refit_by_float16_rounding_only(monkeypatch):
+    # the default cache keeps float16 targets (11 significant bits, 2^-12 relative): the refit's weights move by
+    # under 1% (3.5e-3 at most here, the rounding amplified by the least squares' conditioning), its error not.
+    # 96 images x 8 positions: more rows than any consumer's 576 columns (well-determined least squares)
+    from orprune.network import _consumer_stream
+
+    model, example = small_model("resnet20")
+    data = calibration(example, n=3, size=32)
+    half = fitted(model, data).prune(macs=0.5)
+    monkeypatch.setattr(_consumer_stream, "HALF_TARGETS", False)
+    exact = fitted(model, data).prune(macs=0.5)
+    assert half.plan.keep.keys() == exact.plan.keep.keys() and half.plan.updates.keys() == exact.plan.updates.keys()
+    for name, update in exact.plan.updates.items():
+        w, w_half = torch.as_tensor(update.weight), torch.as_tensor(half.plan.updates[name].weight)
+        assert not torch.equal(w, w_half) and (w_half - w).norm() <= 1e-2 * w.norm(), name
+    with torch.no_grad():  # as close to the original model as the exact cache's refit (0.532 vs 0.531 here)
+        original = model(example)
+        error, error_half = ((m(example) - original).norm() / original.norm() for m in (exact.model, half.model))
+    assert abs(error_half - error) <= 1e-2 * error

@@ -16,11 +16,16 @@ from torch import nn
 
 from orprune.layer.problem import StatisticsAccumulator
 from orprune.layer.wide import WideAccumulator, channel_projection
+from orprune.network._slabs import Slabs, half, unhalf
 from orprune.network.patches import conv_patches, sampled_patches
 from orprune.network.residual_targets import PassTaps, TargetOffset
 from orprune.network.units import weight_matrix
 
-__all__ = ["ConsumerStream", "TargetCache"]
+__all__ = ["ConsumerStream", "TargetCache", "HALF_TARGETS"]
+
+#: Default of ``TargetCache(half=...)``: store the cached targets in float16 with a power-of-two scale
+#: (:func:`orprune.network._slabs.half`), half the memory of float32 for a relative error of at most 2^-12.
+HALF_TARGETS = True
 
 # Unfold at most this many elements at once (about 64 MB in float32); larger batches are chunked.
 _UNFOLD_CHUNK = 1 << 24
@@ -138,14 +143,21 @@ class TargetCache:
     Filled by :func:`collect_statistics` (``cache=``) and read back as its ``reference``: a later
     pass of a partially pruned model then needs neither the original model's forward pass nor a new
     draw of positions. It holds ``n_samples * positions_per_image * out_channels`` values per conv
-    consumer in the layer's dtype (:attr:`nbytes`), and as many again per consumer given an offset
-    (the reference's tapped tensors at the same positions).
+    consumer (:attr:`nbytes`), and as many again per consumer given an offset (the reference's tapped
+    tensors at the same positions). With ``half`` (default ``HALF_TARGETS``) float32 values are stored as float16
+    times a power-of-two scale (11 significant bits, any range: half the memory, a relative error of at most 2^-12
+    that the least squares averages out); else in the layer's dtype, exactly. On CPU the rows live in a few large
+    buffers (:mod:`orprune.network._slabs`): thousands of small long-lived tensors would pin the malloc heap.
     """
 
-    def __init__(self) -> None:
-        self._rows: dict[str, dict[int, list[tuple[int, torch.Tensor | None, torch.Tensor]]]] = {}
+    def __init__(self, half: bool | None = None) -> None:
+        if half is not None and not isinstance(half, bool):
+            raise ValueError(f"`half` must be True, False or None, got {half!r}.")
+        self.half = HALF_TARGETS if half is None else half
+        self._slabs = Slabs()
+        self._rows: dict[str, dict[int, list[tuple[int, torch.Tensor | None, tuple]]]] = {}
         self._bias: dict[str, torch.Tensor | None] = {}
-        self._offsets: dict[str, dict[int, torch.Tensor]] = {}
+        self._offsets: dict[str, dict[int, tuple]] = {}
 
     def __contains__(self, name: object) -> bool:
         return name in self._rows
@@ -156,29 +168,37 @@ class TargetCache:
 
     @property
     def nbytes(self) -> int:
-        rows = sum(y.element_size() * y.numel() + (0 if idx is None else idx.element_size() * idx.numel())
-                   for batches in self._rows.values() for calls in batches.values() for _, idx, y in calls)
-        return rows + sum(t.element_size() * t.numel() for batches in self._offsets.values() for t in batches.values())
+        """Bytes of the stored rows, positions and tapped rows."""
+        stored = [t for batches in self._rows.values() for calls in batches.values() for _, idx, y in calls
+                  for t in (idx, y[0]) if t is not None]
+        stored += [t[0] for batches in self._offsets.values() for t in batches.values()]
+        return sum(t.element_size() * t.numel() for t in stored)
+
+    def _store(self, value: torch.Tensor) -> tuple[torch.Tensor, float, torch.dtype]:
+        return half(self._slabs, value) if self.half else (self._slabs.store(value), 1.0, value.dtype)
 
     def _add(self, stream: ConsumerStream, entry: tuple[int, torch.Tensor | None, torch.Tensor]) -> None:
         if stream.name not in self._rows:
             self._rows[stream.name] = {}
             self._bias[stream.name] = None if stream.bias is None else stream.bias.detach().clone()
-        self._rows[stream.name].setdefault(stream.batch, []).append(entry)
+        n_pos, idx, rows = entry
+        stored = (n_pos, None if idx is None else self._slabs.store(idx), self._store(rows))
+        self._rows[stream.name].setdefault(stream.batch, []).append(stored)
 
     def _get(self, stream: ConsumerStream) -> tuple[int, torch.Tensor | None, torch.Tensor]:
         calls = self._rows[stream.name].get(stream.batch, [])
         if stream.calls >= len(calls):
             raise ValueError(f"the target cache holds {len(calls)} call(s) of consumer {stream.name!r} in "
                              f"batch {stream.batch}; `model` made more: give the batches the cache was made from.")
-        return calls[stream.calls]
+        n_pos, idx, rows = calls[stream.calls]
+        return n_pos, idx, unhalf(rows)
 
     def _add_offset(self, stream: ConsumerStream, rows: torch.Tensor, dtype: torch.dtype) -> None:
-        self._offsets.setdefault(stream.name, {})[stream.batch] = rows.to(dtype)
+        self._offsets.setdefault(stream.name, {})[stream.batch] = self._store(rows.to(dtype))
 
     def _get_offset(self, stream: ConsumerStream) -> torch.Tensor:
         rows = self._offsets.get(stream.name, {}).get(stream.batch)
         if rows is None:
             raise ValueError(f"the target cache holds no tapped rows of consumer {stream.name!r} in batch "
                              f"{stream.batch}: fill it with the same `offsets`.")
-        return rows
+        return unhalf(rows)

@@ -190,7 +190,7 @@ def test_cached_targets_replace_the_reference_pass():
         conv = perturbed.layer1[0].conv2
         conv.bias = nn.Parameter(torch.ones(conv.out_channels))  # the reference's bias is the one used
     batches = [x[:3], x[3:]]
-    cache = TargetCache()
+    cache = TargetCache(half=False)
     paired = collect_statistics(perturbed, consumers, batches, reference=model, cache=cache,
                                 positions_per_image=5, progress=False)
     assert cache.n_batches == 2 and cache.nbytes > 0
@@ -200,7 +200,7 @@ def test_cached_targets_replace_the_reference_pass():
             for a, b in zip(paired[c.name].statistics(center=True), cached[c.name].statistics(center=True)):
                 np.testing.assert_array_equal(a, b)
     # filled in the plain mode, the cache gives back the plain statistics on the same model
-    own_cache = TargetCache()
+    own_cache = TargetCache(half=False)
     plain = collect_statistics(model, consumers, batches, cache=own_cache, positions_per_image=5, progress=False)
     again = collect_statistics(model, consumers[:2], batches, reference=own_cache, progress=False)
     for c in consumers[:2]:
@@ -212,6 +212,28 @@ def test_cached_targets_replace_the_reference_pass():
         collect_statistics(model, consumers, batches + [x[:1]], reference=own_cache, progress=False)
     with pytest.raises(ValueError, match="`cache`"):
         collect_statistics(model, consumers, batches, reference=own_cache, cache=own_cache, progress=False)
+
+
+def test_half_target_cache_is_half_the_memory_and_agrees_to_float16_precision():
+    model, x = small_model("resnet20", batch=6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        consumers = find_groups(model, x, residual=False).consumers
+    batches = [x[:3], x[3:]]
+    exact, half = TargetCache(half=False), TargetCache()
+    assert half.half  # the default
+    plain = collect_statistics(model, consumers, batches, cache=exact, positions_per_image=5, progress=False)
+    collect_statistics(model, consumers, batches, cache=half, positions_per_image=5, progress=False)
+    rows = sum(y[0].numel() for b in exact._rows.values() for calls in b.values() for _, _, y in calls)
+    assert exact.nbytes - half.nbytes == 2 * rows  # float32 -> float16, the positions alike
+    again = collect_statistics(model, consumers, batches, reference=half, progress=False)
+    for c in consumers:
+        gram, cross, yy = plain[c.name].statistics()
+        gram_h, cross_h, yy_h = again[c.name].statistics()
+        np.testing.assert_array_equal(gram, gram_h)  # the inputs are not cached
+        assert np.linalg.norm(cross_h - cross) <= 2**-11 * np.linalg.norm(cross)
+        assert abs(yy_h - yy) <= 2**-10 * yy
+        assert not np.array_equal(cross_h, cross)  # rounded indeed
 
 
 def test_modes_are_restored_and_model_unchanged():

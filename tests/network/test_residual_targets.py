@@ -10,12 +10,24 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from orprune.network import _consumer_stream
 from orprune.network.calibration import TargetCache, collect_statistics
 from orprune.network.graph import find_groups
 from orprune.network.residual_targets import ResidualTarget, Tap, TargetOffset, find_residual_targets
 from orprune.network.surgery import PruningPlan, masked_copy
 from orprune.pipeline import Pruner
 from tests.models import calibrate_batchnorm, mobilenet_v2, one_thread, resnet18  # noqa: F401  (one_thread: module fixture)
+
+
+
+@pytest.fixture(scope="module", autouse=True)
+def exact_target_cache():
+    """These tests check the refit's least squares to 1e-7 and better: the cache keeps exact float32 targets
+    (the default half-precision cache is checked in tests/network/test_calibration.py)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_consumer_stream, "HALF_TARGETS", False)
+        yield
+
 
 ADDS = {
     "plus": operator.add,
