@@ -19,7 +19,6 @@ from orprune.pipeline import Pruner
 from tests.models import calibrate_batchnorm, mobilenet_v2, one_thread, resnet18  # noqa: F401  (one_thread: module fixture)
 
 
-
 @pytest.fixture(scope="module", autouse=True)
 def exact_target_cache():
     """These tests check the refit's least squares to 1e-7 and better: the cache keeps exact float32 targets
