@@ -8,15 +8,22 @@ the traced forward:
 * per-channel ops (BatchNorm, activations, pooling, upsampling) keep the map;
 * ``x.chunk(g, 1)`` of the producer's whole output into ``g`` equal parts sends root channel ``c + j n``
   (``n = C / g``) to channel ``c`` of part ``j`` (the ``output_nr`` each reader takes from ``SplitBackward0``);
-* ``torch.cat(..., 1)`` shifts each input by its offset (the sizes are recorded during the forward).
+* ``torch.cat(..., 1)`` concatenates its inputs' maps (the sizes are recorded during the forward);
+* a residual add of the stream and a conv's output (YOLOv8's backbone C2f, ``shortcut=True``: ``s + cv2(cv1(s))``)
+  makes that conv, with the BatchNorm and per-channel ops before the add, another producer of the unit: its
+  channel ``i`` carries the stream's root channel at ``i`` and is sliced with it (``PrunableUnit.carried``).
+
+The maps are *label maps*: each channel of a tensor gives the root channel it carries (-1: another unit's), so a
+concatenation may read the same stream at several points (C2f's ``cv2`` reads the part and every bottleneck's sum).
 
 Pruning commutes with the chunk iff every part keeps as many channels (section 2); the unit ties position ``c``
 of every part into one decision (``PrunableUnit.tie = g``, as for grouped convolutions), so ``chunk`` recomputes
 the same part boundaries after removal. Each consumer (a ``Conv2d`` with ``groups = 1``) reads the kept columns of
 its own parts (``Consumer.channels``, shape ``(n, t)``); the other columns of a concatenation are fixed
 (``formulations/fixed_columns.md``). Everything else met on the way (a split with literal sizes, a second split,
-a residual add, a reshape or channel shuffle, a Linear, a module with parameters other than a BatchNorm) leaves
-the producer alone with the reason. Surgery slices these units by the recorded maps (:func:`slice_traced`).
+an op with a second operand other than such a residual add, a reshape or channel shuffle, a Linear, a module with
+parameters other than a BatchNorm) leaves the producer alone with the reason (``formulations/split_and_shuffle.md``
+section 3). Surgery slices these units by the recorded maps (:func:`slice_traced`).
 """
 
 from __future__ import annotations
