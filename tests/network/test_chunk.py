@@ -12,7 +12,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import orprune
 from orprune._pipeline_steps import unit_part
 from orprune.examples.coverage_zoo import randomize_batchnorm
 from orprune.examples.csp_zoo import C2fNet

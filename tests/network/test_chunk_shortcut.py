@@ -13,7 +13,7 @@ from torch import nn
 
 import orprune
 from orprune.examples.coverage_zoo import randomize_batchnorm
-from orprune.examples.csp_zoo import C2f, ConvBNSiLU
+from orprune.examples.csp_zoo import SPPF, C2f, ConvBNSiLU
 from orprune.network.costs import count_macs_params, network_costs
 from orprune.network.surgery import PruningPlan, apply_pruning, masked_copy
 from tests.models import one_thread  # noqa: F401  (module fixture)
@@ -144,3 +144,32 @@ def test_pruner_reaches_half_the_macs_with_pruned_equal_to_masked():
             masked = masked_copy(model, pruner.graph_, result.plan)(x)
             torch.testing.assert_close(result.model(x), masked, rtol=1e-4, atol=1e-5 * float(masked.abs().max()))
     assert all(result.plan.keep[u].size < pruner.graph_[u].n_channels for u in ("block1.cv1.conv", "block2.cv1.conv"))
+
+
+class WithSPPF(nn.Module):
+    """YOLOv8's SPPF after a stem: ``cv2`` reads ``cv1``'s channels four times (through three max pools)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.sppf, self.fc = ConvBNSiLU(3, 16, 3), SPPF(16, 12), nn.Linear(12, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.nn.functional.adaptive_avg_pool2d(self.sppf(self.stem(x)), 1).flatten(1))
+
+
+def test_sppf_unit_read_four_times_by_one_concatenation():
+    """No chunk: torch-pruning's group is refused (a consumer reading the unit twice); orprune's label maps take it."""
+    torch.manual_seed(0)
+    model, x = randomize_batchnorm(WithSPPF()).eval(), torch.randn(2, 3, 12, 12)
+    graph = graph_of(model, x[:1])
+    unit = graph["sppf.cv1.conv"]
+    assert (unit.n_channels, unit.tie, unit.carried) == (8, 1, ("sppf.cv1.bn",))
+    np.testing.assert_array_equal(graph.consumer("sppf.cv2.conv").input_channels, np.arange(8)[:, None] + [0, 8, 16, 24])
+    plan = PruningPlan({"sppf.cv1.conv": np.array([0, 2, 3, 7]), "stem.conv": np.arange(0, 16, 2)})
+    pruned = apply_pruning(model, graph, plan, x[:1])
+    with torch.no_grad():
+        masked = masked_copy(model, graph, plan)(x)
+        torch.testing.assert_close(pruned(x), masked, rtol=1e-4, atol=1e-5 * float(masked.abs().max()))
+    assert pruned.sppf.cv2.conv.in_channels == 16
+    assert network_costs(model, graph, x[:1]).evaluate({"sppf.cv1.conv": 4, "stem.conv": 8})["macs"] \
+        == count_macs_params(pruned, x[:1])[0]
