@@ -2,8 +2,9 @@
 
 torch-pruning 1.6 assigns a split's outputs to its consumers in trace order, not by output index, and its groups
 through a split are wrong (``formulations/split_and_shuffle.md`` section 1). For the groups of its dependency
-graph that hold a split, :func:`traced_units` follows each producer's channels itself, on the autograd graph of
-the traced forward:
+graph that hold a split (and those where one concatenation reads a unit several times, YOLOv8's SPPF, which
+torch-pruning's consumer layout refuses), :func:`traced_units` follows each producer's channels itself, on the
+autograd graph of the traced forward:
 
 * per-channel ops (BatchNorm, activations, pooling, upsampling) keep the map;
 * ``x.chunk(g, 1)`` of the producer's whole output into ``g`` equal parts sends root channel ``c + j n``

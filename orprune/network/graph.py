@@ -20,7 +20,8 @@ Groups where that reconstruction does not apply are reported and left alone:
   consumer (torch-pruning 1.6's index maps through them are wrong, ``formulations/split_and_shuffle.md``).
   A ``chunk`` of one producer's output into equal parts is followed by orprune's own index map, with
   position ``c`` of every part tied into one decision (:mod:`orprune.network.chunks`), a residual add through the
-  chunk (YOLOv8's backbone C2f) with the added convs as producers of the unit; a concatenation is
+  chunk (YOLOv8's backbone C2f) with the added convs as producers of the unit, and so is a unit that one
+  concatenation reads several times (YOLOv8's SPPF), which torch-pruning's consumer layout refuses; a concatenation is
   followed: each consumer selects among the unit's columns with the other producers' columns kept,
   ``formulations/fixed_columns.md``;
 * groups touching a module the user ignores, or a module orprune cannot slice per channel
