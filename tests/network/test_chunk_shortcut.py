@@ -173,3 +173,18 @@ def test_sppf_unit_read_four_times_by_one_concatenation():
     assert pruned.sppf.cv2.conv.in_channels == 16
     assert network_costs(model, graph, x[:1]).evaluate({"sppf.cv1.conv": 4, "stem.conv": 8})["macs"] \
         == count_macs_params(pruned, x[:1])[0]
+
+
+def test_ucp_excitations_cover_the_stream_producers():
+    """UCP's excitation blocks go after every producer of a unit: a bottleneck output conv writes only the stream's
+    channels (half the root's), its block has that width and its excitations count for those root channels."""
+    from orprune.ucp import se_importance
+
+    model, _ = c2f(shortcut=True)
+    x, y = torch.randn(16, 3, 16, 16), torch.randint(0, 5, (16,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        result = se_importance(model, x, y, epochs=1, batch_size=8, freeze=True, units=["block2.cv1.conv"])
+    assert result.producers["block2.cv1.conv"] == ("block2.cv1.conv", "block2.m.0.cv2.conv", "block2.m.1.cv2.conv")
+    scores = result.scores["block2.cv1.conv"]
+    assert scores.shape == (12,) and np.all(np.isfinite(scores)) and np.all(scores > 0)
