@@ -63,7 +63,7 @@ def test_random_keeps_prune_like_the_masked_model_with_the_stream_intact():
         assert costs.evaluate(counts)["macs"] == count_macs_params(pruned, x[:1])[0]
 
 
-def test_kept_stream_channels_are_the_masked_model_s():
+def test_stream_inside_the_block_matches_the_masked_model():
     """Inside the block, not only at the output: with only block 2's stream unit pruned, the second part (what
     enters the first bottleneck) keeps the original channels, and the stream after both adds is the masked
     model's at the kept channels (the bottlenecks' first convs lost the dropped inputs)."""
