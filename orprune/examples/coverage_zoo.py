@@ -1,6 +1,6 @@
 """Networks built from the pieces of issue 21, for the coverage suite: concatenation (DenseNet), grouped
 convolutions (ResNeXt), parallel branches concatenated (Inception), split and channel shuffle (ShuffleNetV2), chunk
-(YOLOv8's C2f, :mod:`orprune.examples.csp_zoo`), fused
+(YOLOv8's C2f without and with the bottleneck shortcut, :mod:`orprune.examples.csp_zoo`), fused
 norms and token MLPs, LayerNorm / GroupNorm over the channels, and ``transformers`` vision models at tiny widths.
 
 Random initialisation (BatchNorm statistics randomised as after training), a few channels per layer, 16x16
@@ -376,6 +376,7 @@ CASES: dict[str, Callable[[], tuple[nn.Module, list[torch.Tensor]]]] = {
     "inception": _case(Inception, 8),
     "shufflenet_v2": _case(ShuffleNetV2, 16),
     "c2f": _case(C2fNet, 16),
+    "c2f_shortcut": _case(lambda: C2fNet(shortcut=True), 16),  # YOLOv8's backbone C2f (a residual add per bottleneck)
 }
 #: ``transformers`` cases (tiny configs, random init, 32x32 inputs).
 TRANSFORMERS_CASES: dict[str, Callable[[], tuple[nn.Module, list[torch.Tensor]]]] = {

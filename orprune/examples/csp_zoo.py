@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["C2f", "C2fNet", "ConvBNSiLU", "YoloBottleneck"]
+__all__ = ["C2f", "C2fNet", "ConvBNSiLU", "SPPF", "YoloBottleneck", "YoloV8Backbone"]
 
 
 class ConvBNSiLU(nn.Module):
@@ -70,3 +70,39 @@ class C2fNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.block2(self.down(self.block1(self.stem(x))))
         return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+class SPPF(nn.Module):
+    """YOLOv8's ``SPPF``: ``cv1`` to half the channels, three 5x5 max pools in a row, ``cv2`` on the concatenation."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.cv1 = ConvBNSiLU(in_channels, in_channels // 2)
+        self.cv2 = ConvBNSiLU(in_channels // 2 * 4, out_channels)
+        self.m = nn.MaxPool2d(5, 1, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = [self.cv1(x)]
+        y.extend(self.m(y[-1]) for _ in range(3))
+        return self.cv2(torch.cat(y, 1))
+
+
+class YoloV8Backbone(nn.Module):
+    """YOLOv8's backbone (``yolov8{n,s}.yaml`` layers 0-9: stride-2 ``Conv`` and C2f with ``shortcut=True``, then
+    SPPF) with a pooled Linear head, so that it can be pruned as a classifier. ``scale`` "n" (widths 16..256, C2f
+    depths 1, 2, 2, 1) or "s" (widths 32..512)."""
+
+    def __init__(self, scale: str = "n", n_classes: int = 10):
+        super().__init__()
+        if scale not in ("n", "s"):
+            raise ValueError(f"`scale` must be 'n' or 's', got {scale!r}.")
+        w = [c // (4 if scale == "n" else 2) for c in (64, 128, 256, 512, 1024)]
+        layers: list[nn.Module] = [ConvBNSiLU(3, w[0], 3, 2)]
+        for i, depth in enumerate((1, 2, 2, 1)):
+            layers += [ConvBNSiLU(w[i], w[i + 1], 3, 2), C2f(w[i + 1], w[i + 1], depth, shortcut=True)]
+        layers.append(SPPF(w[4], w[4]))
+        self.model = nn.Sequential(*layers)
+        self.fc = nn.Linear(w[4], n_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(F.adaptive_avg_pool2d(self.model(x), 1).flatten(1))

@@ -2,21 +2,29 @@
 
 torch-pruning 1.6 assigns a split's outputs to its consumers in trace order, not by output index, and its groups
 through a split are wrong (``formulations/split_and_shuffle.md`` section 1). For the groups of its dependency
-graph that hold a split, :func:`traced_units` follows each producer's channels itself, on the autograd graph of
-the traced forward:
+graph that hold a split (and those where one concatenation reads a unit several times, YOLOv8's SPPF, which
+torch-pruning's consumer layout refuses), :func:`traced_units` follows each producer's channels itself, on the
+autograd graph of the traced forward:
 
 * per-channel ops (BatchNorm, activations, pooling, upsampling) keep the map;
 * ``x.chunk(g, 1)`` of the producer's whole output into ``g`` equal parts sends root channel ``c + j n``
   (``n = C / g``) to channel ``c`` of part ``j`` (the ``output_nr`` each reader takes from ``SplitBackward0``);
-* ``torch.cat(..., 1)`` shifts each input by its offset (the sizes are recorded during the forward).
+* ``torch.cat(..., 1)`` concatenates its inputs' maps (the sizes are recorded during the forward);
+* a residual add of the stream and a conv's output (YOLOv8's backbone C2f, ``shortcut=True``: ``s + cv2(cv1(s))``)
+  makes that conv, with the BatchNorm and per-channel ops before the add, another producer of the unit: its
+  channel ``i`` carries the stream's root channel at ``i`` and is sliced with it (``PrunableUnit.carried``).
+
+The maps are *label maps*: each channel of a tensor gives the root channel it carries (-1: another unit's), so a
+concatenation may read the same stream at several points (C2f's ``cv2`` reads the part and every bottleneck's sum).
 
 Pruning commutes with the chunk iff every part keeps as many channels (section 2); the unit ties position ``c``
 of every part into one decision (``PrunableUnit.tie = g``, as for grouped convolutions), so ``chunk`` recomputes
 the same part boundaries after removal. Each consumer (a ``Conv2d`` with ``groups = 1``) reads the kept columns of
 its own parts (``Consumer.channels``, shape ``(n, t)``); the other columns of a concatenation are fixed
 (``formulations/fixed_columns.md``). Everything else met on the way (a split with literal sizes, a second split,
-a residual add, a reshape or channel shuffle, a Linear, a module with parameters other than a BatchNorm) leaves
-the producer alone with the reason. Surgery slices these units by the recorded maps (:func:`slice_traced`).
+an op with a second operand other than such a residual add, a reshape or channel shuffle, a Linear, a module with
+parameters other than a BatchNorm) leaves the producer alone with the reason (``formulations/split_and_shuffle.md``
+section 3). Surgery slices these units by the recorded maps (:func:`slice_traced`).
 """
 
 from __future__ import annotations
@@ -96,28 +104,83 @@ def traced_units(dg: Any, group: Any, names: Mapping[nn.Module, str], record: Ch
             out.append((unit, label, None))
         except _NotBuilt as exc:
             out.append((None, label, str(exc)))
-    return out
+    # a conv adding into a unit's stream through the chunk is that unit's (its own trace fails or repeats it)
+    owned = {name for unit, _, _ in out if unit is not None for name, _ in unit.traced[1:]}
+    return [(unit, label, reason) for unit, label, reason in out if label not in owned]
 
 
 def trace_unit(dg: Any, root: nn.Module, names: Mapping[nn.Module, str], record: ChunkRecorder, ignored: set[str],
                output_fns: set[Any], max_features: int, owners: Mapping[int, nn.Module],
                sliced: frozenset[int]) -> tuple[PrunableUnit, dict[Any, float]]:
     """The unit of producer ``root`` and, per node of ``dg`` its channels reach, the unit's channels in that
-    node's output per decision (the cost model's multiplicities); raises ``_NotBuilt`` with the reason."""
+    node's output per decision (the cost model's multiplicities); raises ``_NotBuilt`` with the reason.
+
+    Every tensor on the way gets a *label map*: the root channel each of its channels carries (-1: another
+    unit's). A residual add of the stream with a conv's output (YOLOv8's ``x + cv2(cv1(x))``) makes that conv
+    (and the BatchNorm / per-channel ops between) another producer of the stream: its channel ``i`` carries the
+    stream's label at ``i`` (as the other producers of a ResNet stream are carried along its root)."""
     if not isinstance(root, nn.Conv2d) or root.groups != 1 or root.transposed or root not in names:
         raise _NotBuilt("goes through a split; only a Conv2d (groups=1) producer is followed there")
     by_fn = {n.grad_fn: n for n in dg.module2node.values() if n.grad_fn is not None}
     root_node, n_root = dg.module2node[root], root.out_channels
-    reach, consumers, todo = {id(root_node): root_node}, {}, list(root_node.outputs)
-    while todo:  # the nodes the channels flow through, up to the consumers
-        node = todo.pop()
-        if id(node) in reach or id(node) in consumers:
-            continue
-        if node.type == OPTYPE.CONV and isinstance(node.module, nn.Conv2d) and node.module.groups == 1:
-            consumers[id(node)] = node
-            continue
-        reach[id(node)] = node
-        todo.extend(node.outputs)
+    reach: dict[int, Any] = {id(root_node): root_node}
+    consumers: dict[int, Any] = {}
+    anchor: dict[int, Any] = {}  # a stream producer's node (and those up to the add) -> the add it feeds
+
+    def walk(todo: list[Any]) -> None:  # the nodes the channels flow through, up to the consumers
+        while todo:
+            node = todo.pop()
+            if id(node) in reach or id(node) in consumers:
+                continue
+            if node.type == OPTYPE.CONV and isinstance(node.module, nn.Conv2d) and node.module.groups == 1:
+                consumers[id(node)] = node
+                continue
+            reach[id(node)] = node
+            todo.extend(node.outputs)
+
+    def label(node: Any) -> str:
+        return names.get(node.module) or type(node.grad_fn).__name__
+
+    def stream_producer(src: Any, add: Any) -> list[Any]:
+        """Mark the conv whose output (through BatchNorm / per-channel ops) ``add`` adds to the stream."""
+        path = []
+        while True:
+            module = src.module
+            if id(src) in consumers:
+                raise _NotBuilt(f"{label(src)} reads and writes the residual stream through the chunk")
+            path.append(src)
+            if src.type == OPTYPE.CONV and isinstance(module, nn.Conv2d) and module.groups == 1 \
+                    and not module.transposed and module in names:
+                break
+            per_channel = (src.type == OPTYPE.BN and module in names) or (
+                src.type == OPTYPE.ELEMENTWISE and type(src.grad_fn).__name__ in _PER_CHANNEL
+                and not _has_outside_operand(src, owners, sliced)
+                and not any(True for _ in getattr(module, "parameters", lambda: ())()))
+            if not per_channel or len(src.inputs) != 1 or len(src.outputs) != 1:
+                raise _NotBuilt(f"goes through a chunk and a residual add of {label(src)} "
+                                f"({src.type.name.lower()}), not a conv's output")
+            src = src.inputs[0]
+        for node in path:
+            anchor[id(node)] = add
+            reach[id(node)] = node
+        return [out for node in path for out in node.outputs]
+
+    walk(list(root_node.outputs))
+    while True:  # residual adds: their other operands' producers join the stream, then what they reach
+        todo = []
+        for node in list(reach.values()):
+            if node.grad_fn is None or type(node.grad_fn).__name__ != "AddBackward0":
+                continue
+            for f, _ in node.grad_fn.next_functions:
+                src = by_fn.get(f) if f is not None else None
+                if src is not None and id(src) not in reach and src.type != OPTYPE.PARAMETER:
+                    todo += stream_producer(src, node)
+        if not todo:
+            break
+        walk(todo)
+    producers = [node for node in reach.values() if id(node) in anchor and node.type == OPTYPE.CONV]
+    if any(id(i) in reach for p in producers for i in p.inputs):
+        raise _NotBuilt("a conv adding into the stream through the chunk also reads it")
     maps: dict[tuple[int, int], np.ndarray] = {}
     splits: list[Any] = []
 
@@ -128,33 +191,43 @@ def trace_unit(dg: Any, root: nn.Module, names: Mapping[nn.Module, str], record:
                 if f is not None and f in by_fn and id(by_fn[f]) in reach]
 
     def map_of(node: Any, nr: int) -> np.ndarray:
-        """Channel of each root channel in output ``nr`` of ``node`` (-1: not there)."""
+        """Root channel carried by each channel of output ``nr`` of ``node`` (-1: none of the unit's)."""
         key = (id(node), nr)
         if key not in maps:
             maps[key] = _map(node, nr)
         return maps[key]
 
     def _map(node: Any, nr: int) -> np.ndarray:
-        label = names.get(node.module) or type(node.grad_fn).__name__
         if node is root_node:
             return np.arange(n_root)
         if node.grad_fn in output_fns or node.type == OPTYPE.OUTPUT:
             raise _NotBuilt("reaches the model output")
+        if id(node) in anchor:  # a producer of the stream, or what lies between it and the add
+            m = map_of(anchor[id(node)], 0)
+            width = node.module.out_channels if node.type == OPTYPE.CONV else len(m)
+            if np.any(m < 0) or width != len(m):
+                raise _NotBuilt(f"{label(node)} adds into channels of the stream that are not all the unit's")
+            return m
         inputs = edges(node)
         if node.type == OPTYPE.CONCAT:
             dim, sizes = record.cats.get(node.grad_fn, (None, ()))
             if dim != 1 or len(sizes) != len(node.grad_fn.next_functions):
-                raise _NotBuilt(f"goes through a split and a concatenation not along the channels ({label})")
-            offsets, out = np.concatenate([[0], np.cumsum(sizes)]), np.full(n_root, -1)
+                raise _NotBuilt(f"goes through a split and a concatenation not along the channels ({label(node)})")
+            parts = [np.full(size, -1) for size in sizes]
             for src, src_nr, k in inputs:
-                m = map_of(src, src_nr)
-                if np.any((m >= 0) & (out >= 0)):
-                    raise _NotBuilt("a concatenation after a split reads the same channels twice")
-                out = np.where(m >= 0, m + offsets[k], out)
-            return out
+                parts[k] = map_of(src, src_nr)
+                if len(parts[k]) != sizes[k]:
+                    raise _NotBuilt(f"the channels of {label(node)} do not match its inputs")
+            return np.concatenate(parts)
+        if type(node.grad_fn).__name__ == "AddBackward0" and len(inputs) == 2 == len(node.grad_fn.next_functions) \
+                and not _has_outside_operand(node, owners, sliced):
+            stream = [map_of(src, src_nr) for src, src_nr, _ in inputs if anchor.get(id(src)) is not node]
+            if not stream or any(not np.array_equal(m, stream[0]) for m in stream[1:]):
+                raise _NotBuilt(f"goes through a split and {label(node)} adds different channels of the unit")
+            return stream[0]
         if len(inputs) != 1 or len(node.inputs) != 1:
-            raise _NotBuilt(f"goes through a split and then {label} combines it with another tensor "
-                            "(a residual add through a chunk is not built)")
+            raise _NotBuilt(f"goes through a split and then {label(node)} combines it with another tensor "
+                            "(only a residual add of a conv's output is followed)")
         m = map_of(inputs[0][0], inputs[0][1])
         if node.type == OPTYPE.SPLIT:
             return _part(node, nr, m)
@@ -165,9 +238,9 @@ def trace_unit(dg: Any, root: nn.Module, names: Mapping[nn.Module, str], record:
                 and not any(True for _ in getattr(node.module, "parameters", lambda: ())()):
             return m
         if node.type == OPTYPE.RESHAPE:
-            raise _NotBuilt(f"goes through a split or chunk and a reshape ({label}: a channel shuffle is not "
+            raise _NotBuilt(f"goes through a split or chunk and a reshape ({label(node)}: a channel shuffle is not "
                             "built, formulations/split_and_shuffle.md)")
-        raise _NotBuilt(f"goes through a split or chunk and then {label} ({node.type.name.lower()}), "
+        raise _NotBuilt(f"goes through a split or chunk and then {label(node)} ({node.type.name.lower()}), "
                         "which orprune does not follow there")
 
     def _part(node: Any, nr: int, m: np.ndarray) -> np.ndarray:
@@ -187,7 +260,7 @@ def trace_unit(dg: Any, root: nn.Module, names: Mapping[nn.Module, str], record:
         if splits and splits[0] is not node:
             raise _NotBuilt("goes through two chunks")
         splits.append(node)
-        return np.where((m >= nr * size) & (m < (nr + 1) * size), m - nr * size, -1)
+        return m[nr * size:(nr + 1) * size]
 
     for node in list(reach.values()) + list(consumers.values()):
         if node.module in names and names[node.module] in ignored:
@@ -203,15 +276,16 @@ def trace_unit(dg: Any, root: nn.Module, names: Mapping[nn.Module, str], record:
         inputs[id(node)] = map_of(src, nr)
     tie = splits[0].grad_fn._saved_self_sym_sizes[1] // splits[0].grad_fn._saved_split_size if splits else 1
     n = n_root // tie
-    decisions = np.arange(n)[:, None] + n * np.arange(tie)[None, :]  # root channels of each decision
     out = []
     for node in consumers.values():
         module = node.module
-        m = inputs[id(node)][decisions]  # (n, tie) input channels, -1 where a part is not read
-        t = int((m[0] >= 0).sum())
-        if t == 0 or np.any((m >= 0).sum(1) != t):
+        decision = np.where(inputs[id(node)] >= 0, inputs[id(node)] % n, -1)  # root channel c + j n: decision c
+        counts = np.bincount(decision[decision >= 0], minlength=n)
+        t = int(counts[0])
+        if t == 0 or np.any(counts != t):
             raise _NotBuilt(f"{names[module]} reads the parts of the chunk unevenly")
-        layout = np.sort(m, axis=1)[:, tie - t:]
+        order = np.argsort(decision, kind="stable")
+        layout = order[decision[order] >= 0].reshape(n, t)  # (n, t) input channels of each decision, increasing
         kk, n_in = int(np.prod(module.kernel_size)), module.in_channels
         direct = t == 1 and n_in == n and np.array_equal(layout[:, 0], np.arange(n))
         channels = None if direct else (tuple(int(c) for c in layout[:, 0]) if t == 1
@@ -221,8 +295,17 @@ def trace_unit(dg: Any, root: nn.Module, names: Mapping[nn.Module, str], record:
                             sketch_size(n_in, kk, max_features)))
     if not out:
         raise _NotBuilt("nothing consumes these channels (model output)")
-    modules = [(names[node.module], tuple(int(c) for c in map_of(node, 0)))
-               for node in reach.values() if node.module in names and node.type != OPTYPE.SPLIT]
+    modules = []
+    for node in reach.values():  # each module's output channel of every root channel (what slicing removes)
+        if node.module not in names or node.type == OPTYPE.SPLIT:
+            continue
+        m = map_of(node, 0)
+        kept = np.flatnonzero(m >= 0)
+        if np.unique(m[kept]).size != kept.size:
+            raise _NotBuilt(f"{names[node.module]} carries a channel of the unit twice")
+        channels = np.full(n_root, -1)
+        channels[m[kept]] = kept
+        modules.append((names[node.module], tuple(int(c) for c in channels)))
     carried = tuple(name for name, _ in modules if name != names[root])
     widths = {node: float((map_of(node, 0) >= 0).sum()) / n for node in reach.values() if node.type != OPTYPE.SPLIT}
     unit = PrunableUnit(names[root], names[root], n, tuple(out), carried, tie, (), tuple(modules))

@@ -19,7 +19,9 @@ Groups where that reconstruction does not apply are reported and left alone:
 * channels that go through a split with literal sizes, a slice or a channel shuffle between producer and
   consumer (torch-pruning 1.6's index maps through them are wrong, ``formulations/split_and_shuffle.md``).
   A ``chunk`` of one producer's output into equal parts is followed by orprune's own index map, with
-  position ``c`` of every part tied into one decision (:mod:`orprune.network.chunks`); a concatenation is
+  position ``c`` of every part tied into one decision (:mod:`orprune.network.chunks`), a residual add through the
+  chunk (YOLOv8's backbone C2f) with the added convs as producers of the unit, and so is a unit that one
+  concatenation reads several times (YOLOv8's SPPF), which torch-pruning's consumer layout refuses; a concatenation is
   followed: each consumer selects among the unit's columns with the other producers' columns kept,
   ``formulations/fixed_columns.md``;
 * groups touching a module the user ignores, or a module orprune cannot slice per channel
@@ -86,6 +88,7 @@ DEFAULT_MAX_FEATURES = 4608
 # Per-channel modules that are sliced along with the unit and do not mix channels.
 _CARRIED = {OPTYPE.BN, OPTYPE.IN, OPTYPE.PRELU, OPTYPE.DEPTHWISE_CONV}
 _SPLITTING = {OPTYPE.SPLIT, OPTYPE.UNBIND, OPTYPE.EXPAND, OPTYPE.SLICE}
+_READ_TWICE = "reads these channels out of order or partly"
 
 
 # ------------------------------------------------------------------------------------ tracing
@@ -249,7 +252,7 @@ def _classify(
             ties.add(module.groups)
         layout = _consumer_layout(module, list(it.idxs), list(it.root_idxs), n)
         if layout is None:
-            return excluded(f"consumer {names[module]} reads these channels out of order or partly")
+            return excluded(f"consumer {names[module]} {_READ_TWICE}")
         consumers.append((module, layout))
     if not consumers:
         return excluded("nothing consumes these channels (model output)")
@@ -359,6 +362,13 @@ def find_groups(
         unit, exc_group = _classify(dg, group, names, ignored, max_features, output_fns, residual, owners, sliced)
         if unit is not None:
             units.append(unit)
+        elif _READ_TWICE in exc_group.reason and any(it.dep.target.type == OPTYPE.CONCAT for it in group.items):
+            # a concatenation reading a unit several times (YOLOv8's SPPF): orprune's label maps express it
+            traced = traced_units(dg, group, names, record, ignored, output_fns, max_features, owners, sliced)
+            if traced and all(u is not None for u, _, _ in traced):
+                units.extend(u for u, _, _ in traced)
+            else:
+                excluded.append(exc_group)
         else:
             excluded.append(exc_group)
     order = {n: i for i, n in enumerate(names.values())}

@@ -135,6 +135,25 @@ def producers(model: nn.Module, unit: PrunableUnit) -> tuple[str, ...]:
     return tuple(dict.fromkeys(names))
 
 
+def _root_positions(unit: PrunableUnit, module_name: str) -> np.ndarray | None:
+    """A producer's output channel of each root channel (-1: none) when it is not the root of a unit through a
+    chunk (a C2f bottleneck's output conv writes only the stream's channels, ``PrunableUnit.traced``); None: the
+    producer's channels are the root's, in order."""
+    if module_name == unit.root:
+        return None
+    return next((np.asarray(channels) for name, channels in unit.traced if name == module_name), None)
+
+
+def _per_root(unit: PrunableUnit, module_name: str, excitations: np.ndarray) -> np.ndarray:
+    """A producer's mean excitations by root channel (NaN where it does not write the root channel)."""
+    positions = _root_positions(unit, module_name)
+    if positions is None:
+        return excitations
+    out = np.full(positions.size, np.nan)
+    out[positions >= 0] = excitations[positions[positions >= 0]]
+    return out
+
+
 class _WithExcitation(nn.Module):
     """The copied model with its blocks; with ``freeze`` the model stays in eval mode while training."""
 
@@ -234,7 +253,8 @@ def se_importance(
             if module_name in counts:  # a producer shared by two units (not expected): one block
                 continue
             module = work.get_submodule(module_name)
-            channels = unit.n_channels * unit.tie
+            positions = _root_positions(unit, module_name)
+            channels = unit.n_channels * unit.tie if positions is None else int((positions >= 0).sum())
             block = ExcitationBlock(channels, reduction)
             key = module_name.replace(".", "/")
             blocks[key] = block
@@ -271,7 +291,8 @@ def se_importance(
     scores = {}
     for name in names:
         unit = graph[name]
-        per_root = torch.stack([sums[m] / max(counts[m], 1) for m in owners[name]]).mean(0).numpy()
+        per_root = np.nanmean(np.stack([_per_root(unit, m, (sums[m] / max(counts[m], 1)).numpy())
+                                        for m in owners[name]]), axis=0)
         # unit channel c stands for root channels c + j * n_channels, j < tie
         scores[name] = per_root.reshape(unit.tie, unit.n_channels).mean(0)
         scores[name].flags.writeable = False

@@ -12,7 +12,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import orprune
 from orprune._pipeline_steps import unit_part
 from orprune.examples.coverage_zoo import randomize_batchnorm
 from orprune.examples.csp_zoo import C2fNet
@@ -138,19 +137,11 @@ def test_a_split_with_literal_sizes_is_left_alone_with_its_reason(how, reason):
     assert {"a", "b"} <= set(graph.names)  # what does not pass through the split is still pruned
 
 
-def test_chunk_read_by_two_convs_and_a_residual_add_through_a_chunk():
+def test_chunk_read_by_two_convs():
     torch.manual_seed(0)
     graph = graph_of(Split("chunk").eval(), torch.randn(1, 3, 8, 8))
     unit = graph["conv"]
     assert (unit.n_channels, unit.tie) == (6, 2) and [c.input_channels.tolist() for c in unit.consumers] == [
         list(range(6)), list(range(6))]
-    model, x = c2f(shortcut=True)  # YOLOv8's backbone C2f: the second part is added to the bottleneck output
-    graph = graph_of(model, x[:1])
-    assert "residual add through a chunk is not built" in reasons(graph)["block1.cv1.conv"]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        pruner = orprune.Pruner(solver="greedy", progress=False, positions_per_image=4).fit(model, [x])
-        result = pruner.prune(macs=0.7)
-    with torch.no_grad():
-        masked = masked_copy(model, pruner.graph_, result.plan)(x)
-        torch.testing.assert_close(result.model(x), masked, rtol=1e-4, atol=1e-5 * float(masked.abs().max()))
+    model, x = c2f(shortcut=True)  # YOLOv8's backbone C2f: tests/network/test_chunk_shortcut.py
+    assert "block1.cv1.conv" in graph_of(model, x[:1])
