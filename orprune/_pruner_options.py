@@ -25,7 +25,8 @@ def check_pruner_options(p: Any) -> None:
         raise ValueError(f"`solver` must be a solver name, got {p.solver!r}.")
     if p.solver != "auto":
         resolve_solver(p.solver, 1)  # unknown / unavailable solver
-    if p.time_limit is not None and not (_is_number(p.time_limit) and p.time_limit > 0):
+    if p.time_limit is not None and not (isinstance(p.time_limit, (int, float)) and not isinstance(p.time_limit, bool)
+                                         and p.time_limit > 0):  # inf: no limit
         raise ValueError(f"`time_limit` must be a positive number of seconds or None, got {p.time_limit!r}.")
     if p.polish_time is not None and not (_is_number(p.polish_time) and p.polish_time >= 0):
         raise ValueError(f"`polish_time` must be a number of seconds >= 0 or None, got {p.polish_time!r}.")
