@@ -138,6 +138,14 @@ def trace_unit(dg: Any, root: nn.Module, names: Mapping[nn.Module, str], record:
             reach[id(node)] = node
             todo.extend(node.outputs)
 
+    def per_channel(node: Any) -> bool:
+        """A BatchNorm, or a parameter-free op on each channel alone with no operand from outside."""
+        if node.type == OPTYPE.BN:
+            return node.module in names
+        return (node.type == OPTYPE.ELEMENTWISE and type(node.grad_fn).__name__ in _PER_CHANNEL
+                and not _has_outside_operand(node, owners, sliced)
+                and not any(True for _ in getattr(node.module, "parameters", lambda: ())()))
+
     def label(node: Any) -> str:
         return names.get(node.module) or type(node.grad_fn).__name__
 
@@ -152,11 +160,7 @@ def trace_unit(dg: Any, root: nn.Module, names: Mapping[nn.Module, str], record:
             if src.type == OPTYPE.CONV and isinstance(module, nn.Conv2d) and module.groups == 1 \
                     and not module.transposed and module in names:
                 break
-            per_channel = (src.type == OPTYPE.BN and module in names) or (
-                src.type == OPTYPE.ELEMENTWISE and type(src.grad_fn).__name__ in _PER_CHANNEL
-                and not _has_outside_operand(src, owners, sliced)
-                and not any(True for _ in getattr(module, "parameters", lambda: ())()))
-            if not per_channel or len(src.inputs) != 1 or len(src.outputs) != 1:
+            if not per_channel(src) or len(src.inputs) != 1 or len(src.outputs) != 1:
                 raise _NotBuilt(f"goes through a chunk and a residual add of {label(src)} "
                                 f"({src.type.name.lower()}), not a conv's output")
             src = src.inputs[0]
@@ -231,11 +235,7 @@ def trace_unit(dg: Any, root: nn.Module, names: Mapping[nn.Module, str], record:
         m = map_of(inputs[0][0], inputs[0][1])
         if node.type == OPTYPE.SPLIT:
             return _part(node, nr, m)
-        if node.type == OPTYPE.BN and node.module in names:
-            return m
-        if node.type == OPTYPE.ELEMENTWISE and type(node.grad_fn).__name__ in _PER_CHANNEL \
-                and not _has_outside_operand(node, owners, sliced) \
-                and not any(True for _ in getattr(node.module, "parameters", lambda: ())()):
+        if per_channel(node):
             return m
         if node.type == OPTYPE.RESHAPE:
             raise _NotBuilt(f"goes through a split or chunk and a reshape ({label(node)}: a channel shuffle is not "
