@@ -5,6 +5,7 @@ with literal sizes is still left alone (``formulations/split_and_shuffle.md``, i
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -37,6 +38,25 @@ def reasons(graph) -> dict[str, str]:
     return {e.root: e.reason for e in graph.excluded}
 
 
+def pruned_at_random_keeps(model: nn.Module, graph, x: torch.Tensor, seed: int,
+                           rounds: int = 3) -> Iterator[tuple[dict[str, np.ndarray], nn.Module]]:
+    """``(keep, pruned)`` for random keeps of every unit, each pruned model already checked to equal the masked
+    model on ``x`` and to have the MACs the cost model predicts."""
+    costs = network_costs(model, graph, x[:1])
+    rng = np.random.default_rng(seed)
+    for _ in range(rounds):
+        keep = {u.name: np.sort(rng.choice(u.n_channels, int(rng.integers(1, u.n_channels + 1)), replace=False))
+                for u in graph.units}
+        plan = PruningPlan(keep)
+        pruned = apply_pruning(model, graph, plan, x[:1])
+        with torch.no_grad():
+            masked = masked_copy(model, graph, plan)(x)
+            torch.testing.assert_close(pruned(x), masked, rtol=1e-4, atol=1e-5 * float(masked.abs().max()))
+        counts = {u: int(k.size) for u, k in keep.items()}
+        assert costs.evaluate(counts)["macs"] == count_macs_params(pruned, x[:1])[0]
+        yield keep, pruned
+
+
 def test_chunked_producer_is_one_unit_tying_both_parts():
     model, x = c2f()
     graph = graph_of(model, x[:1])
@@ -60,16 +80,7 @@ def test_chunked_producer_is_one_unit_tying_both_parts():
 
 def test_random_keeps_prune_like_the_masked_model_and_the_chunk_stays_valid():
     model, x = c2f()
-    graph = graph_of(model, x[:1])
-    rng = np.random.default_rng(5)
-    for _ in range(3):
-        keep = {u.name: np.sort(rng.choice(u.n_channels, int(rng.integers(1, u.n_channels + 1)), replace=False))
-                for u in graph.units}
-        plan = PruningPlan(keep)
-        pruned = apply_pruning(model, graph, plan, x[:1])
-        with torch.no_grad():
-            masked = masked_copy(model, graph, plan)(x)
-            torch.testing.assert_close(pruned(x), masked, rtol=1e-4, atol=1e-5 * float(masked.abs().max()))
+    for keep, pruned in pruned_at_random_keeps(model, graph_of(model, x[:1]), x, seed=5):
         k1, k2 = keep["block1.cv1.conv"].size, keep["block2.cv1.conv"].size
         assert pruned.block1.cv1.conv.out_channels == 2 * k1 and pruned.block1.cv1.bn.num_features == 2 * k1
         parts = pruned.block1.cv1(pruned.stem(x[:1])).chunk(2, 1)  # the literal chunk count still splits into equal parts
@@ -77,8 +88,6 @@ def test_random_keeps_prune_like_the_masked_model_and_the_chunk_stays_valid():
         assert pruned.block1.cv2.conv.in_channels == 2 * k1 + keep["block1.m.0.cv2.conv"].size
         assert pruned.block2.cv2.conv.in_channels == 2 * k2 + keep["block2.m.0.cv2.conv"].size \
             + keep["block2.m.1.cv2.conv"].size
-        counts = {u: int(k.size) for u, k in keep.items()}
-        assert network_costs(model, graph, x[:1]).evaluate(counts)["macs"] == count_macs_params(pruned, x[:1])[0]
 
 
 def test_unit_problem_reads_the_kept_columns_of_each_part():
