@@ -56,14 +56,8 @@ def tie_channels(problem: LayerProblem, tie: int) -> LayerProblem:
     tie = check_integer(tie, "tie", 1, problem.n_channels)
     if problem.n_channels % tie:
         raise ValueError(f"`tie` = {tie} must divide the {problem.n_channels} channels.")
-    if tie == 1:
-        return problem
-    n, g = problem.n_channels // tie, problem.group_size
-    channels = (np.arange(n)[:, None] + n * np.arange(tie)[None, :]).ravel()  # decision-major
-    cols = (channels[:, None] * g + np.arange(g)[None, :]).ravel()
-    weights = None if problem.weights is None else problem.weights[cols]
-    return LayerProblem(problem.gram[np.ix_(cols, cols)], problem.cross[cols], problem.yy, group_size=g * tie,
-                        ridge=problem.ridge, weights=weights)
+    n = problem.n_channels // tie
+    return tie_layout(problem, np.arange(n)[:, None] + n * np.arange(tie)[None, :])
 
 
 def tie_layout(problem: LayerProblem, layout: np.ndarray) -> LayerProblem:
