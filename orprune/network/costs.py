@@ -133,7 +133,7 @@ class _Channels:
         self.inp: dict[Any, dict[str, float]] = defaultdict(lambda: defaultdict(float))
         self.n = graph.n_channels
         for unit in graph.units:
-            if unit.traced:  # through a chunk: orprune's own index map (torch-pruning's group is wrong there)
+            if unit.traced:  # through a chunk or shuffle: orprune's own maps (torch-pruning's group is wrong there)
                 self._traced(dg, model, unit, record)
                 continue
             group = unit_group(dg, model, unit, range(unit.n_channels))
@@ -150,7 +150,7 @@ class _Channels:
             _, widths = trace_unit(dg, model.get_submodule(unit.root), names, record or ChunkRecorder(), set(),
                                    set(), 1 << 62, {}, frozenset())
         except ValueError as exc:
-            raise ValueError(f"unit {unit.name!r} no longer traces through its chunk: {exc}") from exc
+            raise ValueError(f"unit {unit.name!r} no longer traces through its chunk or shuffle: {exc}") from exc
         for node, width in widths.items():
             self.out[node][unit.name] += width
         for consumer in unit.consumers:

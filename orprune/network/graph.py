@@ -137,6 +137,12 @@ def build_dependency_graph(
     return dg, outputs[0]
 
 
+def _is_shuffle(node: Any, record: ChunkRecorder) -> bool:
+    """The ``transpose`` of a channel shuffle: of a 5-D view (``(b, g, C/g, h, w)``) of the channels."""
+    shape = record.shapes.get(node.grad_fn)
+    return type(node.grad_fn).__name__ == "TransposeBackward0" and shape is not None and len(shape[3]) == 5
+
+
 def _is_out(dg: tp.DependencyGraph, item: Any) -> bool:
     return dg.is_out_channel_pruning_fn(item.dep.handler)
 
@@ -348,12 +354,14 @@ def find_groups(
     sliced = frozenset(id(u.parameters) for u in dg.unwrapped_parameters  # per-channel vectors only
                        if sum(size > 1 for size in u.parameters.shape) == 1)
     units, excluded = [], []
+    taken: set[str] = set()  # modules of the units traced by orprune's label maps
     for group in _dependency_groups(dg):
-        if any(it.dep.target.type == OPTYPE.SPLIT for it in group.items):  # torch-pruning's maps are wrong there
+        if any(it.dep.target.type == OPTYPE.SPLIT or _is_shuffle(it.dep.target, record) for it in group.items):
+            # torch-pruning's index maps are wrong through a split or a channel shuffle
             labels = tuple(dict.fromkeys(names[it.dep.target.module] for it in group.items
                                          if it.dep.target.module in names))
             for unit, producer, reason in traced_units(dg, group, names, record, ignored, output_fns, max_features,
-                                                       owners, sliced):
+                                                       owners, sliced, taken):
                 if unit is not None:
                     units.append(unit)
                 else:
@@ -364,7 +372,8 @@ def find_groups(
             units.append(unit)
         elif _READ_TWICE in exc_group.reason and any(it.dep.target.type == OPTYPE.CONCAT for it in group.items):
             # a concatenation reading a unit several times (YOLOv8's SPPF): orprune's label maps express it
-            traced = traced_units(dg, group, names, record, ignored, output_fns, max_features, owners, sliced)
+            traced = traced_units(dg, group, names, record, ignored, output_fns, max_features, owners, sliced,
+                                  taken)
             if traced and all(u is not None for u, _, _ in traced):
                 units.extend(u for u, _, _ in traced)
             else:

@@ -124,10 +124,11 @@ class PrunableUnit:
         channel: removing channels changes what they normalise over (``formulations/channel_norms.md``),
         so :func:`orprune.network.surgery.masked_copy` replaces them by norms over the kept channels.
     traced : tuple of (str, tuple of int)
-        Non-empty for a unit whose channels pass through a ``chunk`` (its ``tie`` is the chunk count): every
-        module its channels flow through (the root first), with the module's output channel of each root
-        channel (-1: not there). These units are sliced by these maps, not by torch-pruning's groups, which
-        are wrong through a split (:mod:`orprune.network.chunks`).
+        Non-empty for a unit whose channels pass through a ``chunk`` or a channel shuffle (its ``tie`` is the
+        number of root channels each decision ties there): every module its channels flow through (the root
+        first), with the root channel each of the module's output channels stands for (-1: not the unit's; a
+        module may carry a decision several times). These units are sliced by these maps, not by
+        torch-pruning's groups, which are wrong through a split or a shuffle (:mod:`orprune.network.label_maps`).
     """
 
     name: str

@@ -135,10 +135,10 @@ def producers(model: nn.Module, unit: PrunableUnit) -> tuple[str, ...]:
     return tuple(dict.fromkeys(names))
 
 
-def _root_positions(unit: PrunableUnit, module_name: str) -> np.ndarray | None:
-    """A producer's output channel of each root channel (-1: none) when it is not the root of a unit through a
-    chunk (a C2f bottleneck's output conv writes only the stream's channels, ``PrunableUnit.traced``); None: the
-    producer's channels are the root's, in order."""
+def _root_labels(unit: PrunableUnit, module_name: str) -> np.ndarray | None:
+    """A producer's root channel of each output channel (-1: none) in a unit traced through a chunk or shuffle
+    (a C2f bottleneck's output conv, a ShuffleNetV2 branch: ``PrunableUnit.traced``); None: the producer's channels
+    are the root's, in order."""
     if module_name == unit.root:
         return None
     return next((np.asarray(channels) for name, channels in unit.traced if name == module_name), None)
@@ -146,12 +146,13 @@ def _root_positions(unit: PrunableUnit, module_name: str) -> np.ndarray | None:
 
 def _per_root(unit: PrunableUnit, module_name: str, excitations: np.ndarray) -> np.ndarray:
     """A producer's mean excitations by root channel (NaN where it does not write the root channel)."""
-    positions = _root_positions(unit, module_name)
-    if positions is None:
+    labels = _root_labels(unit, module_name)
+    if labels is None:
         return excitations
-    out = np.full(positions.size, np.nan)
-    out[positions >= 0] = excitations[positions[positions >= 0]]
-    return out
+    sums = np.bincount(labels[labels >= 0], excitations[labels >= 0], minlength=unit.n_channels * unit.tie)
+    counts = np.bincount(labels[labels >= 0], minlength=unit.n_channels * unit.tie)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
 
 
 class _WithExcitation(nn.Module):
@@ -253,8 +254,8 @@ def se_importance(
             if module_name in counts:  # a producer shared by two units (not expected): one block
                 continue
             module = work.get_submodule(module_name)
-            positions = _root_positions(unit, module_name)
-            channels = unit.n_channels * unit.tie if positions is None else int((positions >= 0).sum())
+            root_labels = _root_labels(unit, module_name)
+            channels = unit.n_channels * unit.tie if root_labels is None else len(root_labels)
             block = ExcitationBlock(channels, reduction)
             key = module_name.replace(".", "/")
             blocks[key] = block

@@ -231,17 +231,3 @@ def test_every_small_model_has_units():
         _, graph = groups(name)
         assert graph.units and all(u.consumers for u in graph.units)
         assert len(set(graph.names)) == len(graph.units)
-
-
-def test_shufflenet_split_and_shuffle_groups_are_left_alone_with_the_reason():
-    from orprune.examples.coverage_zoo import ShuffleNetV2
-
-    torch.manual_seed(0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        graph = find_groups(ShuffleNetV2().eval(), torch.randn(1, 3, 16, 16))
-    why = reasons(graph)
-    # torch-pruning maps the shuffle's view(b, 2, c/2, h, w) as a flatten: those groups are not followed
-    assert "channel shuffle" in why["stage.1.branch2.5"] and "channel shuffle" in why["stage.3.branch2.5"]
-    # the branches' inner channels, the stem (read by both branches of a stride-2 block) and conv5 are units
-    assert {"stem.0", "stage.0.branch2.0", "stage.1.branch2.0", "conv5.0"} <= set(graph.names)
