@@ -38,6 +38,7 @@ __all__ = [
     "one_thread_worker",
     "parallel_jobs",
     "resolve_ties",
+    "unit_options",
     "top_channels",
     "unit_part",
 ]
@@ -240,17 +241,43 @@ def top_channels(scores: np.ndarray, k: int) -> np.ndarray:
 
 def resolve_ties(ties: str | Sequence[Sequence[str]] | None, graph: PruningGraph) -> list[tuple[str, ...]]:
     """The tied unit groups of :meth:`Pruner.prune`: none, ``"stages"`` (:func:`orprune.network.stages.stage_ties`)
-    or the given groups of unit names."""
+    or the given groups of unit names; and always the chains of units a chunk's balance ties (``graph.chains``)."""
+    chained = [tuple(u for u, options in chain.items() if len(options) > 1) for chain in graph.chains]
+    chained = [group for group in chained if len(group) > 1]
     if ties is None:
-        return []
+        return chained
     if isinstance(ties, str):
         if ties != "stages":
             raise ValueError(f"`ties` must be None, 'stages' or groups of unit names, got {ties!r}.")
-        return stage_ties(graph)
-    if not isinstance(ties, Sequence) or any(isinstance(g, str) or not isinstance(g, Sequence) for g in ties):
+        groups = [tuple(g) for g in stage_ties(graph)]
+    elif not isinstance(ties, Sequence) or any(isinstance(g, str) or not isinstance(g, Sequence) for g in ties):
         raise ValueError(f"`ties` must be None, 'stages' or groups of unit names, got {ties!r}.")
-    groups = [tuple(g) for g in ties]
-    unknown = [u for g in groups for u in g if u not in graph]
-    if unknown:
-        raise ValueError(f"`ties` names units the model does not have: {unknown}.")
-    return groups
+    else:
+        groups = [tuple(g) for g in ties]
+        unknown = [u for g in groups for u in g if u not in graph]
+        if unknown:
+            raise ValueError(f"`ties` names units the model does not have: {unknown}.")
+    balanced = {u for chain in graph.chains for u in chain}
+    clash = sorted({u for g in groups for u in g} & balanced)
+    if clash:
+        raise ValueError(f"`ties` names units whose keep counts a chunk's balance already ties: {clash} "
+                         "(PruningGraph.chains).")
+    return groups + chained
+
+
+def unit_options(graph: PruningGraph, max_options: int, min_channels: int, round_to: int) -> list[np.ndarray]:
+    """Every unit's candidate keep counts (:func:`keep_options`); a unit in a chain (``graph.chains``) takes the
+    chain's counts at the steps where every unit of the chain keeps ``min_channels`` (or its width), at most
+    ``max_options`` of them (``round_to`` does not apply: the balance fixes the counts)."""
+    chained: dict[str, np.ndarray] = {}
+    for chain in graph.chains:
+        steps = max(len(o) for o in chain.values())
+        counts = {u: np.asarray(o if len(o) == steps else o * steps) for u, o in chain.items()}
+        ok = [t for t in range(steps)
+              if all(counts[u][t] >= min(min_channels, graph[u].n_channels) for u in chain) or t == steps - 1]
+        if len(ok) > max_options:
+            ok = sorted({ok[i] for i in np.round(np.linspace(0, len(ok) - 1, max_options)).astype(int)})
+        for u, options in chain.items():
+            chained[u] = counts[u][ok] if len(options) > 1 else np.asarray(options)
+    return [chained[u.name] if u.name in chained else keep_options(u.n_channels, max_options, min_channels, round_to)
+            for u in graph.units]

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from orprune._pipeline_steps import check_fraction, forward_order
+from orprune._pipeline_steps import check_fraction, forward_order, resolve_ties
 from orprune._refit import has_intercept
 from orprune._status import FEASIBLE
 from orprune.budget.allocation import Allocation, AllocationProblem, CostModel, TableCost, allocate
@@ -257,7 +257,8 @@ class MixedPruner:
                         options={key: options[key], u: options[u]},
                         unary={key: (options[key] != options[key][-1]).astype(float),
                                u: (options[u] != full).astype(float)})
-        return AllocationProblem(options=options, errors=errors), costs
+        # a chunk's balance ties keep counts (a ShuffleNetV2 stage's units): those chains hold here too
+        return AllocationProblem(options=options, errors=errors, ties=resolve_ties(None, p.graph_)), costs
 
     def prune(self, *, macs: float | None = None, params: float | None = None, mode: str = "mixed",
               time_limit: float | None = None) -> MixedResult:

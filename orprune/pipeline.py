@@ -39,11 +39,11 @@ from orprune._pipeline_steps import (
     curve_tasks,
     estimated_curve_seconds,
     forward_order,
-    keep_options,
     one_thread_worker,
     parallel_jobs,
     resolve_ties,
     top_channels,
+    unit_options,
     unit_part,
 )
 from orprune._pool import interruptible_pool
@@ -328,8 +328,7 @@ class Pruner:
             # each consumer's error relative to its own ||Y||^2: layers of any scale compare
             self.unit_problems_[unit.name] = LayerProblem.combine(parts, scales=[1.0 / max(p.yy, 1e-300) for p in whole])
         problems = list(self.unit_problems_.values())
-        options = [keep_options(u.n_channels, self.max_options, self.min_channels, self.round_to)
-                   for u in self.graph_.units]
+        options = unit_options(self.graph_, self.max_options, self.min_channels, self.round_to)
         solvers = [resolve_solver(self.solver, p.n_channels, p.n_features) for p in problems]
         tasks = curve_tasks(problems, solvers, options, [len(u.consumers) for u in self.graph_.units])
         seconds = sum(estimated_curve_seconds(problems[i], solvers[i]) for i, _ in tasks)

@@ -26,12 +26,18 @@ __all__ = ["allocate_uniform"]
 
 
 def _keep_at(problem: AllocationProblem, fraction: Fraction) -> dict[Hashable, int]:
-    keep = {}
+    """Each unit's largest option not above ``fraction`` of its width; a tied group takes its widest unit's
+    option index (tied units need not have the same options: a chunk's balance ties 8 to 4, 4 to 2, ...)."""
+    index = {}
     for unit, options in problem.options.items():
         width = int(options[-1])
-        fitting = [int(o) for o in options if Fraction(int(o), max(width, 1)) <= fraction]
-        keep[unit] = fitting[-1] if fitting else int(options[0])
-    return keep
+        fitting = [o for o, k in enumerate(options) if Fraction(int(k), max(width, 1)) <= fraction]
+        index[unit] = fitting[-1] if fitting else 0
+    for group in problem.ties:
+        leader = max(group, key=lambda u: int(problem.options[u][-1]))
+        for unit in group:
+            index[unit] = index[leader]
+    return {unit: int(problem.options[unit][o]) for unit, o in index.items()}
 
 
 def allocate_uniform(problem: AllocationProblem, costs: Mapping[str, CostModel],
@@ -41,8 +47,8 @@ def allocate_uniform(problem: AllocationProblem, costs: Mapping[str, CostModel],
     Parameters
     ----------
     problem : AllocationProblem
-        Options (the largest is taken as the unit's width) and error curves. Its ``ties`` are not
-        looked at: tied units with the same options get the same count anyway.
+        Options (the largest is taken as the unit's width) and error curves. A tied group takes the option
+        index of its widest unit.
     costs : mapping name -> CostModel
         Costs to report; those named in ``budgets`` must have non-negative coefficients.
     budgets : mapping name -> float

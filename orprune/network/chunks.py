@@ -9,7 +9,8 @@ traced forward (:func:`orprune.network.label_maps.trace_unit`: label maps and th
 :class:`ChunkRecorder` saw during that forward (chunk counts, concatenation sizes, reshapes). A chunk into ``g``
 equal parts ties position ``c`` of every part into one decision (``PrunableUnit.tie = g``, as for grouped
 convolutions), so ``chunk`` recomputes the same part boundaries after removal; a channel shuffle ties position
-``c`` of its groups, which makes a ShuffleNetV2 stage one unit (section 2.1). Each consumer (a ``Conv2d`` with
+``c`` of its groups, and a ShuffleNetV2 stage splits into units by where its channels go, their keep counts tied
+by the chunks' exact balance (:mod:`orprune.network.balance`, section 4). Each consumer (a ``Conv2d`` with
 ``groups = 1``) reads the kept columns of the decisions it sees (``Consumer.channels``, shape ``(n, t)``); the other
 columns of a concatenation are fixed (``formulations/fixed_columns.md``). Anything else met on the way leaves the
 producer alone with the reason. Surgery slices these units by their label maps (:func:`slice_traced`), and
@@ -19,6 +20,7 @@ producer alone with the reason. Surgery slices these units by their label maps (
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -28,10 +30,11 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch_pruning.ops import OPTYPE
 
-from orprune.network.label_maps import NotFollowed, trace_unit
+from orprune.network.balance import balanced_units, count_chains
+from orprune.network.label_maps import NotFollowed, follow, tied_unit
 from orprune.network.units import PrunableUnit
 
-__all__ = ["ChunkRecorder", "NotFollowed", "slice_traced", "trace_unit", "traced_units"]
+__all__ = ["ChunkRecorder", "NotFollowed", "TracedFamily", "slice_traced", "trace_family", "traced_units"]
 
 # methods / functions that only move a tensor's entries (replayed on channel positions to find a shuffle)
 _SHAPE_OPS = {"view", "reshape", "transpose", "permute", "contiguous", "flatten", "unflatten", "swapaxes",
@@ -73,57 +76,94 @@ class ChunkRecorder(TorchFunctionMode):
         return self
 
 
+@dataclass(frozen=True)
+class TracedFamily:
+    """The units one producer's trace gives (one, or a ShuffleNetV2 stage's groups), each unit's cost-model
+    multiplicities per node, and the equations the chunks put on their keep counts (unit -> coefficient)."""
+
+    units: tuple[PrunableUnit, ...]
+    widths: Mapping[str, Mapping[Any, float]]
+    equations: tuple[Mapping[str, int], ...] = ()
+
+
+def trace_family(dg: Any, root: nn.Module, names: Mapping[nn.Module, str], record: ChunkRecorder, ignored: set[str],
+                 output_fns: set[Any], max_features: int, owners: Mapping[int, nn.Module],
+                 sliced: frozenset[int]) -> TracedFamily:
+    """The units of producer ``root`` (raises :class:`NotFollowed` with the reason). Through a channel shuffle the
+    chunks are balanced exactly (:mod:`orprune.network.balance`); where their counts are not one chain, they are
+    tied position by position instead (one unit, coarser)."""
+    args = (dg, root, names, record, ignored, output_fns, max_features, owners, sliced)
+    trace = follow(*args)
+    balance_reason = None
+    if trace.shuffled:
+        try:
+            built, equations = balanced_units(trace)
+            count_chains({unit.name: unit.n_channels for unit, _ in built}, equations)  # raises if not one chain
+            return TracedFamily(tuple(unit for unit, _ in built), {unit.name: w for unit, w in built}, tuple(equations))
+        except NotFollowed as exc:
+            balance_reason = str(exc)
+        trace = follow(*args, balance=False)
+    try:
+        unit, widths = tied_unit(trace)
+    except NotFollowed as exc:
+        raise NotFollowed(f"{exc}; balanced exactly: {balance_reason}" if balance_reason else str(exc)) from None
+    return TracedFamily((unit,), {unit.name: widths})
+
+
 def traced_units(dg: Any, group: Any, names: Mapping[nn.Module, str], record: ChunkRecorder, ignored: set[str],
                  output_fns: set[Any], max_features: int, owners: Mapping[int, nn.Module],
                  sliced: frozenset[int], taken: set[str] | None = None,
-                 ) -> list[tuple[PrunableUnit | None, str, str | None]]:
-    """``(unit, producer, reason)`` for every conv producing channels of ``group`` (a group holding a split or a
+                 ) -> list[tuple[TracedFamily | None, str, str | None]]:
+    """``(family, producer, reason)`` for every conv producing channels of ``group`` (a group holding a split or a
     shuffle). ``taken``: modules of units already traced (from other groups), skipped and extended in place: a conv
     pulled into a unit (a stream's or a shuffle's other producer) is that unit's, whichever group lists it."""
     taken = set() if taken is None else taken
     producers = dict.fromkeys(
         it.dep.target.module for it in group.items
         if dg.is_out_channel_pruning_fn(it.dep.handler) and it.dep.target.type == OPTYPE.CONV)
-    out = []
+    out: list[tuple[TracedFamily | None, str, str | None]] = []
     for module in producers:
         label = names.get(module, repr(module))
         if label in taken:
             continue
         try:
-            unit, _ = trace_unit(dg, module, names, record, ignored, output_fns, max_features, owners, sliced)
+            family = trace_family(dg, module, names, record, ignored, output_fns, max_features, owners, sliced)
         except NotFollowed as exc:
             out.append((None, label, str(exc)))
             continue
-        out.append((unit, label, None))
-        taken.update(name for name, _ in unit.traced)
-    return [(unit, label, reason) for unit, label, reason in out if unit is not None or label not in taken]
+        out.append((family, label, None))
+        taken.update(name for unit in family.units for name, _ in unit.traced)
+    return [(family, label, reason) for family, label, reason in out if family is not None or label not in taken]
 
 
 def slice_traced(model: nn.Module, units: Iterable[tuple[PrunableUnit, np.ndarray]]) -> None:
     """In place: remove the dropped decisions of traced units (``PrunableUnit.traced``) by their label maps.
 
     Each unit's modules lose their channels of the dropped root channels (a conv its outputs, a depthwise conv its
-    channels, a BatchNorm its entries); each consumer loses its input channels of every traced unit at once (a
-    concatenation reads several)."""
+    channels, a BatchNorm its entries); each consumer loses its input channels of every traced unit. A module or
+    consumer shared by several units (a concatenation's reader, a ShuffleNetV2 stage's groups) is sliced once,
+    after every unit's channels are gathered, since the maps index the unsliced module."""
+    outputs: dict[str, set[int]] = {}
     inputs: dict[str, set[int]] = {}
     for unit, dropped in units:
         gone = set(unit.root_channels(dropped))
         for name, channels in unit.traced:
-            idxs = [k for k, r in enumerate(channels) if r in gone]
-            module = model.get_submodule(name)
-            if not idxs:
-                continue
-            if isinstance(module, nn.Conv2d) and module.groups > 1:
-                tp.prune_depthwise_conv_out_channels(module, idxs)
-            elif isinstance(module, nn.Conv2d):
-                tp.prune_conv_out_channels(module, idxs)
-            elif isinstance(module, nn.modules.batchnorm._BatchNorm):
-                tp.prune_batchnorm_out_channels(module, idxs)
-            elif any(True for _ in module.parameters(recurse=False)):
-                raise RuntimeError(f"{name} ({type(module).__name__}) cannot be sliced with a traced unit")
+            outputs.setdefault(name, set()).update(k for k, r in enumerate(channels) if r in gone)
         for consumer in unit.consumers:
             inputs.setdefault(consumer.name, set()).update(
                 int(c) for c in np.asarray(consumer.input_channels)[np.asarray(dropped)].ravel())
+    for name, idxs in outputs.items():
+        module = model.get_submodule(name)
+        if not idxs:
+            continue
+        if isinstance(module, nn.Conv2d) and module.groups > 1:
+            tp.prune_depthwise_conv_out_channels(module, sorted(idxs))
+        elif isinstance(module, nn.Conv2d):
+            tp.prune_conv_out_channels(module, sorted(idxs))
+        elif isinstance(module, nn.modules.batchnorm._BatchNorm):
+            tp.prune_batchnorm_out_channels(module, sorted(idxs))
+        elif any(True for _ in module.parameters(recurse=False)):
+            raise RuntimeError(f"{name} ({type(module).__name__}) cannot be sliced with a traced unit")
     for name, idxs in inputs.items():
         if idxs:
             tp.prune_conv_in_channels(model.get_submodule(name), sorted(idxs))

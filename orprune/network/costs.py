@@ -40,7 +40,7 @@ from torch import nn
 from torch_pruning.ops import OPTYPE
 from torch_pruning.utils import op_counter
 
-from orprune.network.chunks import ChunkRecorder, trace_unit
+from orprune.network.chunks import ChunkRecorder, TracedFamily, trace_family
 from orprune.network.cost_model import CostModel
 from orprune.network.graph import PruningGraph, build_dependency_graph, unit_group
 
@@ -132,6 +132,7 @@ class _Channels:
         self.out: dict[Any, dict[str, float]] = defaultdict(lambda: defaultdict(float))
         self.inp: dict[Any, dict[str, float]] = defaultdict(lambda: defaultdict(float))
         self.n = graph.n_channels
+        self.families: dict[str, TracedFamily] = {}
         for unit in graph.units:
             if unit.traced:  # through a chunk or shuffle: orprune's own maps (torch-pruning's group is wrong there)
                 self._traced(dg, model, unit, record)
@@ -145,12 +146,17 @@ class _Channels:
         self.nodes = dg.module2node
 
     def _traced(self, dg: Any, model: nn.Module, unit: Any, record: ChunkRecorder | None) -> None:
-        names = {m: n for n, m in model.named_modules()}
-        try:
-            _, widths = trace_unit(dg, model.get_submodule(unit.root), names, record or ChunkRecorder(), set(),
-                                   set(), 1 << 62, {}, frozenset())
-        except ValueError as exc:
-            raise ValueError(f"unit {unit.name!r} no longer traces through its chunk or shuffle: {exc}") from exc
+        if unit.root not in self.families:  # a ShuffleNetV2 stage's units come from one trace
+            names = {m: n for n, m in model.named_modules()}
+            try:
+                self.families[unit.root] = trace_family(dg, model.get_submodule(unit.root), names,
+                                                        record or ChunkRecorder(), set(), set(), 1 << 62, {},
+                                                        frozenset())
+            except ValueError as exc:
+                raise ValueError(f"unit {unit.name!r} no longer traces through its chunk or shuffle: {exc}") from exc
+        widths = self.families[unit.root].widths.get(unit.name)
+        if widths is None:
+            raise ValueError(f"unit {unit.name!r} is not among the units its root's trace gives now")
         for node, width in widths.items():
             self.out[node][unit.name] += width
         for consumer in unit.consumers:

@@ -65,7 +65,9 @@ from orprune.network._graph_rules import (
     _parameter_owners,
     _pruning_fn,
 )
+from orprune.network.balance import count_chains
 from orprune.network.chunks import ChunkRecorder, traced_units
+from orprune.network.label_maps import is_shuffle
 from orprune.network.units import Consumer, ExcludedGroup, PrunableUnit, PruningGraph, set_weight_matrix, weight_matrix
 
 __all__ = [
@@ -135,12 +137,6 @@ def build_dependency_graph(
         for m, mode in modes.items():
             m.training = mode
     return dg, outputs[0]
-
-
-def _is_shuffle(node: Any, record: ChunkRecorder) -> bool:
-    """The ``transpose`` of a channel shuffle: of a 5-D view (``(b, g, C/g, h, w)``) of the channels."""
-    shape = record.shapes.get(node.grad_fn)
-    return type(node.grad_fn).__name__ == "TransposeBackward0" and shape is not None and len(shape[3]) == 5
 
 
 def _is_out(dg: tp.DependencyGraph, item: Any) -> bool:
@@ -355,15 +351,17 @@ def find_groups(
                        if sum(size > 1 for size in u.parameters.shape) == 1)
     units, excluded = [], []
     taken: set[str] = set()  # modules of the units traced by orprune's label maps
+    equations: list[Mapping[str, int]] = []  # the chunks' balance between traced units' keep counts
     for group in _dependency_groups(dg):
-        if any(it.dep.target.type == OPTYPE.SPLIT or _is_shuffle(it.dep.target, record) for it in group.items):
+        if any(it.dep.target.type == OPTYPE.SPLIT or is_shuffle(it.dep.target, record) for it in group.items):
             # torch-pruning's index maps are wrong through a split or a channel shuffle
             labels = tuple(dict.fromkeys(names[it.dep.target.module] for it in group.items
                                          if it.dep.target.module in names))
-            for unit, producer, reason in traced_units(dg, group, names, record, ignored, output_fns, max_features,
-                                                       owners, sliced, taken):
-                if unit is not None:
-                    units.append(unit)
+            for family, producer, reason in traced_units(dg, group, names, record, ignored, output_fns,
+                                                         max_features, owners, sliced, taken):
+                if family is not None:
+                    units.extend(family.units)
+                    equations.extend(family.equations)
                 else:
                     excluded.append(ExcludedGroup(producer, labels, reason))
             continue
@@ -374,8 +372,9 @@ def find_groups(
             # a concatenation reading a unit several times (YOLOv8's SPPF): orprune's label maps express it
             traced = traced_units(dg, group, names, record, ignored, output_fns, max_features, owners, sliced,
                                   taken)
-            if traced and all(u is not None for u, _, _ in traced):
-                units.extend(u for u, _, _ in traced)
+            if traced and all(f is not None for f, _, _ in traced):
+                units.extend(u for f, _, _ in traced for u in f.units)
+                equations.extend(e for f, _, _ in traced for e in f.equations)
             else:
                 excluded.append(exc_group)
         else:
@@ -396,4 +395,5 @@ def find_groups(
             UserWarning,
             stacklevel=2,
         )
-    return PruningGraph(tuple(units), tuple(excluded))
+    chains = count_chains({u.name: u.n_channels for u in units}, equations)
+    return PruningGraph(tuple(units), tuple(excluded), tuple(chains))

@@ -8,23 +8,26 @@ decisions (``formulations/split_and_shuffle.md`` sections 2-3):
 * per-channel ops (BatchNorm, activations, pooling, upsampling, depthwise convs) keep the map;
 * ``torch.cat(..., 1)`` concatenates its inputs' maps;
 * ``x.chunk(g, 1)`` into ``g`` equal parts ties position ``p`` of every part (equal counts per part is what the
-  chunk needs; the position tie is the simplest sufficient form) and gives part ``j`` its slice of the map;
+  chunk needs; the position tie is the simplest sufficient form) and gives part ``j`` its slice of the map; on a
+  path with a channel shuffle the chunk is instead recorded, and its exact condition kept as a balance between
+  units (:mod:`orprune.network.balance`);
 * a residual add ties its operands channel by channel; a conv whose output (through BatchNorm / per-channel ops)
   is added into the stream is pulled into the unit (YOLOv8's ``s + cv2(cv1(s))``);
 * a channel shuffle (``view(b, g, C/g, h, w)``, ``transpose(1, 2)``, ``view(b, C, h, w)``; the permutation is
   found by replaying the recorded ops on channel positions) ties position ``p`` of every one of its ``g`` input
-  groups: that is exactly when the pruned shuffle sends the kept channels where the masked one does. The convs
-  concatenated into a shuffle are pulled into the unit (ShuffleNetV2's branches).
+  groups: then the pruned shuffle sends the kept channels where the masked one does. The convs concatenated into
+  a shuffle are pulled into the unit (ShuffleNetV2's branches).
 
-The unit then has one decision per class of tied labels. Decision ``c`` must stand for the root channels
-``c + j n`` (``PrunableUnit.tie``; true for a chunk, and for a ShuffleNetV2 stage of ``s`` stride-1 blocks whose
-branch width is a multiple of ``2^s``), and every tensor and consumer must carry every decision equally often,
-so each decision has one cost. Anything else leaves the producer alone with the reason.
+With tied chunks (:func:`tied_unit`) the unit has one decision per class of tied labels; decision ``c`` must stand
+for the root channels ``c + j n`` (``PrunableUnit.tie``), and every tensor and consumer must carry every decision
+equally often, so each decision has one cost (:func:`build_unit`). Anything else leaves the producer alone with
+the reason.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -36,7 +39,7 @@ from orprune.layer.wide import sketch_size
 from orprune.network._graph_rules import _following_norm, _has_outside_operand
 from orprune.network.units import Consumer, PrunableUnit
 
-__all__ = ["NotFollowed", "trace_unit"]
+__all__ = ["LabelTrace", "NotFollowed", "build_unit", "follow", "is_shuffle", "tied_unit"]
 
 # grad_fn names of ops that act on each channel alone (activations, pooling, upsampling, copies)
 _PER_CHANNEL = {
@@ -81,6 +84,12 @@ class _Ties:
         return np.array([self.find(int(a)) if a >= 0 else -1 for a in labels], dtype=np.int64)
 
 
+def is_shuffle(node: Any, record: Any) -> bool:
+    """The ``transpose`` of a channel shuffle: of a 5-D view (``(b, g, C/g, h, w)``) of the channels."""
+    shape = record.shapes.get(node.grad_fn)
+    return type(node.grad_fn).__name__ == "TransposeBackward0" and shape is not None and len(shape[3]) == 5
+
+
 def _shuffle_groups(perm: np.ndarray) -> int:
     """``g`` if ``perm`` (output channel -> input channel) is a channel shuffle with ``g`` groups, 1 if identity."""
     size = len(perm)
@@ -92,14 +101,33 @@ def _shuffle_groups(perm: np.ndarray) -> int:
     return 0
 
 
-def trace_unit(dg: Any, root: nn.Module, names: Mapping[nn.Module, str], record: Any, ignored: set[str],
-               output_fns: set[Any], max_features: int, owners: Mapping[int, nn.Module],
-               sliced: frozenset[int]) -> tuple[PrunableUnit, dict[Any, float]]:
-    """The unit of producer ``root`` and, per node of ``dg`` its channels reach, the unit's channels in that
-    node's output per decision (the cost model's multiplicities); raises :class:`NotFollowed` with the reason.
+@dataclass
+class LabelTrace:
+    """What :func:`follow` found: the nodes the root's channels reach, every tensor's label map, the consumers'
+    input maps, the ties, and each chunk's parts (for the exact balance)."""
 
-    ``record`` is the :class:`orprune.network.chunks.ChunkRecorder` of the traced forward (chunks, concatenation
-    sizes, reshapes)."""
+    dg: Any
+    root: nn.Module
+    names: Mapping[nn.Module, str]
+    max_features: int
+    root_labels: np.ndarray
+    reach: dict[int, Any]
+    consumers: dict[int, Any]
+    inputs: dict[int, np.ndarray]  # consumer node id -> label map of its input
+    maps: dict[tuple[int, int], np.ndarray | None]  # (node id, output nr) -> label map
+    ties: _Ties
+    chunks: dict[int, list[np.ndarray]]  # split node id -> its parts' label maps
+    shuffled: bool  # a channel shuffle is on the path and ``balance``: its chunks are balanced exactly, not tied
+
+
+def follow(dg: Any, root: nn.Module, names: Mapping[nn.Module, str], record: Any, ignored: set[str],
+           output_fns: set[Any], max_features: int, owners: Mapping[int, nn.Module],
+           sliced: frozenset[int], balance: bool = True) -> LabelTrace:
+    """Follow producer ``root``'s channels through the traced graph ``dg`` (see the module docstring); raises
+    :class:`NotFollowed` with the reason. ``record`` is the :class:`orprune.network.chunks.ChunkRecorder` of the
+    traced forward (chunks, concatenation sizes, reshapes). With ``balance``, a chunk on a path with a channel
+    shuffle is not tied but recorded (``LabelTrace.chunks``): its exact condition, equal kept counts per part, is a
+    balance between units (:mod:`orprune.network.balance`)."""
     if not isinstance(root, nn.Conv2d) or root.groups != 1 or root.transposed or root not in names:
         raise NotFollowed("goes through a split or shuffle; only a Conv2d (groups=1) producer is followed there")
     by_fn = {n.grad_fn: n for n in dg.module2node.values() if n.grad_fn is not None}
@@ -179,6 +207,7 @@ def trace_unit(dg: Any, root: nn.Module, names: Mapping[nn.Module, str], record:
         if not todo:
             break
         walk(todo)
+    shuffled = balance and any(is_shuffle(node, record) for node in reach.values())
     if any(id(i) in reach for p in pulled.values() for i in p.inputs):
         raise NotFollowed("a conv writing into the unit's channels also reads them")
     for node in list(reach.values()) + list(consumers.values()):
@@ -188,6 +217,7 @@ def trace_unit(dg: Any, root: nn.Module, names: Mapping[nn.Module, str], record:
     ties = _Ties()
     root_labels = ties.new(n_root)
     maps: dict[tuple[int, int], np.ndarray | None] = {}
+    chunk_parts: dict[int, list[np.ndarray]] = {}
 
     def edges(node: Any) -> list[tuple[Any, int, int]]:
         """(input node, output_nr, position among the operands) of the unit's inputs of ``node``."""
@@ -298,9 +328,13 @@ def trace_unit(dg: Any, root: nn.Module, names: Mapping[nn.Module, str], record:
             raise NotFollowed("goes through a chunk of the unit's channels with others")
         if chunks < 1 or width % chunks or size != width // chunks:
             raise NotFollowed(f"goes through a chunk into unequal parts ({width} channels in {chunks})")
-        for j in range(1, chunks):  # every part keeps the same positions (so as many channels)
-            ties.union(m[j * size:(j + 1) * size], m[:size])
-        return m[nr * size:(nr + 1) * size]
+        parts = [m[j * size:(j + 1) * size] for j in range(chunks)]
+        if shuffled:  # the exact condition, equal counts per part, is kept as a balance between units
+            chunk_parts[id(node)] = parts
+        else:  # every part keeps the same positions (so as many channels)
+            for part in parts[1:]:
+                ties.union(part, parts[0])
+        return parts[nr]
 
     for node in reach.values():  # every tensor on the way: its map (raises where nothing is followed)
         if node.type != OPTYPE.SPLIT:
@@ -311,49 +345,71 @@ def trace_unit(dg: Any, root: nn.Module, names: Mapping[nn.Module, str], record:
         if src is None or more or k != 0:
             raise NotFollowed(f"{names.get(node.module, node.module)} reads these channels other than as its input")
         inputs[id(node)] = channel_map(src, nr)
-    decision_of = _decisions(ties, root_labels)
+    return LabelTrace(dg, root, names, max_features, root_labels, reach, consumers, inputs, maps, ties,
+                      chunk_parts, shuffled)
+
+
+def tied_unit(trace: LabelTrace) -> tuple[PrunableUnit, dict[Any, float]]:
+    """The one unit of a trace whose chunks are tied: decision ``c`` is the class of root channel ``c``, holding
+    root channels ``c + j n``; with its cost-model multiplicities (see :func:`build_unit`)."""
+    ties, n_root = trace.ties, len(trace.root_labels)
+    decision_of = _decisions(ties, trace.root_labels)
     n = len(decision_of)
-    tie = n_root // n
+
+    def decide(m: np.ndarray, where: str) -> np.ndarray:
+        classes = ties.classes(m).tolist()
+        if any(c >= 0 and c not in decision_of for c in classes):
+            raise NotFollowed(f"{where} carries channels not tied to the root's")
+        return np.array([decision_of.get(c, -1) for c in classes], dtype=np.int64)
+
+    return build_unit(trace, trace.names[trace.root], n, n_root // n, decide)
+
+
+def build_unit(trace: LabelTrace, name: str, n: int, tie: int,
+               decide: Callable[[np.ndarray, str], np.ndarray]) -> tuple[PrunableUnit, dict[Any, float]]:
+    """The unit of ``n`` decisions that ``decide`` (label map -> each channel's decision, -1: none of this unit's)
+    reads in the trace, and per node the channels reach, its channels in the node's output per decision (the cost
+    model's multiplicities). Every tensor and consumer must hold every decision equally often."""
+    names, root = trace.names, trace.root
 
     def decisions(m: np.ndarray, where: str) -> tuple[np.ndarray, int]:
-        """Each channel's decision (-1: none) and how many channels of every decision there are."""
-        classes = ties.classes(m)
-        if any(c >= 0 and c not in decision_of for c in classes.tolist()):
-            raise NotFollowed(f"{where} carries channels not tied to the root's")
-        d = np.array([decision_of.get(c, -1) for c in classes.tolist()], dtype=np.int64)
+        d = decide(m, where)
         counts = np.bincount(d[d >= 0], minlength=n)
         if np.any(counts != counts[0]):
             raise NotFollowed(f"{where} carries the unit's decisions unevenly (counts {sorted(set(counts.tolist()))})")
         return d, int(counts[0])
 
     out = []
-    for node in consumers.values():
+    for key, node in trace.consumers.items():
         module = node.module
-        decision, t = decisions(inputs[id(node)], names[module])
+        decision, t = decisions(trace.inputs[key], names[module])
+        if t == 0:
+            continue
         order = np.argsort(decision, kind="stable")
         layout = order[decision[order] >= 0].reshape(n, t)  # (n, t) input channels of each decision, increasing
         kk, n_in = int(np.prod(module.kernel_size)), module.in_channels
         direct = t == 1 and n_in == n and np.array_equal(layout[:, 0], np.arange(n))
         channels = None if direct else (tuple(int(c) for c in layout[:, 0]) if t == 1
                                          else tuple(tuple(int(c) for c in row) for row in layout))
-        out.append(Consumer(names[module], "conv", names[root], n, kk, module.out_channels,
-                            _following_norm(dg, module, names), channels, None if direct else n_in, (), t, 1,
-                            sketch_size(n_in, kk, max_features)))
+        out.append(Consumer(names[module], "conv", name, n, kk, module.out_channels,
+                            _following_norm(trace.dg, module, names), channels, None if direct else n_in, (), t, 1,
+                            sketch_size(n_in, kk, trace.max_features)))
     if not out:
         raise NotFollowed("nothing consumes these channels (model output)")
     modules, widths = [], {}
-    for node in reach.values():
-        m = None if node.type == OPTYPE.SPLIT else map_of(node, 0)
+    for node in trace.reach.values():
+        m = None if node.type == OPTYPE.SPLIT else trace.maps.get((id(node), 0))
         if m is None:
             continue
-        where = names.get(node.module) or label(node)
-        d, count = decisions(m, where)
+        d, count = decisions(m, names.get(node.module) or type(node.grad_fn).__name__)
+        if count == 0:
+            continue
         widths[node] = float(count)
         if node.module in names:  # each output channel's root channel (decision c: root channels c + j n)
             modules.append((names[node.module], _root_channels(d, n, tie)))
-    carried = tuple(name for name, _ in modules if name != names[root])
-    unit = PrunableUnit(names[root], names[root], n, tuple(out), carried, tie, (), tuple(modules))
-    return unit, widths
+    modules.sort(key=lambda item: item[0] != names[root])  # the root first
+    carried = tuple(module for module, _ in modules if module != names[root])
+    return PrunableUnit(name, names[root], n, tuple(out), carried, tie, (), tuple(modules)), widths
 
 
 def _decisions(ties: _Ties, root_labels: np.ndarray) -> dict[int, int]:

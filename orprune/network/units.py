@@ -163,10 +163,15 @@ class PruningGraph:
     units : tuple of PrunableUnit
         In the order of their root modules in ``model.named_modules()``.
     excluded : tuple of ExcludedGroup
+    chains : tuple of mapping unit -> tuple of int
+        Units whose keep counts a chunk's balance ties (a ShuffleNetV2 stage's groups,
+        :mod:`orprune.network.balance`): per chain, each unit's possible keep counts, increasing, the ``t``-th of
+        every unit taken together (one option for a unit the balance fixes). Units in no chain choose freely.
     """
 
     units: tuple[PrunableUnit, ...]
     excluded: tuple[ExcludedGroup, ...]
+    chains: tuple[Mapping[str, tuple[int, ...]], ...] = ()
 
     def __getitem__(self, name: str) -> PrunableUnit:
         for unit in self.units:

@@ -137,10 +137,8 @@ def producers(model: nn.Module, unit: PrunableUnit) -> tuple[str, ...]:
 
 def _root_labels(unit: PrunableUnit, module_name: str) -> np.ndarray | None:
     """A producer's root channel of each output channel (-1: none) in a unit traced through a chunk or shuffle
-    (a C2f bottleneck's output conv, a ShuffleNetV2 branch: ``PrunableUnit.traced``); None: the producer's channels
-    are the root's, in order."""
-    if module_name == unit.root:
-        return None
+    (a C2f bottleneck's output conv, a ShuffleNetV2 stage's convs, whose root also writes the stage's other units:
+    ``PrunableUnit.traced``); None: the producer's channels are the root's, in order."""
     return next((np.asarray(channels) for name, channels in unit.traced if name == module_name), None)
 
 

@@ -40,13 +40,17 @@ def reasons(graph) -> dict[str, str]:
 
 def pruned_at_random_keeps(model: nn.Module, graph, x: torch.Tensor, seed: int,
                            rounds: int = 3) -> Iterator[tuple[dict[str, np.ndarray], nn.Module]]:
-    """``(keep, pruned)`` for random keeps of every unit, each pruned model already checked to equal the masked
-    model on ``x`` and to have the MACs the cost model predicts."""
+    """``(keep, pruned)`` for random keeps of every unit (counts of chained units from one step of their chain),
+    each pruned model already checked to equal the masked model on ``x`` and to have the MACs the cost model
+    predicts."""
     costs = network_costs(model, graph, x[:1])
     rng = np.random.default_rng(seed)
     for _ in range(rounds):
-        keep = {u.name: np.sort(rng.choice(u.n_channels, int(rng.integers(1, u.n_channels + 1)), replace=False))
-                for u in graph.units}
+        counts = {u.name: int(rng.integers(1, u.n_channels + 1)) for u in graph.units}
+        for chain in graph.chains:  # counts a chunk's balance ties: one step of the chain for all its units
+            step = int(rng.integers(max(len(o) for o in chain.values())))
+            counts.update({u: options[min(step, len(options) - 1)] for u, options in chain.items()})
+        keep = {u.name: np.sort(rng.choice(u.n_channels, counts[u.name], replace=False)) for u in graph.units}
         plan = PruningPlan(keep)
         pruned = apply_pruning(model, graph, plan, x[:1])
         with torch.no_grad():

@@ -1,21 +1,25 @@
-"""Channel shuffle (ShuffleNetV2): a stage is one unit whose decision ``c`` ties, through the chunks and shuffles,
-position ``c`` of both branch outputs of the stride-2 block and the stride-1 branches' last convs; consumers read
-the right columns, pruned == masked, MACs == counted, and widths the ties cannot serve are left alone with the
-reason (``formulations/split_and_shuffle.md`` section 2.1, issue 21)."""
+"""Channel shuffle (ShuffleNetV2): a stage's channels are followed through its chunks and shuffles; the shuffles
+tie each root channel to its partners (the other branch, the stride-1 branches' last convs), the stage splits into
+units by where the channels go, and each chunk's balance ties their keep counts into a chain. Consumers read the
+right columns, pruned == masked, MACs == counted, for any branch width (``formulations/split_and_shuffle.md``
+section 4, issue 21)."""
 
 from __future__ import annotations
 
 import warnings
 
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
 import orprune
 from orprune.examples.coverage_zoo import ShuffleNetV2, channel_shuffle, randomize_batchnorm
+from orprune.network.balance import count_chains
+from orprune.network.label_maps import NotFollowed
 from orprune.network.surgery import masked_copy
 from tests.models import one_thread  # noqa: F401  (module fixture)
-from tests.network.test_chunk import graph_of, pruned_at_random_keeps, reasons
+from tests.network.test_chunk import graph_of, pruned_at_random_keeps
 
 
 def shufflenet(widths: tuple[int, int] = (16, 32)) -> tuple[nn.Module, torch.Tensor]:
@@ -23,34 +27,39 @@ def shufflenet(widths: tuple[int, int] = (16, 32)) -> tuple[nn.Module, torch.Ten
     return randomize_batchnorm(ShuffleNetV2(widths)).eval(), torch.randn(4, 3, 16, 16)
 
 
-def test_a_stage_is_one_unit_through_its_chunk_and_shuffles():
+def reader(graph, consumer: str):
+    """The widest unit whose channels ``consumer`` reads."""
+    return graph[max(graph.readers(consumer), key=lambda c: c.n_channels).unit]
+
+
+def test_a_stage_splits_by_where_its_channels_go_and_the_chunk_ties_the_counts():
     model, x = shufflenet()
     graph = graph_of(model, x[:1])
     assert [e.root for e in graph.excluded] == ["fc"]  # every conv is some unit's
-    first = next(u for u in graph.units if "stage.0.branch1.2" in (u.root, *u.carried))
-    # 8 channels per branch and one stride-1 block: the chunk ties position i to i + 4, so 4 decisions of 2
-    assert (first.n_channels, first.tie) == (4, 2)
-    modules = {first.root, *first.carried}
-    assert {"stage.0.branch1.2", "stage.0.branch2.5", "stage.1.branch2.5"} <= modules  # the convs writing the stage
-    assert "stage.2.branch1.0" in modules  # the next stage's depthwise conv, sliced with the channels it reads
-    readers = {c.name: c for c in first.consumers}
-    assert set(readers) == {"stage.1.branch2.0", "stage.2.branch1.2", "stage.2.branch2.0"}
-    # the stride-1 branch reads the second half of the stage tensor: 2 of its 8 inputs per decision
-    assert readers["stage.1.branch2.0"].input_channels.shape == (4, 2)
-    # the next stage reads all 16 channels: 4 per decision, each decision's channels in both halves
-    columns = readers["stage.2.branch2.0"].input_channels
+    # 8 channels per branch: positions 0-3 of both branch outputs reach the next stage (through the stride-1
+    # block's x1, then its shuffle), positions 4-7 go to the stride-1 branch only
+    onward, branch = reader(graph, "stage.2.branch2.0"), reader(graph, "stage.1.branch2.0")
+    assert onward.name != branch.name and onward.root == branch.root
+    assert (onward.n_channels, branch.n_channels, onward.tie, branch.tie) == (4, 4, 1, 1)
+    assert {"stage.0.branch1.2", "stage.0.branch2.5"} <= {onward.root, *onward.carried}  # both branch outputs
+    assert {"stage.1.branch2.5", "stage.2.branch1.0"} <= set(onward.carried)  # the stride-1 branch, next dw conv
+    assert "stage.1.branch2.5" not in branch.carried
+    # the stride-1 branch reads the second half: 2 columns per decision (its b1 and b2 channels)
+    assert graph.consumer("stage.1.branch2.0").input_channels.shape == (4, 2)
+    columns = graph.consumer("stage.2.branch2.0").input_channels  # the next stage reads all 16 channels
     assert columns.shape == (4, 4) and sorted(columns.ravel().tolist()) == list(range(16))
-    labels = dict(first.traced)
-    for conv in ("stage.0.branch1.2", "stage.0.branch2.5", "stage.1.branch2.5"):
-        assert sorted(labels[conv]) == sorted(range(8))  # each stands for every root channel once
+    # the chunk keeps as many channels in each half: the two units keep the same count
+    chain = next(c for c in graph.chains if onward.name in c)
+    assert chain == {onward.name: (1, 2, 3, 4), branch.name: (1, 2, 3, 4)}
 
 
-def test_random_keeps_prune_like_the_masked_model_through_the_shuffles():
+def test_random_balanced_keeps_prune_like_the_masked_model_through_the_shuffles():
     model, x = shufflenet()
     graph = graph_of(model, x[:1])
+    onward, branch = reader(graph, "stage.2.branch2.0"), reader(graph, "stage.1.branch2.0")
     for keep, pruned in pruned_at_random_keeps(model, graph, x, seed=3):
-        first = next(u for u in graph.units if "stage.0.branch1.2" in (u.root, *u.carried))
-        k = keep[first.name].size
+        k = keep[onward.name].size
+        assert keep[branch.name].size == k
         assert pruned.stage[0].branch1[2].out_channels == pruned.stage[0].branch2[5].out_channels == 2 * k
         assert pruned.stage[1].branch2[0].in_channels == 2 * k  # the chunk still halves the stage tensor
 
@@ -65,25 +74,86 @@ def test_the_position_tie_serves_the_shuffle_and_other_kept_sets_can_break_it():
         assert torch.equal(channel_shuffle(x[:, kept], 2), full[:, sorted(destination[kept])]) == equal
 
 
-def test_widths_the_ties_cannot_serve_are_left_alone_with_the_reason():
-    model, x = shufflenet((10, 20))  # 5 channels per branch: the chunk of 10 cannot tie positions pairwise
+def test_a_branch_width_the_position_tie_cannot_serve_is_balanced_exactly():
+    """5 channels per branch: position 2 straddles the chunk's halves (its b1 channel in x1, its b2 channel in x2),
+    a unit of its own kept whole; positions 0-1 and 3-4 keep as many."""
+    model, x = shufflenet((10, 20))
     graph = graph_of(model, x[:1])
-    why = reasons(graph)
-    stage = [r for root, r in why.items() if root.startswith("stage.") and "tie" in r]
-    assert stage, why
-    assert "stage.0.branch2.0" in graph and "conv5.0" in graph  # the rest is still pruned
+    assert [e.root for e in graph.excluded] == ["fc"]
+    onward, branch = reader(graph, "stage.2.branch2.0"), reader(graph, "stage.1.branch2.0")
+    straddle = [u for u in graph.units if u.root == onward.root and u.name not in (onward.name, branch.name)]
+    assert [u.n_channels for u in (onward, branch, *straddle)] == [2, 2, 1]
+    chain = next(c for c in graph.chains if onward.name in c)
+    assert chain == {onward.name: (1, 2), branch.name: (1, 2)}  # the straddler balances itself: in no equation
+    for _ in pruned_at_random_keeps(model, graph, x, seed=1):
+        pass
 
 
-def test_pruner_meets_the_budget_through_the_shuffles_and_prunes_like_the_masked_model():
+@pytest.mark.parametrize("allocation", ["milp", "uniform"])
+def test_pruner_meets_the_budget_through_the_shuffles_and_prunes_like_the_masked_model(allocation):
     model, x = shufflenet()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         pruner = orprune.Pruner(solver="greedy", progress=False, positions_per_image=4).fit(model, [x])
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # the cost model predicts the pruned model's count
-        result = pruner.prune(macs=0.4)
+        result = pruner.prune(macs=0.4, allocation=allocation)
     assert result.macs_after <= 0.4 * result.macs_before
+    for chain in pruner.graph_.chains:  # the balance held: every unit of a chain at the same step
+        steps = {chain[u].index(result.plan.keep[u].size) for u in chain if len(chain[u]) > 1}
+        assert len(steps) == 1
     with torch.no_grad():
         masked = masked_copy(model, pruner.graph_, result.plan)(x)
         torch.testing.assert_close(result.model(x), masked, rtol=1e-4, atol=1e-5 * float(masked.abs().max()))
     assert result.model(x).shape == model(x).shape
+
+
+def test_user_ties_may_not_name_balanced_units():
+    model, x = shufflenet()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        pruner = orprune.Pruner(solver="greedy", progress=False, positions_per_image=4).fit(model, [x])
+    onward = reader(pruner.graph_, "stage.2.branch2.0")
+    with pytest.raises(ValueError, match="balance already ties"):
+        pruner.prune(macs=0.5, ties=[[onward.name, "conv5.0"]])
+
+
+def test_count_chains_solves_the_nested_balance_of_a_deep_stage():
+    """A 58-channel branch with three stride-1 blocks (torchvision's ShuffleNetV2 x1.0, stage 2): levels of 29, 14, 6
+    and 7 positions and two one-position straddlers (S7, S14), with the three chunks' equations (channels in part 1
+    minus part 0, per kept decision)."""
+    sizes = {"L1": 29, "M": 14, "L3": 6, "L4": 7, "S7": 1, "S14": 1}
+    equations = [{"L1": 2, "M": -2, "L3": -2, "L4": -2, "S7": -2, "S14": -2},
+                 {"M": 4, "L3": -4, "L4": -4, "S7": -4},
+                 {"L3": 8, "L4": -8, "S7": 4, "S14": 4}]
+    (chain,) = count_chains(sizes, equations)
+    assert chain["L3"] == (1, 2, 3, 4, 5, 6) and chain["L4"] == (2, 3, 4, 5, 6, 7)
+    assert chain["M"] == tuple(range(4, 15, 2)) and chain["L1"] == tuple(range(9, 30, 4))
+    assert chain["S7"] == chain["S14"] == (1,)
+    for t in range(6):  # every step meets every equation
+        assert all(sum(a * chain[u][min(t, len(chain[u]) - 1)] for u, a in eq.items()) == 0 for eq in equations)
+
+
+def test_count_chains_refuses_what_is_not_one_chain():
+    with pytest.raises(NotFollowed, match="2 free keep counts"):
+        count_chains({"a": 4, "b": 4, "c": 4}, [{"a": 1, "b": 1, "c": -2}])
+    with pytest.raises(NotFollowed, match="shrinks"):
+        count_chains({"a": 4, "b": 4}, [{"a": 1, "b": 1}])  # a + b = 0: one grows as the other shrinks
+    assert count_chains({"a": 3, "b": 6}, [{"a": 2, "b": -1}]) == [{"a": (1, 2, 3), "b": (2, 4, 6)}]
+
+
+def test_ucp_scores_every_unit_of_a_stage_from_the_convs_writing_it():
+    """The stage's units share their producers (both branch outputs write every unit's channels): each unit's
+    scores come from its own channels of those convs."""
+    from orprune.ucp import se_importance
+
+    model, _ = shufflenet()
+    x, y = torch.randn(16, 3, 16, 16), torch.randint(0, 5, (16,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        graph = graph_of(model, x[:1])
+        stage = [u.name for u in graph.units if u.root == reader(graph, "stage.2.branch2.0").root]
+        result = se_importance(model, x, y, graph=graph, epochs=1, batch_size=8, freeze=True, units=stage)
+    for name in stage:
+        scores = result.scores[name]
+        assert scores.shape == (graph[name].n_channels,) and np.all(np.isfinite(scores)) and np.all(scores > 0)
