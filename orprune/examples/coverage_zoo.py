@@ -217,18 +217,27 @@ class ShuffleBlock(nn.Module):
 
 
 class ShuffleNetV2(nn.Module):
-    """A ShuffleNetV2 in miniature: stem, two stages of a stride-2 and a stride-1 block, 1x1 conv5, head.
+    """A ShuffleNetV2 in miniature: stem, stages of a stride-2 block and ``depths[i]`` stride-1 blocks, 1x1 conv5,
+    head. torchvision's have 3 stages of 3 / 7 / 3 stride-1 blocks.
 
-    One stride-1 block per stage: torch-pruning 1.6 cannot trace two in a row (a ``ZeroDivisionError`` in its
-    reshape index mapping), so neither library could prune torchvision's stages of 3-7 stride-1 blocks.
+    torch-pruning 1.6 cannot build the dependency graph of two stride-1 blocks in a row (a ``ZeroDivisionError``
+    in its reshape index mapping); :func:`orprune.network.graph.build_dependency_graph` builds it without those
+    index maps (orprune follows these channels itself, ``formulations/split_and_shuffle.md`` section 4).
     """
 
-    def __init__(self, widths: tuple[int, int] = (16, 32), n_classes: int = 5):
+    def __init__(self, widths: tuple[int, ...] = (16, 32), n_classes: int = 5, depths: tuple[int, ...] = (1, 1),
+                 in_channels: int = 3):
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
-        self.stage = nn.Sequential(ShuffleBlock(8, widths[0], 2), ShuffleBlock(widths[0], widths[0], 1),
-                                   ShuffleBlock(widths[0], widths[1], 2), ShuffleBlock(widths[1], widths[1], 1))
-        self.conv5 = nn.Sequential(nn.Conv2d(widths[1], 24, 1, bias=False), nn.BatchNorm2d(24), nn.ReLU())
+        if len(widths) != len(depths):
+            raise ValueError(f"`widths` and `depths` must have one entry per stage, got {widths} and {depths}.")
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+        blocks, width = [], 8
+        for stage_width, depth in zip(widths, depths, strict=True):
+            blocks += [ShuffleBlock(width, stage_width, 2)] + [ShuffleBlock(stage_width, stage_width, 1)
+                                                               for _ in range(depth)]
+            width = stage_width
+        self.stage = nn.Sequential(*blocks)
+        self.conv5 = nn.Sequential(nn.Conv2d(widths[-1], 24, 1, bias=False), nn.BatchNorm2d(24), nn.ReLU())
         self.fc = nn.Linear(24, n_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -375,6 +384,8 @@ CASES: dict[str, Callable[[], tuple[nn.Module, list[torch.Tensor]]]] = {
     "norms": _case(NormNet, 8),
     "inception": _case(Inception, 8),
     "shufflenet_v2": _case(ShuffleNetV2, 16),
+    # stages of 3 and 2 stride-1 blocks, as torchvision's (torch-pruning 1.6 cannot build their graph)
+    "shufflenet_v2_deep": _case(lambda: ShuffleNetV2((16, 32), depths=(3, 2)), 16),
     "c2f": _case(C2fNet, 16),
     "c2f_shortcut": _case(lambda: C2fNet(shortcut=True), 16),  # YOLOv8's backbone C2f (a residual add per bottleneck)
 }

@@ -128,15 +128,60 @@ def build_dependency_graph(
         outputs.append(out)
         return out
 
+    dg = tp.DependencyGraph()
+    dg.unsized_reshapes = set()  # grad_fns of reshapes left without an index map (see _map_indices_skipping)
     try:
         with torch.enable_grad():
-            dg = tp.DependencyGraph().build_dependency(
-                model, example_inputs=example_inputs, forward_fn=forward, verbose=False
-            )
+            dg.build_dependency(model, example_inputs=example_inputs, forward_fn=forward, verbose=False)
+    except ZeroDivisionError:
+        if not getattr(dg, "module2node", None):
+            raise
+        _map_indices_skipping(dg)
     finally:
         for m, mode in modes.items():
             m.training = mode
     return dg, outputs[0]
+
+
+def _map_indices_skipping(dg: tp.DependencyGraph) -> None:
+    """torch-pruning 1.6's last build step (``index_mapping.update_index_mapping``) again, node by node, leaving
+    out the reshapes whose channel counts it infers as zero (it divides by them: two ShuffleNetV2 stride-1 blocks
+    in a row). Those reshapes are marked element-wise in this graph (torch-pruning maps every later group again and
+    would divide again; element-wise is what a reshape without an index map does) and recorded in
+    ``dg.unsized_reshapes``: a group through one is traced by orprune (a channel shuffle,
+    ``orprune.network.label_maps``) or left alone with the reason."""
+    from torch_pruning.dependency import index_mapping
+
+    updates = {OPTYPE.CONCAT: index_mapping.update_concat_index_mapping, OPTYPE.SPLIT: index_mapping.update_split_index_mapping,
+               OPTYPE.RESHAPE: index_mapping.update_reshape_index_mapping,
+               OPTYPE.UNBIND: index_mapping.update_unbind_index_mapping,
+               OPTYPE.EXPAND: index_mapping.update_expand_index_mapping,
+               OPTYPE.SLICE: index_mapping.update_slice_index_mapping}
+    def unmapped(node: Any) -> bool:
+        """A split (its offsets come from the same failed inference) or a reshape of a channel shuffle (mapped as
+        a flatten, whose index sets then grow at every block)."""
+        near = [n.grad_fn for n in (*node.inputs, *node.outputs)]
+        return node.type == OPTYPE.SPLIT or (node.type == OPTYPE.RESHAPE and any(
+            type(f).__name__ in ("TransposeBackward0", "CloneBackward0") for f in near))
+
+    for node in dg.module2node.values():
+        if unmapped(node):
+            node.enable_index_mapping = False
+            for dep in list(node.dependencies) + [d for n in (*node.inputs, *node.outputs) for d in n.dependencies
+                                                  if d.target is node]:
+                dep.index_mapping[0] = None
+            dg.unsized_reshapes.add(node.grad_fn)
+            if node.type == OPTYPE.RESHAPE:
+                node.type = OPTYPE.ELEMENTWISE
+            continue
+        update = updates.get(node.type)
+        if update is None:
+            continue
+        try:
+            update(dg, node)
+        except ZeroDivisionError:
+            dg.unsized_reshapes.add(node.grad_fn)
+            node.type = OPTYPE.ELEMENTWISE
 
 
 def _is_out(dg: tp.DependencyGraph, item: Any) -> bool:
@@ -353,8 +398,9 @@ def find_groups(
     taken: set[str] = set()  # modules of the units traced by orprune's label maps
     equations: list[Mapping[str, int]] = []  # the chunks' balance between traced units' keep counts
     for group in _dependency_groups(dg):
-        if any(it.dep.target.type == OPTYPE.SPLIT or is_shuffle(it.dep.target, record) for it in group.items):
-            # torch-pruning's index maps are wrong through a split or a channel shuffle
+        if any(it.dep.target.type == OPTYPE.SPLIT or is_shuffle(it.dep.target, record)
+               or it.dep.target.grad_fn in dg.unsized_reshapes for it in group.items):
+            # torch-pruning's index maps are wrong (or missing) through a split, a shuffle, an unsized reshape
             labels = tuple(dict.fromkeys(names[it.dep.target.module] for it in group.items
                                          if it.dep.target.module in names))
             for family, producer, reason in traced_units(dg, group, names, record, ignored, output_fns,

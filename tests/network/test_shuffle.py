@@ -157,3 +157,32 @@ def test_ucp_scores_every_unit_of_a_stage_from_the_convs_writing_it():
     for name in stage:
         scores = result.scores[name]
         assert scores.shape == (graph[name].n_channels,) and np.all(np.isfinite(scores)) and np.all(scores > 0)
+
+
+def test_deep_stages_build_and_prune_like_the_masked_model():
+    """Three and two stride-1 blocks in a row, which torch-pruning 1.6 cannot build a graph for (a
+    ``ZeroDivisionError`` in its reshape index mapping): the graph is built without those maps and every stage is
+    followed by orprune; 8 channels per branch and three blocks leave one count (groups 4, 2, 1, 1: kept whole),
+    16 and two blocks give counts (k, k, 2k) for k = 1..4."""
+    torch.manual_seed(0)
+    model, x = randomize_batchnorm(ShuffleNetV2((16, 32), depths=(3, 2))).eval(), torch.randn(4, 3, 16, 16)
+    graph = graph_of(model, x[:1])
+    assert [e.root for e in graph.excluded] == ["fc"]
+    chains = sorted(graph.chains, key=len)
+    assert sorted(len(c) for c in chains) == [3, 4]
+    assert sorted(chains[0].values()) == [(1, 2, 3, 4), (1, 2, 3, 4), (2, 4, 6, 8)]
+    assert sorted(chains[1].values()) == [(1,), (1,), (2,), (4,)]
+    for _ in pruned_at_random_keeps(model, graph, x, seed=2):
+        pass
+
+
+def test_torchvision_x1_stage_balances_as_worked_by_hand():
+    """torchvision's ShuffleNetV2 x1.0 first stage (116 channels, 58 per branch, three stride-1 blocks): the groups
+    and chain of ``test_count_chains_solves_the_nested_balance_of_a_deep_stage``, read from the model."""
+    torch.manual_seed(0)
+    model = ShuffleNetV2((116,), depths=(3,)).eval()
+    graph = graph_of(model, torch.randn(1, 3, 16, 16))
+    (chain,) = graph.chains
+    assert sorted((graph[u].n_channels, options) for u, options in chain.items()) == [
+        (1, (1,)), (1, (1,)), (6, (1, 2, 3, 4, 5, 6)), (7, (2, 3, 4, 5, 6, 7)), (14, tuple(range(4, 15, 2))),
+        (29, tuple(range(9, 30, 4)))]
