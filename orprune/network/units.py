@@ -12,7 +12,8 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["Consumer", "ExcludedGroup", "ExclusionCode", "PrunableUnit", "PruningGraph", "set_weight_matrix", "weight_matrix"]
+__all__ = ["Consumer", "ExcludedGroup", "ExclusionCode", "PrunableUnit", "PruningGraph", "set_weight_matrix",
+           "weight_matrix"]
 
 
 @dataclass(frozen=True)
