@@ -8,7 +8,7 @@ import os
 import re
 import sys
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ from orprune.network.units import PruningGraph
 
 __all__ = [
     "batch_inputs",
+    "calibration_batches",
     "check_budgets",
     "check_calibration",
     "check_fraction",
@@ -107,7 +108,9 @@ def spawn_safe_main() -> bool:
 def parallel_jobs(seconds: float, n_tasks: int) -> int:
     """Workers for ``n_jobs=None``: the usable cores (at most 8, at most one per task) when the curves are
     estimated to take more than ``AUTO_POOL_SECONDS`` serially and workers can be spawned safely
-    (:func:`spawn_safe_main`), else 1 (serial)."""
+    (:func:`spawn_safe_main`), else 1 (serial). One-thread workers side by side finish the curves' BLAS-2/3 mixes
+    about twice as fast on two cores as one process with two BLAS threads (``benchmarks/results/scale_network.md``).
+    """
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if seconds <= AUTO_POOL_SECONDS or not spawn_safe_main():
         return 1
@@ -153,7 +156,12 @@ def unit_part(problem: LayerProblem, consumer: Consumer) -> LayerProblem:
 
 
 def keep_options(n_channels: int, max_options: int, min_channels: int, round_to: int = 1) -> np.ndarray:
-    """Candidate keep counts: multiples of ``round_to`` from ``min_channels`` on, and the full width."""
+    """Candidate keep counts: multiples of ``round_to`` from ``min_channels`` on, and the full width.
+
+    CPU and GPU kernels run channel counts that are multiples of their vector width (8 floats with AVX2, 16 with
+    AVX-512) markedly faster, so rounding turns saved MACs into measured speed; a unit of at most ``round_to``
+    channels keeps its full width, which bounds the reachable budget. At most ``max_options`` counts, evenly
+    spread."""
     low = min(min_channels, n_channels)
     counts = np.arange(low, n_channels + 1)
     counts = counts[(counts % round_to == 0) | (counts == n_channels)]  # the full width is always there
@@ -212,6 +220,21 @@ def check_calibration(model: nn.Module, batches: list[Any]) -> None:
 
 def batch_inputs(batch: Any) -> Any:
     return batch[0] if isinstance(batch, (tuple, list)) else batch
+
+
+def calibration_batches(model: nn.Module, calibration: Iterable[Any]) -> list[Any]:
+    """The checked inputs of :meth:`Pruner.fit`'s ``calibration`` (batches or (input, target) pairs), tensors
+    detached: kept for the sequential refit of :meth:`Pruner.prune`."""
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
+    if not isinstance(calibration, Iterable) or torch.is_tensor(calibration):
+        raise ValueError("`calibration` must be an iterable of batches (a list of input tensors or a DataLoader), "
+                         f"got {type(calibration).__name__}; wrap one tensor as [tensor].")
+    batches = [batch_inputs(b).detach() if torch.is_tensor(batch_inputs(b)) else batch_inputs(b) for b in calibration]
+    if not batches:
+        raise ValueError("`calibration` is empty: pruning needs at least one batch of inputs.")
+    check_calibration(model, batches)
+    return batches
 
 
 def check_scores(scores: Mapping[str, Any] | None, graph: PruningGraph) -> dict[str, np.ndarray] | None:

@@ -45,7 +45,8 @@ def stage(module: str) -> str:
     part = module.split(".")[1]
     return {"prune_result": "pipeline", "_pipeline_steps": "pipeline", "_latency_loop": "pipeline",
             "factorize": "pipeline", "mixed": "pipeline", "mixed_guard": "pipeline", "mixed_surgery": "pipeline",
-            "_refit": "pipeline", "_pruner_options": "pipeline"}.get(part, part)
+            "_refit": "pipeline", "_pruner_options": "pipeline", "_pruned_model": "pipeline",
+            "_allocation_steps": "pipeline", "_unit_curves": "pipeline"}.get(part, part)
 
 
 def modules() -> dict[str, Path]:

@@ -1,7 +1,9 @@
 """Bad inputs fail before any work; Ctrl-C stops a process pool at once and leaves no process behind."""
 
+import inspect
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -66,6 +68,15 @@ def test_bad_options_fail_before_work(no_fit, options, match):
 def test_calibration_that_does_not_fit_the_model_fails_first(no_fit, calibration, match):
     with pytest.raises(ValueError, match=match):
         orprune.Pruner(progress=False).fit(tiny(), calibration)
+
+
+def test_the_docstring_documents_every_option_in_order():
+    """The concise Pruner docstring stays complete: its Parameters section names each constructor argument once,
+    in the signature's order, each with a description."""
+    section = orprune.Pruner.__doc__.split("Parameters\n    ----------\n")[1].split("\n\n")[0]
+    entries = re.findall(r"^    (\w+) : [^\n]+\n((?:        [^\n]+\n?)*)", section, re.M)
+    assert [name for name, _ in entries] == list(inspect.signature(orprune.Pruner).parameters)
+    assert all(text.strip() for _, text in entries), [name for name, text in entries if not text.strip()]
 
 
 def test_prune_after_fit_checks_budget_and_time_limit():

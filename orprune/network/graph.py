@@ -299,7 +299,7 @@ def _classify(
             ties.add(module.groups)
         layout = _consumer_layout(module, list(it.idxs), list(it.root_idxs), n)
         if layout is None:
-            return excluded(f"consumer {names[module]} {_READ_TWICE}")
+            return None, ExcludedGroup(first, labels, f"consumer {names[module]} {_READ_TWICE}", "partial_read")
         consumers.append((module, layout))
     if not consumers:
         return excluded("nothing consumes these channels (model output)")
@@ -414,7 +414,7 @@ def find_groups(
         unit, exc_group = _classify(dg, group, names, ignored, max_features, output_fns, residual, owners, sliced)
         if unit is not None:
             units.append(unit)
-        elif _READ_TWICE in exc_group.reason and any(it.dep.target.type == OPTYPE.CONCAT for it in group.items):
+        elif exc_group.code == "partial_read" and any(it.dep.target.type == OPTYPE.CONCAT for it in group.items):
             # a concatenation reading a unit several times (YOLOv8's SPPF): orprune's label maps express it
             traced = traced_units(dg, group, names, record, ignored, output_fns, max_features, owners, sliced,
                                   taken)

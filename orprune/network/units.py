@@ -6,13 +6,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["Consumer", "ExcludedGroup", "PrunableUnit", "PruningGraph", "set_weight_matrix", "weight_matrix"]
+__all__ = ["Consumer", "ExcludedGroup", "ExclusionCode", "PrunableUnit", "PruningGraph", "set_weight_matrix",
+           "weight_matrix"]
 
 
 @dataclass(frozen=True)
@@ -145,13 +146,21 @@ class PrunableUnit:
         return sorted(int(c) + j * self.n_channels for c in np.asarray(idxs).ravel() for j in range(self.tie))
 
 
+#: Why a group was left alone, for code that acts on it (the ``reason`` text is for people and may be reworded):
+#: ``"partial_read"``, a consumer reads the channels out of order or only partly (torch-pruning's slice of the
+#: consumer is refused; through a concatenation, ``find_groups`` retries the group with orprune's label maps).
+ExclusionCode = Literal["partial_read"]
+
+
 @dataclass(frozen=True)
 class ExcludedGroup:
-    """A channel group left unpruned, and why."""
+    """A channel group left unpruned, and why: ``reason`` in words, ``code`` where a caller acts on the reason
+    (None for the others)."""
 
     root: str
     modules: tuple[str, ...]
     reason: str
+    code: ExclusionCode | None = None
 
 
 @dataclass(frozen=True)

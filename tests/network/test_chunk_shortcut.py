@@ -5,6 +5,7 @@ masked, the kept stream channels are the original ones, the chunk stays valid, t
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import numpy as np
@@ -176,3 +177,25 @@ def test_ucp_excitations_cover_the_stream_producers():
     assert result.producers["block2.cv1.conv"] == ("block2.cv1.conv", "block2.m.0.cv2.conv", "block2.m.1.cv2.conv")
     scores = result.scores["block2.cv1.conv"]
     assert scores.shape == (12,) and np.all(np.isfinite(scores)) and np.all(scores > 0)
+
+
+def test_sppf_fallback_follows_the_reason_code_not_its_words(monkeypatch):
+    """The refused SPPF group carries ``code="partial_read"`` beside its unchanged message, and the label-map retry
+    keys on that code: reworded, the message still goes through orprune's label maps."""
+    from orprune.network import graph as graph_module
+
+    model, x = WithSPPF().eval(), torch.randn(1, 3, 12, 12)
+    monkeypatch.setattr(graph_module, "traced_units", lambda *args: [(None, "sppf.cv1.conv", "planted")])
+    refused = {e.root: e for e in graph_of(model, x).excluded}["sppf.cv1.conv"]
+    assert refused.code == "partial_read"
+    assert refused.reason == "consumer sppf.cv2.conv reads these channels out of order or partly"  # words unchanged
+    monkeypatch.undo()
+    classify = graph_module._classify
+
+    def reworded(*args, **kwargs):  # every refusal's words changed, its code kept
+        unit, refused = classify(*args, **kwargs)
+        return unit, None if refused is None else dataclasses.replace(refused, reason="some new wording")
+
+    monkeypatch.setattr(graph_module, "_classify", reworded)
+    graph = graph_of(model, x)
+    assert "sppf.cv1.conv" in graph and all(e.code is None for e in graph.excluded)
