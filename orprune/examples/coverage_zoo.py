@@ -223,9 +223,9 @@ class ShuffleNetV2(nn.Module):
     reshape index mapping), so neither library could prune torchvision's stages of 3-7 stride-1 blocks.
     """
 
-    def __init__(self, widths: tuple[int, int] = (16, 32), n_classes: int = 5):
+    def __init__(self, widths: tuple[int, int] = (16, 32), n_classes: int = 5, in_channels: int = 3):
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
         self.stage = nn.Sequential(ShuffleBlock(8, widths[0], 2), ShuffleBlock(widths[0], widths[0], 1),
                                    ShuffleBlock(widths[0], widths[1], 2), ShuffleBlock(widths[1], widths[1], 1))
         self.conv5 = nn.Sequential(nn.Conv2d(widths[1], 24, 1, bias=False), nn.BatchNorm2d(24), nn.ReLU())
