@@ -1,14 +1,16 @@
-"""Trained concatenation and grouped-conv networks (issue 21): accuracy at a MACs budget without fine-tuning.
+"""Trained concat, grouped-conv and channel-shuffle networks (issue 21): accuracy at a MACs budget, no fine-tuning.
 
-A small DenseNet (every dense layer reads the concatenation of all earlier outputs) and a small ResNeXt
-(grouped 3x3 convs, residual adds), both from ``orprune.examples.coverage_zoo``, are trained a few epochs on
+A small DenseNet (every dense layer reads the concatenation of all earlier outputs), a small ResNeXt
+(grouped 3x3 convs, residual adds) and a small ShuffleNetV2 (chunks, concatenations and channel shuffles; a stage's
+units have keep counts tied by its chunks), all from ``orprune.examples.coverage_zoo``, are trained a few epochs on
 Fashion-MNIST (cached in ``benchmarks/cache/``). Each is pruned to ``--macs`` of its MACs by orprune (error
 curves, MILP allocation, sequential least-squares refit: ``Pruner(solver=...)``) and by torch-pruning's
 magnitude and Taylor pruners (uniform ratio per layer, bisected to the budget, classifier ignored), each
 also with BatchNorm statistics re-estimated on the calibration images, as ``benchmarks/network_pruning.py``
-does for ResNet-20. Reported: MACs kept (torch-pruning's count), params, test accuracy, pruning time
-(wall and CPU), and for orprune the units / groups left alone and ``max |pruned - masked| / max |masked|`` on
-test images (the physically pruned model against the masked reference).
+does for ResNet-20; a torch-pruning failure (as on ShuffleNetV2) is a row with the error. Reported: MACs kept
+(torch-pruning's count), params, test accuracy, pruning time (wall and CPU), and for orprune the units / groups
+left alone and ``max |pruned - masked| / max |masked|`` on test images (the physically pruned model against the
+masked reference).
 
 Run ``python -m benchmarks.cnn_accuracy`` (``--help`` for the settings); writes
 ``benchmarks/results/cnn_accuracy.md``.
@@ -36,7 +38,8 @@ from orprune.network.surgery import masked_copy
 from orprune.training import batches, evaluate
 
 #: Model name (``benchmarks.common.MODELS``) -> what it exercises.
-NETWORKS = {"densenet_small": "concatenation (DenseNet)", "resnext_small": "grouped convs (ResNeXt, 8 groups)"}
+NETWORKS = {"densenet_small": "concatenation (DenseNet)", "resnext_small": "grouped convs (ResNeXt, 8 groups)",
+            "shufflenet_small": "channel shuffle (ShuffleNetV2, widths 48 and 96)"}
 
 
 @dataclass(frozen=True)
@@ -89,8 +92,10 @@ def run_network(name: str, args: argparse.Namespace, fractions: list[float]) -> 
         with warnings.catch_warnings(), _Clock() as fit:
             warnings.simplefilter("ignore", UserWarning)
             pruner = orprune.Pruner(solver=solver, progress=False).fit(model, calibration)
-        info["graph"] = f"{len(pruner.graph_.units)} units, {len(pruner.graph_.excluded)} group(s) left alone (" + \
-            "; ".join(sorted({e.reason.split(' (')[0] for e in pruner.graph_.excluded})) + ")"
+        graph = pruner.graph_
+        chains = f", {len(graph.chains)} chain(s) of units whose keep counts a chunk ties" if graph.chains else ""
+        info["graph"] = f"{len(graph.units)} units{chains}, {len(graph.excluded)} group(s) left alone (" + \
+            "; ".join(sorted({e.reason.split(' (')[0] for e in graph.excluded})) + ")"
         for fraction in fractions:
             with warnings.catch_warnings(), _Clock() as clock:
                 warnings.simplefilter("ignore", UserWarning)
@@ -115,7 +120,7 @@ def run_network(name: str, args: argparse.Namespace, fractions: list[float]) -> 
                                                     calibration=taylor)
             except Exception as exc:  # report, do not stop the table
                 rows.append(Row(name, f"torch-pruning {importance}", fraction, None, None, None,
-                                note=f"{type(exc).__name__}: {str(exc)[:120]}"))
+                                note=f"failed: {type(exc).__name__}: {str(exc)[:120]}"))
                 continue
             rows.append(_row(name, f"torch-pruning {importance}", fraction, pruned, base_macs, example, test, clock))
             repaired = recalibrate_batchnorm(copy.deepcopy(pruned), calibration)
@@ -139,7 +144,13 @@ def summary(rows: list[Row], fractions: list[float]) -> list[str]:
             ours = max((r for r in done if r.method.startswith("orprune")), key=lambda r: r.accuracy, default=None)
             theirs = max((r for r in done if r.method.startswith("torch-pruning")), key=lambda r: r.accuracy,
                          default=None)
-            if ours is None or theirs is None:
+            failed = [r for r in rows if r.network == network and r.fraction == fraction and r.accuracy is None
+                      and r.method.startswith("torch-pruning")]
+            if ours is None or (theirs is None and not failed):
+                continue
+            if theirs is None:  # every torch-pruning row failed (ShuffleNetV2): say so rather than drop the line
+                lines.append(f"| {network} | {fraction:.2f} | {ours.method} | {ours.accuracy:.4f} | {ours.macs:.3f} | "
+                             f"torch-pruning {failed[0].note} |  |  |  |")
                 continue
             lines.append(f"| {network} | {fraction:.2f} | {ours.method} | {ours.accuracy:.4f} | {ours.macs:.3f} | "
                          f"{theirs.method} | {theirs.accuracy:.4f} | {theirs.macs:.3f} | "

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 import torch_pruning as tp
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from orprune.examples.coverage_zoo import DenseNet, ResNeXt
+from orprune.examples.coverage_zoo import DenseNet, ResNeXt, ShuffleNetV2
 from orprune.examples.datasets import fashion_mnist_available, load_default
 from orprune.examples.zoo import SmallCNN, resnet20, vgg_small
 from orprune.layer.problem import LayerProblem, StatisticsAccumulator
@@ -63,6 +63,9 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
                                                               in_channels=in_channels),
     "resnext_small": lambda in_channels, n_classes: ResNeXt(stem=16, width=32, out_channels=64, groups=8,
                                                             n_classes=n_classes, in_channels=in_channels, stride=2),
+    # channel shuffle (benchmarks/cnn_accuracy.py): branches of 24 and 48 channels, 2.0M MACs
+    "shufflenet_small": lambda in_channels, n_classes: ShuffleNetV2(widths=(48, 96), n_classes=n_classes,
+                                                                    in_channels=in_channels),
 }
 
 
