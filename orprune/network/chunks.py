@@ -106,22 +106,24 @@ def trace_family(dg: Any, root: nn.Module, names: Mapping[nn.Module, str], recor
     try:
         unit, widths = tied_unit(trace)
     except NotFollowed as exc:
-        raise NotFollowed(f"{exc}; balanced exactly: {balance_reason}" if balance_reason else str(exc)) from None
+        if balance_reason:
+            raise NotFollowed(f"{exc}; balanced exactly: {balance_reason}", exc.code) from None
+        raise
     return TracedFamily((unit,), {unit.name: widths})
 
 
 def traced_units(dg: Any, group: Any, names: Mapping[nn.Module, str], record: ChunkRecorder, ignored: set[str],
                  output_fns: set[Any], max_features: int, owners: Mapping[int, nn.Module],
                  sliced: frozenset[int], taken: set[str] | None = None,
-                 ) -> list[tuple[TracedFamily | None, str, str | None]]:
-    """``(family, producer, reason)`` for every conv producing channels of ``group`` (a group holding a split or a
+                 ) -> list[tuple[TracedFamily | None, str, NotFollowed | None]]:
+    """``(family, producer, why)`` for every conv producing channels of ``group`` (a group holding a split or a
     shuffle). ``taken``: modules of units already traced (from other groups), skipped and extended in place: a conv
     pulled into a unit (a stream's or a shuffle's other producer) is that unit's, whichever group lists it."""
     taken = set() if taken is None else taken
     producers = dict.fromkeys(
         it.dep.target.module for it in group.items
         if dg.is_out_channel_pruning_fn(it.dep.handler) and it.dep.target.type == OPTYPE.CONV)
-    out: list[tuple[TracedFamily | None, str, str | None]] = []
+    out: list[tuple[TracedFamily | None, str, NotFollowed | None]] = []
     for module in producers:
         label = names.get(module, repr(module))
         if label in taken:
@@ -129,11 +131,11 @@ def traced_units(dg: Any, group: Any, names: Mapping[nn.Module, str], record: Ch
         try:
             family = trace_family(dg, module, names, record, ignored, output_fns, max_features, owners, sliced)
         except NotFollowed as exc:
-            out.append((None, label, str(exc)))
+            out.append((None, label, exc))
             continue
         out.append((family, label, None))
         taken.update(name for unit in family.units for name, _ in unit.traced)
-    return [(family, label, reason) for family, label, reason in out if family is not None or label not in taken]
+    return [(family, label, why) for family, label, why in out if family is not None or label not in taken]
 
 
 def slice_traced(model: nn.Module, units: Iterable[tuple[PrunableUnit, np.ndarray]]) -> None:

@@ -68,7 +68,15 @@ from orprune.network._graph_rules import (
 from orprune.network.balance import count_chains
 from orprune.network.chunks import ChunkRecorder, traced_units
 from orprune.network.label_maps import is_shuffle
-from orprune.network.units import Consumer, ExcludedGroup, PrunableUnit, PruningGraph, set_weight_matrix, weight_matrix
+from orprune.network.units import (
+    Consumer,
+    ExcludedGroup,
+    ExclusionCode,
+    PrunableUnit,
+    PruningGraph,
+    set_weight_matrix,
+    weight_matrix,
+)
 
 __all__ = [
     "Consumer",
@@ -230,8 +238,8 @@ def _classify(
         names[it.dep.target.module] for it in items if it.dep.target.module in names))
     first = _node_label(names, (producers[0] if producers else items[0]).dep.target)
 
-    def excluded(reason: str) -> tuple[None, ExcludedGroup]:
-        return None, ExcludedGroup(first, labels, reason)
+    def excluded(reason: str, code: ExclusionCode | None = None) -> tuple[None, ExcludedGroup]:
+        return None, ExcludedGroup(first, labels, reason, code)
 
     if not producers:
         return excluded("no conv or Linear produces these channels")
@@ -262,7 +270,7 @@ def _classify(
         node = it.dep.target
         # a consumer may produce the model output; the unit's own channels may not
         if _is_out(dg, it) and node.grad_fn is not None and node.grad_fn in output_fns:
-            return excluded("reaches the model output")
+            return excluded("reaches the model output", "model_output")
         if node.type == OPTYPE.ELEMENTWISE and _has_outside_operand(node, owners, sliced):
             return excluded("combined with a tensor outside the traced graph (the model input, a "
                             "buffer or a functional layer's parameter)")
@@ -276,7 +284,7 @@ def _classify(
         if node.type in _SPLITTING:
             return excluded(f"goes through a split or slice ({node.type.name.lower()})")
         if node.type == OPTYPE.OUTPUT:
-            return excluded("reaches the model output")
+            return excluded("reaches the model output", "model_output")
         if node.type in _CARRIED:
             carried.append(names[node.module])
             continue
@@ -302,7 +310,7 @@ def _classify(
             return None, ExcludedGroup(first, labels, f"consumer {names[module]} {_READ_TWICE}", "partial_read")
         consumers.append((module, layout))
     if not consumers:
-        return excluded("nothing consumes these channels (model output)")
+        return excluded("nothing consumes these channels (model output)", "model_output")
     if len(ties) > 1:
         return excluded(f"grouped convs / GroupNorms with different group counts {sorted(ties)} share these channels")
     tie = ties.pop() if ties else 1
@@ -403,13 +411,13 @@ def find_groups(
             # torch-pruning's index maps are wrong (or missing) through a split, a shuffle, an unsized reshape
             labels = tuple(dict.fromkeys(names[it.dep.target.module] for it in group.items
                                          if it.dep.target.module in names))
-            for family, producer, reason in traced_units(dg, group, names, record, ignored, output_fns,
-                                                         max_features, owners, sliced, taken):
+            for family, producer, why in traced_units(dg, group, names, record, ignored, output_fns,
+                                                      max_features, owners, sliced, taken):
                 if family is not None:
                     units.extend(family.units)
                     equations.extend(family.equations)
                 else:
-                    excluded.append(ExcludedGroup(producer, labels, reason))
+                    excluded.append(ExcludedGroup(producer, labels, str(why), why.code))
             continue
         unit, exc_group = _classify(dg, group, names, ignored, max_features, output_fns, residual, owners, sliced)
         if unit is not None:
@@ -433,7 +441,7 @@ def find_groups(
     ]
     excluded.sort(key=lambda e: order.get(e.root, len(order)))
     # the classifier's outputs (the model output) are never prunable: nothing for the user to act on
-    actionable = [e for e in excluded if not e.reason.endswith(("reaches the model output", "(model output)"))]
+    actionable = [e for e in excluded if e.code != "model_output"]
     if actionable:
         lines = "; ".join(f"{e.root}: {e.reason}" for e in actionable)
         warnings.warn(

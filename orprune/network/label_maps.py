@@ -52,7 +52,12 @@ _PER_CHANNEL = {
 
 
 class NotFollowed(ValueError):
-    """A producer whose channels meet something orprune does not follow (the message is the reason)."""
+    """A producer whose channels meet something orprune does not follow (the message is the reason; ``code`` as
+    :class:`orprune.network.units.ExcludedGroup`'s)."""
+
+    def __init__(self, reason: str, code: str | None = None) -> None:
+        super().__init__(reason)
+        self.code = code
 
 
 class _Ties:
@@ -243,7 +248,7 @@ def follow(dg: Any, root: nn.Module, names: Mapping[nn.Module, str], record: Any
         if node is root_node:
             return root_labels
         if node.grad_fn in output_fns or node.type == OPTYPE.OUTPUT:
-            raise NotFollowed("reaches the model output")
+            raise NotFollowed("reaches the model output", "model_output")
         if id(node) in pulled:
             return ties.new(node.module.out_channels)
         if node.grad_fn in record.shapes:
@@ -395,7 +400,7 @@ def build_unit(trace: LabelTrace, name: str, n: int, tie: int,
                             _following_norm(trace.dg, module, names), channels, None if direct else n_in, (), t, 1,
                             sketch_size(n_in, kk, trace.max_features)))
     if not out:
-        raise NotFollowed("nothing consumes these channels (model output)")
+        raise NotFollowed("nothing consumes these channels (model output)", "model_output")
     modules, widths = [], {}
     for node in trace.reach.values():
         m = None if node.type == OPTYPE.SPLIT else trace.maps.get((id(node), 0))

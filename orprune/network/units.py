@@ -148,8 +148,10 @@ class PrunableUnit:
 
 #: Why a group was left alone, for code that acts on it (the ``reason`` text is for people and may be reworded):
 #: ``"partial_read"``, a consumer reads the channels out of order or only partly (torch-pruning's slice of the
-#: consumer is refused; through a concatenation, ``find_groups`` retries the group with orprune's label maps).
-ExclusionCode = Literal["partial_read"]
+#: consumer is refused; through a concatenation, ``find_groups`` retries the group with orprune's label maps);
+#: ``"model_output"``, the channels are (or only feed) the model's output: nothing to act on, so ``find_groups``
+#: does not warn about them.
+ExclusionCode = Literal["partial_read", "model_output"]
 
 
 @dataclass(frozen=True)

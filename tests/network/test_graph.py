@@ -190,6 +190,25 @@ def test_a_classifier_left_unpruned_is_not_worth_a_warning():
         warnings.simplefilter("error")  # the user cannot act on it: the model output keeps its width
         graph = find_groups(model, torch.randn(2, 1, 8, 8))
     assert graph.names == ("0",) and "output" in reasons(graph)["3"]
+    assert [e.code for e in graph.excluded] == ["model_output"]  # what find_groups keys on, not the words
+
+
+def test_a_traced_group_reaching_the_model_output_carries_the_code():
+    """A chunk whose parts are the model's output: left alone by the label maps, with the same code."""
+
+    class ChunkOut(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3)
+
+        def forward(self, x):
+            a, b = self.conv(x).chunk(2, 1)
+            return a * 2, b
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        graph = find_groups(ChunkOut().eval(), torch.randn(1, 3, 8, 8))
+    assert [(e.root, e.code) for e in graph.excluded] == [("conv", "model_output")]
 
 
 class InputResidual(nn.Module):
