@@ -44,7 +44,7 @@ per channel: it keeps its exact problem (a ``C x C`` Gram matrix).
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -68,6 +68,7 @@ from orprune.network._graph_rules import (
 from orprune.network.balance import count_chains
 from orprune.network.chunks import ChunkRecorder, traced_units
 from orprune.network.label_maps import is_shuffle
+from orprune.network.tracing import build_dependency_graph, call_model
 from orprune.network.units import (
     Consumer,
     ExcludedGroup,
@@ -84,6 +85,7 @@ __all__ = [
     "PrunableUnit",
     "PruningGraph",
     "build_dependency_graph",
+    "call_model",
     "find_groups",
     "set_weight_matrix",
     "unit_group",
@@ -99,97 +101,6 @@ DEFAULT_MAX_FEATURES = 4608
 _CARRIED = {OPTYPE.BN, OPTYPE.IN, OPTYPE.PRELU, OPTYPE.DEPTHWISE_CONV}
 _SPLITTING = {OPTYPE.SPLIT, OPTYPE.UNBIND, OPTYPE.EXPAND, OPTYPE.SLICE}
 _READ_TWICE = "reads these channels out of order or partly"
-
-
-# ------------------------------------------------------------------------------------ tracing
-def call_model(model: nn.Module, example_inputs: Any) -> Any:
-    """Run ``model`` the way torch-pruning does: a dict as keywords, a tuple / list as positional
-    arguments, anything else as the single argument."""
-    if isinstance(example_inputs, Mapping):
-        return model(**example_inputs)
-    if isinstance(example_inputs, (tuple, list)):
-        return model(*example_inputs)
-    return model(example_inputs)
-
-
-def build_dependency_graph(
-    model: nn.Module,
-    example_inputs: Any,
-    *,
-    during_forward: Callable[[nn.Module], Any] | None = None,
-) -> tuple[tp.DependencyGraph, Any]:
-    """torch-pruning's ``DependencyGraph`` of ``model``, traced in eval mode.
-
-    The training flag of every module is restored afterwards and nothing else in the model changes.
-    ``during_forward(model)``, if given, is entered as a context manager around the traced forward
-    (to record hooks in the same pass); the function returns the graph and the model's output.
-    """
-    modes = {m: m.training for m in model.modules()}
-    outputs: list[Any] = []
-
-    def forward(m: nn.Module, inputs: Any) -> Any:
-        if during_forward is None:
-            out = call_model(m, inputs)
-        else:
-            with during_forward(m):
-                out = call_model(m, inputs)
-        outputs.append(out)
-        return out
-
-    dg = tp.DependencyGraph()
-    dg.unsized_reshapes = set()  # grad_fns of reshapes left without an index map (see _map_indices_skipping)
-    try:
-        with torch.enable_grad():
-            dg.build_dependency(model, example_inputs=example_inputs, forward_fn=forward, verbose=False)
-    except ZeroDivisionError:
-        if not getattr(dg, "module2node", None):
-            raise
-        _map_indices_skipping(dg)
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
-    return dg, outputs[0]
-
-
-def _map_indices_skipping(dg: tp.DependencyGraph) -> None:
-    """torch-pruning 1.6's last build step (``index_mapping.update_index_mapping``) again, node by node, leaving
-    out the reshapes whose channel counts it infers as zero (it divides by them: two ShuffleNetV2 stride-1 blocks
-    in a row). Those reshapes are marked element-wise in this graph (torch-pruning maps every later group again and
-    would divide again; element-wise is what a reshape without an index map does) and recorded in
-    ``dg.unsized_reshapes``: a group through one is traced by orprune (a channel shuffle,
-    ``orprune.network.label_maps``) or left alone with the reason."""
-    from torch_pruning.dependency import index_mapping
-
-    updates = {OPTYPE.CONCAT: index_mapping.update_concat_index_mapping, OPTYPE.SPLIT: index_mapping.update_split_index_mapping,
-               OPTYPE.RESHAPE: index_mapping.update_reshape_index_mapping,
-               OPTYPE.UNBIND: index_mapping.update_unbind_index_mapping,
-               OPTYPE.EXPAND: index_mapping.update_expand_index_mapping,
-               OPTYPE.SLICE: index_mapping.update_slice_index_mapping}
-    def unmapped(node: Any) -> bool:
-        """A split (its offsets come from the same failed inference) or a reshape of a channel shuffle (mapped as
-        a flatten, whose index sets then grow at every block)."""
-        near = [n.grad_fn for n in (*node.inputs, *node.outputs)]
-        return node.type == OPTYPE.SPLIT or (node.type == OPTYPE.RESHAPE and any(
-            type(f).__name__ in ("TransposeBackward0", "CloneBackward0") for f in near))
-
-    for node in dg.module2node.values():
-        if unmapped(node):
-            node.enable_index_mapping = False
-            for dep in list(node.dependencies) + [d for n in (*node.inputs, *node.outputs) for d in n.dependencies
-                                                  if d.target is node]:
-                dep.index_mapping[0] = None
-            dg.unsized_reshapes.add(node.grad_fn)
-            if node.type == OPTYPE.RESHAPE:
-                node.type = OPTYPE.ELEMENTWISE
-            continue
-        update = updates.get(node.type)
-        if update is None:
-            continue
-        try:
-            update(dg, node)
-        except ZeroDivisionError:
-            dg.unsized_reshapes.add(node.grad_fn)
-            node.type = OPTYPE.ELEMENTWISE
 
 
 def _is_out(dg: tp.DependencyGraph, item: Any) -> bool:

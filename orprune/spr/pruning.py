@@ -16,10 +16,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch_pruning as tp
 from torch import nn
 
 from orprune.network.costs import count_macs_params
+from orprune.network.graph import build_dependency_graph
 from orprune.spr.groups import _param_slices
 from orprune.spr.regularizer import PerspectiveRegularizer
 from orprune.training import evaluate
@@ -303,7 +303,7 @@ def _remove_groups(model: nn.Module, groups, removed: tuple[int, ...], example: 
     for j in removed:
         by_root.setdefault(groups[j].root_module, []).append(groups[j].root_channel)
     if by_root:
-        dg = tp.DependencyGraph().build_dependency(model, example_inputs=example)
+        dg, _ = build_dependency_graph(model, example)  # the graph the groups came from (deep ShuffleNets too)
         # Each root layer is one dependency group, disjoint from the others: pruning one leaves the
         # channel numbering of the rest unchanged.
         for name, channels in by_root.items():
