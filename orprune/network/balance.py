@@ -21,7 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from orprune.network.label_maps import LabelTrace, NotFollowed, build_unit
+from orprune.network.label_maps import LabelTrace, NotFollowed
+from orprune.network.tied_units import build_unit
 from orprune.network.units import PrunableUnit
 
 __all__ = ["balanced_units", "count_chains"]

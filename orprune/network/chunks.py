@@ -31,7 +31,8 @@ from torch.overrides import TorchFunctionMode
 from torch_pruning.ops import OPTYPE
 
 from orprune.network.balance import balanced_units, count_chains
-from orprune.network.label_maps import NotFollowed, follow, tied_unit
+from orprune.network.label_maps import NotFollowed, follow
+from orprune.network.tied_units import tied_unit
 from orprune.network.units import PrunableUnit
 
 __all__ = ["ChunkRecorder", "NotFollowed", "TracedFamily", "slice_traced", "trace_family", "traced_units"]

@@ -18,15 +18,15 @@ decisions (``formulations/split_and_shuffle.md`` sections 2-3):
   groups: then the pruned shuffle sends the kept channels where the masked one does. The convs concatenated into
   a shuffle are pulled into the unit (ShuffleNetV2's branches).
 
-With tied chunks (:func:`tied_unit`) the unit has one decision per class of tied labels; decision ``c`` must stand
-for the root channels ``c + j n`` (``PrunableUnit.tie``), and every tensor and consumer must carry every decision
-equally often, so each decision has one cost (:func:`build_unit`). Anything else leaves the producer alone with
-the reason.
+With tied chunks (:func:`orprune.network.tied_units.tied_unit`) the unit has one decision per class of tied
+labels; decision ``c`` must stand for the root channels ``c + j n`` (``PrunableUnit.tie``), and every tensor and
+consumer must carry every decision equally often, so each decision has one cost
+(:func:`orprune.network.tied_units.build_unit`). Anything else leaves the producer alone with the reason.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,11 +35,9 @@ import torch
 from torch import nn
 from torch_pruning.ops import OPTYPE
 
-from orprune.layer.wide import sketch_size
-from orprune.network._graph_rules import _following_norm, _has_outside_operand
-from orprune.network.units import Consumer, PrunableUnit
+from orprune.network._graph_rules import _has_outside_operand
 
-__all__ = ["LabelTrace", "NotFollowed", "build_unit", "follow", "is_shuffle", "tied_unit"]
+__all__ = ["LabelTrace", "NotFollowed", "follow", "is_shuffle"]
 
 # grad_fn names of ops that act on each channel alone (activations, pooling, upsampling, copies)
 _PER_CHANNEL = {
@@ -352,94 +350,3 @@ def follow(dg: Any, root: nn.Module, names: Mapping[nn.Module, str], record: Any
         inputs[id(node)] = channel_map(src, nr)
     return LabelTrace(dg, root, names, max_features, root_labels, reach, consumers, inputs, maps, ties,
                       chunk_parts, shuffled)
-
-
-def tied_unit(trace: LabelTrace) -> tuple[PrunableUnit, dict[Any, float]]:
-    """The one unit of a trace whose chunks are tied: decision ``c`` is the class of root channel ``c``, holding
-    root channels ``c + j n``; with its cost-model multiplicities (see :func:`build_unit`)."""
-    ties, n_root = trace.ties, len(trace.root_labels)
-    decision_of = _decisions(ties, trace.root_labels)
-    n = len(decision_of)
-
-    def decide(m: np.ndarray, where: str) -> np.ndarray:
-        classes = ties.classes(m).tolist()
-        if any(c >= 0 and c not in decision_of for c in classes):
-            raise NotFollowed(f"{where} carries channels not tied to the root's")
-        return np.array([decision_of.get(c, -1) for c in classes], dtype=np.int64)
-
-    return build_unit(trace, trace.names[trace.root], n, n_root // n, decide)
-
-
-def build_unit(trace: LabelTrace, name: str, n: int, tie: int,
-               decide: Callable[[np.ndarray, str], np.ndarray]) -> tuple[PrunableUnit, dict[Any, float]]:
-    """The unit of ``n`` decisions that ``decide`` (label map -> each channel's decision, -1: none of this unit's)
-    reads in the trace, and per node the channels reach, its channels in the node's output per decision (the cost
-    model's multiplicities). Every tensor and consumer must hold every decision equally often."""
-    names, root = trace.names, trace.root
-
-    def decisions(m: np.ndarray, where: str) -> tuple[np.ndarray, int]:
-        d = decide(m, where)
-        counts = np.bincount(d[d >= 0], minlength=n)
-        if np.any(counts != counts[0]):
-            raise NotFollowed(f"{where} carries the unit's decisions unevenly (counts {sorted(set(counts.tolist()))})")
-        return d, int(counts[0])
-
-    out = []
-    for key, node in trace.consumers.items():
-        module = node.module
-        decision, t = decisions(trace.inputs[key], names[module])
-        if t == 0:
-            continue
-        order = np.argsort(decision, kind="stable")
-        layout = order[decision[order] >= 0].reshape(n, t)  # (n, t) input channels of each decision, increasing
-        kk, n_in = int(np.prod(module.kernel_size)), module.in_channels
-        direct = t == 1 and n_in == n and np.array_equal(layout[:, 0], np.arange(n))
-        channels = None if direct else (tuple(int(c) for c in layout[:, 0]) if t == 1
-                                         else tuple(tuple(int(c) for c in row) for row in layout))
-        out.append(Consumer(names[module], "conv", name, n, kk, module.out_channels,
-                            _following_norm(trace.dg, module, names), channels, None if direct else n_in, (), t, 1,
-                            sketch_size(n_in, kk, trace.max_features)))
-    if not out:
-        raise NotFollowed("nothing consumes these channels (model output)", "model_output")
-    modules, widths = [], {}
-    for node in trace.reach.values():
-        m = None if node.type == OPTYPE.SPLIT else trace.maps.get((id(node), 0))
-        if m is None:
-            continue
-        d, count = decisions(m, names.get(node.module) or type(node.grad_fn).__name__)
-        if count == 0:
-            continue
-        widths[node] = float(count)
-        if node.module in names:  # each output channel's root channel (decision c: root channels c + j n)
-            modules.append((names[node.module], _root_channels(d, n, tie)))
-    modules.sort(key=lambda item: item[0] != names[root])  # the root first
-    carried = tuple(module for module, _ in modules if module != names[root])
-    return PrunableUnit(name, names[root], n, tuple(out), carried, tie, (), tuple(modules)), widths
-
-
-def _decisions(ties: _Ties, root_labels: np.ndarray) -> dict[int, int]:
-    """Class -> decision: decision ``c`` is the class of root channel ``c``, and must hold root channels ``c + j n``
-    (the ``PrunableUnit.tie`` convention)."""
-    classes = ties.classes(root_labels)
-    firsts = dict.fromkeys(classes.tolist())  # in order of their first root channel
-    n = len(firsts)
-    if n == 1 and len(root_labels) > 1:
-        raise NotFollowed("the chunks and shuffles tie all of the root's channels into one decision")
-    if len(root_labels) % n:
-        raise NotFollowed(f"the ties split the root's {len(root_labels)} channels into {n} uneven decisions")
-    decision_of = {c: i for i, c in enumerate(firsts)}
-    expected = np.tile(np.arange(n), len(root_labels) // n)
-    if not np.array_equal(np.array([decision_of[c] for c in classes.tolist()]), expected):
-        raise NotFollowed("the chunks and shuffles tie the root's channels other than position by position "
-                          "(a ShuffleNet branch width not a multiple of 2 ** its stride-1 blocks)")
-    return decision_of
-
-
-def _root_channels(d: np.ndarray, n: int, tie: int) -> tuple[int, ...]:
-    """A module's root channel of each output channel: its ``k``-th channel of decision ``c`` stands for root
-    channel ``c + (k mod tie) n`` (-1: not the unit's). Which one is immaterial: a decision goes as a whole."""
-    out = np.full(len(d), -1)
-    for c in range(n):
-        idx = np.flatnonzero(d == c)
-        out[idx] = c + (np.arange(len(idx)) % tie) * n
-    return tuple(int(r) for r in out)
