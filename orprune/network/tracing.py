@@ -83,7 +83,8 @@ def _map_indices_skipping(dg: tp.DependencyGraph) -> None:
     from torch_pruning.dependency import index_mapping
 
     updates = {OPTYPE.CONCAT: index_mapping.update_concat_index_mapping,
-               OPTYPE.SPLIT: index_mapping.update_split_index_mapping, OPTYPE.RESHAPE: index_mapping.update_reshape_index_mapping,
+               OPTYPE.SPLIT: index_mapping.update_split_index_mapping,
+               OPTYPE.RESHAPE: index_mapping.update_reshape_index_mapping,
                OPTYPE.UNBIND: index_mapping.update_unbind_index_mapping,
                OPTYPE.EXPAND: index_mapping.update_expand_index_mapping,
                OPTYPE.SLICE: index_mapping.update_slice_index_mapping}
