@@ -146,6 +146,7 @@ def slice_traced(model: nn.Module, units: Iterable[tuple[PrunableUnit, np.ndarra
     channels, a BatchNorm its entries); each consumer loses its input channels of every traced unit. A module or
     consumer shared by several units (a concatenation's reader, a ShuffleNetV2 stage's groups) is sliced once,
     after every unit's channels are gathered, since the maps index the unsliced module."""
+    units = list(units)
     outputs: dict[str, set[int]] = {}
     inputs: dict[str, set[int]] = {}
     for unit, dropped in units:
@@ -167,6 +168,13 @@ def slice_traced(model: nn.Module, units: Iterable[tuple[PrunableUnit, np.ndarra
             tp.prune_batchnorm_out_channels(module, sorted(idxs))
         elif any(True for _ in module.parameters(recurse=False)):
             raise RuntimeError(f"{name} ({type(module).__name__}) cannot be sliced with a traced unit")
+    groups = {c.name: c.group_size for unit, _ in units for c in unit.consumers if c.kind == "linear"}
     for name, idxs in inputs.items():
-        if idxs:
-            tp.prune_conv_in_channels(model.get_submodule(name), sorted(idxs))
+        module = model.get_submodule(name)
+        if not idxs:
+            continue
+        if isinstance(module, nn.Linear):  # each input channel is group_size features
+            g = groups[name]
+            tp.prune_linear_in_channels(module, sorted(c * g + j for c in idxs for j in range(g)))
+        else:
+            tp.prune_conv_in_channels(module, sorted(idxs))

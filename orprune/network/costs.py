@@ -159,9 +159,10 @@ class _Channels:
             raise ValueError(f"unit {unit.name!r} is not among the units its root's trace gives now")
         for node, width in widths.items():
             self.out[node][unit.name] += width
-        for consumer in unit.consumers:
-            self.inp[dg.module2node[model.get_submodule(consumer.name)]][unit.name] += consumer.input_channels.size \
-                / unit.n_channels
+        for consumer in unit.consumers:  # a Linear's inputs are features: group_size per channel
+            per = consumer.group_size if consumer.kind == "linear" else 1
+            self.inp[dg.module2node[model.get_submodule(consumer.name)]][unit.name] += \
+                consumer.input_channels.size * per / unit.n_channels
 
     def _affine(self, full: int, mult: Mapping[str, float]) -> _Affine:
         return _Affine(full - sum(m * self.n[u] for u, m in mult.items()), mult)

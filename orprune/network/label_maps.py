@@ -93,6 +93,17 @@ def is_shuffle(node: Any, record: Any) -> bool:
     return type(node.grad_fn).__name__ == "TransposeBackward0" and shape is not None and len(shape[3]) == 5
 
 
+def _spatial_mean(node: Any) -> bool | None:
+    """For a mean over dims that leave the channels (dim 1) alone (``adaptive_avg_pool2d(x, 1)``, ``x.mean((2, 3))``):
+    whether it keeps the reduced dims; None for any other node."""
+    fn = node.grad_fn
+    if type(fn).__name__ != "MeanBackward1":
+        return None
+    ndim = len(fn._saved_self_sym_sizes)
+    dims = {(d - (1 << 64) if d >= 1 << 63 else d) % ndim for d in fn._saved_dim}
+    return bool(fn._saved_keepdim) if ndim >= 2 and 0 not in dims and 1 not in dims else None
+
+
 def _shuffle_groups(perm: np.ndarray) -> int:
     """``g`` if ``perm`` (output channel -> input channel) is a channel shuffle with ``g`` groups, 1 if identity."""
     size = len(perm)
@@ -121,6 +132,7 @@ class LabelTrace:
     ties: _Ties
     chunks: dict[int, list[np.ndarray]]  # split node id -> its parts' label maps
     shuffled: bool  # a channel shuffle is on the path and ``balance``: its chunks are balanced exactly, not tied
+    features: dict[int, int]  # Linear consumer node id -> features per channel (``inputs`` is per channel)
 
 
 def follow(dg: Any, root: nn.Module, names: Mapping[nn.Module, str], record: Any, ignored: set[str],
@@ -155,7 +167,8 @@ def follow(dg: Any, root: nn.Module, names: Mapping[nn.Module, str], record: Any
             node = todo.pop()
             if id(node) in reach or id(node) in consumers:
                 continue
-            if node.type == OPTYPE.CONV and isinstance(node.module, nn.Conv2d) and node.module.groups == 1:
+            if (node.type == OPTYPE.CONV and isinstance(node.module, nn.Conv2d) and node.module.groups == 1) or \
+                    (node.type == OPTYPE.LINEAR and isinstance(node.module, nn.Linear)):
                 consumers[id(node)] = node
                 continue
             reach[id(node)] = node
@@ -167,7 +180,7 @@ def follow(dg: Any, root: nn.Module, names: Mapping[nn.Module, str], record: Any
             return node.module in names
         if depthwise(node):
             return True
-        return (node.type == OPTYPE.ELEMENTWISE and kind(node) in _PER_CHANNEL
+        return (node.type == OPTYPE.ELEMENTWISE and (kind(node) in _PER_CHANNEL or _spatial_mean(node) is not None)
                 and not _has_outside_operand(node, owners, sliced)
                 and not any(True for _ in getattr(node.module, "parameters", lambda: ())()))
 
@@ -221,6 +234,7 @@ def follow(dg: Any, root: nn.Module, names: Mapping[nn.Module, str], record: Any
     root_labels = ties.new(n_root)
     maps: dict[tuple[int, int], np.ndarray | None] = {}
     chunk_parts: dict[int, list[np.ndarray]] = {}
+    flattened: dict[int, int] = {}  # a flatten's node id -> features per channel
 
     def edges(node: Any) -> list[tuple[Any, int, int]]:
         """(input node, output_nr, position among the operands) of the unit's inputs of ``node``."""
@@ -301,6 +315,14 @@ def follow(dg: Any, root: nn.Module, names: Mapping[nn.Module, str], record: Any
 
     def _reshaped(node: Any) -> np.ndarray | None:
         pos, base = _positions(node)
+        if pos.ndim == 2:  # a flatten to features (before a Linear): each channel's features must be contiguous
+            features = pos[0]
+            size = len(features) // max(len(base), 1)
+            if not bool((pos == features).all()) or size * len(base) != len(features) or not torch.equal(
+                    features, torch.arange(len(base)).repeat_interleave(size)):
+                raise NotFollowed(f"{label(node)} flattens the channels other than channel by channel")
+            flattened[id(node)] = size
+            return base[features.numpy()]
         if pos.ndim != 4:
             return None
         flat = pos.movedim(1, 0).reshape(pos.shape[1], -1)
@@ -317,6 +339,16 @@ def follow(dg: Any, root: nn.Module, names: Mapping[nn.Module, str], record: Any
             for j in range(1, g):  # the pruned shuffle is the masked one iff every group keeps the same positions
                 ties.union(base[j * per:(j + 1) * per], base[:per])
         return base[perm]
+
+    def _features_per_channel(src: Any) -> int:
+        """Features per channel of the flatten ``src`` comes from (through per-element ops)."""
+        while id(src) not in flattened:
+            if _spatial_mean(src) is False:  # x.mean((2, 3)): (N, C), one feature per channel
+                return 1
+            if not per_channel(src) or len(src.inputs) != 1:
+                raise NotFollowed(f"a Linear reads the unit's channels other than through a flatten ({label(src)})")
+            src = src.inputs[0]
+        return flattened[id(src)]
 
     def _part(node: Any, nr: int, m: np.ndarray) -> np.ndarray:
         fn = node.grad_fn
@@ -342,11 +374,18 @@ def follow(dg: Any, root: nn.Module, names: Mapping[nn.Module, str], record: Any
     for node in reach.values():  # every tensor on the way: its map (raises where nothing is followed)
         if node.type != OPTYPE.SPLIT:
             map_of(node, 0)
-    inputs = {}
+    inputs, features = {}, {}
     for node in consumers.values():  # what each consumer reads (a chunk's part may go straight to a conv)
+        linear = node.type == OPTYPE.LINEAR
         (src, nr, k), *more = edges(node) or [(None, 0, 1)]
-        if src is None or more or k != 0:
+        if src is None or more or (k != 0 and not linear):
             raise NotFollowed(f"{names.get(node.module, node.module)} reads these channels other than as its input")
-        inputs[id(node)] = channel_map(src, nr)
+        m = channel_map(src, nr)
+        if linear:  # read per channel through the flatten before it: g features per channel
+            features[id(node)] = size = _features_per_channel(src)
+            if len(m) != node.module.in_features:
+                raise NotFollowed(f"{names[node.module]} reads the channels other than as its features")
+            m = m[::size]
+        inputs[id(node)] = m
     return LabelTrace(dg, root, names, max_features, root_labels, reach, consumers, inputs, maps, ties,
-                      chunk_parts, shuffled)
+                      chunk_parts, shuffled, features)

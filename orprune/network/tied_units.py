@@ -57,13 +57,16 @@ def build_unit(trace: LabelTrace, name: str, n: int, tie: int,
             continue
         order = np.argsort(decision, kind="stable")
         layout = order[decision[order] >= 0].reshape(n, t)  # (n, t) input channels of each decision, increasing
-        kk, n_in = int(np.prod(module.kernel_size)), module.in_channels
+        if key in trace.features:  # a Linear after a flatten: g features per channel, its channels in_features / g
+            kind, kk = "linear", trace.features[key]
+            n_in, n_out = module.in_features // kk, module.out_features
+        else:
+            kind, kk, n_in, n_out = "conv", int(np.prod(module.kernel_size)), module.in_channels, module.out_channels
         direct = t == 1 and n_in == n and np.array_equal(layout[:, 0], np.arange(n))
         channels = None if direct else (tuple(int(c) for c in layout[:, 0]) if t == 1
                                          else tuple(tuple(int(c) for c in row) for row in layout))
-        out.append(Consumer(names[module], "conv", name, n, kk, module.out_channels,
-                            _following_norm(trace.dg, module, names), channels, None if direct else n_in, (), t, 1,
-                            sketch_size(n_in, kk, trace.max_features)))
+        out.append(Consumer(names[module], kind, name, n, kk, n_out, _following_norm(trace.dg, module, names),
+                            channels, None if direct else n_in, (), t, 1, sketch_size(n_in, kk, trace.max_features)))
     if not out:
         raise NotFollowed("nothing consumes these channels (model output)", "model_output")
     modules, widths = [], {}

@@ -186,3 +186,48 @@ def test_torchvision_x1_stage_balances_as_worked_by_hand():
     assert sorted((graph[u].n_channels, options) for u, options in chain.items()) == [
         (1, (1,)), (1, (1,)), (6, (1, 2, 3, 4, 5, 6)), (7, (2, 3, 4, 5, 6, 7)), (14, tuple(range(4, 15, 2))),
         (29, tuple(range(9, 30, 4)))]
+
+
+class ShuffleHead(nn.Module):
+    """A ShuffleNetV2 stage read by a Linear (no conv5): through pooling and a flatten, straight through a flatten of
+    its 2x2 map (4 features per channel), or through a mean over the positions."""
+
+    def __init__(self, head: str):
+        super().__init__()
+        self.head = head
+        self.body = ShuffleNetV2((16,), depths=(1,))
+        self.fc = nn.Linear(16 * (4 if head == "flatten" else 1), 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.body.stage(self.body.stem(x))
+        if self.head == "mean":
+            return self.fc(x.mean((2, 3)))
+        if self.head == "pool":
+            x = torch.nn.functional.adaptive_avg_pool2d(x, 1)
+        return self.fc(x.flatten(1))
+
+
+@pytest.mark.parametrize("head", ["pool", "flatten", "mean"])
+def test_a_linear_reading_a_stage_through_a_flatten_is_a_consumer(head):
+    torch.manual_seed(0)
+    model, x = randomize_batchnorm(ShuffleHead(head)).eval(), torch.randn(4, 3, 4, 4)
+    graph = graph_of(model, x[:1])
+    assert [e.root for e in graph.excluded] == ["fc"]  # only the logits
+    fc = graph.consumer("fc")
+    assert (fc.kind, fc.group_size) == ("linear", 4 if head == "flatten" else 1)
+    for _ in pruned_at_random_keeps(model, graph, x, seed=4):  # pruned == masked, MACs == counted
+        pass
+
+
+def test_pruner_refits_a_linear_reading_a_stage():
+    torch.manual_seed(0)
+    model, x = randomize_batchnorm(ShuffleHead("flatten")).eval(), torch.randn(16, 3, 4, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        pruner = orprune.Pruner(solver="greedy", progress=False).fit(model, [x])
+        result = pruner.prune(macs=0.6)
+    assert result.macs_after <= 0.6 * result.macs_before
+    assert result.model.fc.in_features < model.fc.in_features  # the stage was narrowed, the Linear with it
+    with torch.no_grad():
+        masked = masked_copy(model, pruner.graph_, result.plan)(x)
+        torch.testing.assert_close(result.model(x), masked, rtol=1e-4, atol=1e-5 * float(masked.abs().max()))
