@@ -350,7 +350,8 @@ def find_groups(
                 consumers=tuple(sorted(u.consumers, key=lambda c: order[c.name])))
         for u in sorted(units, key=lambda u: order[u.root])
     ]
-    excluded.sort(key=lambda e: order.get(e.root, len(order)))
+    # a producer whose trace fails is met again in each torch-pruning group holding it: report it once
+    excluded = sorted({(e.root, e.reason): e for e in excluded}.values(), key=lambda e: order.get(e.root, len(order)))
     # the classifier's outputs (the model output) are never prunable: nothing for the user to act on
     actionable = [e for e in excluded if e.code != "model_output"]
     if actionable:
