@@ -231,3 +231,31 @@ def test_pruner_refits_a_linear_reading_a_stage():
     with torch.no_grad():
         masked = masked_copy(model, pruner.graph_, result.plan)(x)
         torch.testing.assert_close(result.model(x), masked, rtol=1e-4, atol=1e-5 * float(masked.abs().max()))
+
+
+class LiteralSplitBlock(nn.Module):
+    """A ShuffleNetV2 stride-1 block that splits with literal sizes (``torch.split(x, [h, h])``)."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.branch2 = block.branch2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.shape[1] // 2
+        x1, x2 = torch.split(x, [h, h], dim=1)
+        return channel_shuffle(torch.cat((x1, self.branch2(x2)), 1), 2)
+
+
+def test_a_literal_split_leaves_its_stage_alone_once_with_the_reason():
+    torch.manual_seed(0)
+    model = ShuffleNetV2((16, 32), depths=(2, 1))
+    for i in (1, 2, 4):
+        model.stage[i] = LiteralSplitBlock(model.stage[i])
+    model, x = randomize_batchnorm(model).eval(), torch.randn(4, 3, 16, 16)
+    graph = graph_of(model, x[:1])
+    roots = [e.root for e in graph.excluded]
+    assert len(roots) == len(set(roots))  # each producer once, though several torch-pruning groups hold it
+    assert "literal sizes [8, 8]" in {e.root: e.reason for e in graph.excluded}["stage.0.branch1.2"]
+    assert {"stem.0", "stage.1.branch2.0", "conv5.0"} <= set(graph.names)  # the rest is still pruned
+    for _ in pruned_at_random_keeps(model, graph, x, seed=5, rounds=1):
+        pass
