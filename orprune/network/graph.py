@@ -218,7 +218,7 @@ def _classify(
             ties.add(module.groups)
         layout = _consumer_layout(module, list(it.idxs), list(it.root_idxs), n)
         if layout is None:
-            return None, ExcludedGroup(first, labels, f"consumer {names[module]} {_READ_TWICE}", "partial_read")
+            return excluded(f"consumer {names[module]} {_READ_TWICE}", "partial_read")
         consumers.append((module, layout))
     if not consumers:
         return excluded("nothing consumes these channels (model output)", "model_output")

@@ -184,7 +184,7 @@ def follow(dg: Any, root: nn.Module, names: Mapping[nn.Module, str], record: Any
                 and not _has_outside_operand(node, owners, sliced)
                 and not any(True for _ in getattr(node.module, "parameters", lambda: ())()))
 
-    def shuffled(node: Any) -> bool:
+    def into_reshape(node: Any) -> bool:
         """A concatenation whose output goes only into a reshape (a channel shuffle's first view)."""
         return bool(node.outputs) and all(o.grad_fn in record.shapes for o in node.outputs)
 
@@ -214,7 +214,7 @@ def follow(dg: Any, root: nn.Module, names: Mapping[nn.Module, str], record: Any
         todo = []
         for node in list(reach.values()):
             if node.grad_fn is None or not (kind(node) == "AddBackward0" or
-                                            (node.type == OPTYPE.CONCAT and shuffled(node))):
+                                            (node.type == OPTYPE.CONCAT and into_reshape(node))):
                 continue
             for f, _ in node.grad_fn.next_functions:
                 src = by_fn.get(f) if f is not None else None
