@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from orprune.network.label_maps import LabelTrace, NotFollowed
-from orprune.network.tied_units import build_unit
+from orprune.network.tied_units import build_unit, class_lookup
 from orprune.network.units import PrunableUnit
 
 __all__ = ["balanced_units", "count_chains"]
@@ -36,12 +36,12 @@ def balanced_units(trace: LabelTrace) -> tuple[list[tuple[PrunableUnit, dict[Any
     if len(set(root_classes)) != n_root:
         raise NotFollowed("a residual add or shuffle ties two of the root's channels together")
     channel_of = {c: r for r, c in enumerate(root_classes)}  # each class holds one root channel
+    looked_up: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # id(map) -> (map, its root channels): once per map
 
     def root_channel(m: np.ndarray, where: str) -> np.ndarray:
-        classes = ties.classes(m).tolist()
-        if any(c >= 0 and c not in channel_of for c in classes):
-            raise NotFollowed(f"{where} carries channels not tied to the root's")
-        return np.array([channel_of.get(c, -1) for c in classes], dtype=np.int64)
+        if id(m) not in looked_up:  # the map is kept with its result, so its id is not reused meanwhile
+            looked_up[id(m)] = (m, class_lookup(ties, channel_of, m, where))
+        return looked_up[id(m)][1]
 
     tensors = {key: root_channel(m, "a tensor") for key, m in trace.maps.items() if m is not None}
     readers = {key: root_channel(m, "a consumer") for key, m in trace.inputs.items()}

@@ -80,11 +80,11 @@ class ChunkRecorder(TorchFunctionMode):
 @dataclass(frozen=True)
 class TracedFamily:
     """The units one producer's trace gives (one, or a ShuffleNetV2 stage's groups), each unit's cost-model
-    multiplicities per node, and the equations the chunks put on their keep counts (unit -> coefficient)."""
+    multiplicities per node, and the chains of keep counts its chunks' balance allows (``PruningGraph.chains``)."""
 
     units: tuple[PrunableUnit, ...]
     widths: Mapping[str, Mapping[Any, float]]
-    equations: tuple[Mapping[str, int], ...] = ()
+    chains: tuple[Mapping[str, tuple[int, ...]], ...] = ()
 
 
 def trace_family(dg: Any, root: nn.Module, names: Mapping[nn.Module, str], record: ChunkRecorder, ignored: set[str],
@@ -99,8 +99,8 @@ def trace_family(dg: Any, root: nn.Module, names: Mapping[nn.Module, str], recor
     if trace.shuffled:
         try:
             built, equations = balanced_units(trace)
-            count_chains({unit.name: unit.n_channels for unit, _ in built}, equations)  # raises if not one chain
-            return TracedFamily(tuple(unit for unit, _ in built), {unit.name: w for unit, w in built}, tuple(equations))
+            chains = count_chains({unit.name: unit.n_channels for unit, _ in built}, equations)  # raises if not one
+            return TracedFamily(tuple(unit for unit, _ in built), {unit.name: w for unit, w in built}, tuple(chains))
         except NotFollowed as exc:
             balance_reason = str(exc)
         trace = follow(*args, balance=False)

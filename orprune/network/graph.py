@@ -65,7 +65,6 @@ from orprune.network._graph_rules import (
     _parameter_owners,
     _pruning_fn,
 )
-from orprune.network.balance import count_chains
 from orprune.network.chunks import ChunkRecorder, traced_units
 from orprune.network.label_maps import is_shuffle
 from orprune.network.tracing import build_dependency_graph, call_model
@@ -315,7 +314,7 @@ def find_groups(
                        if sum(size > 1 for size in u.parameters.shape) == 1)
     units, excluded = [], []
     taken: set[str] = set()  # modules of the units traced by orprune's label maps
-    equations: list[Mapping[str, int]] = []  # the chunks' balance between traced units' keep counts
+    chains: list[Mapping[str, tuple[int, ...]]] = []  # keep counts the chunks' balance ties (traced units)
     for group in _dependency_groups(dg):
         if any(it.dep.target.type == OPTYPE.SPLIT or is_shuffle(it.dep.target, record)
                or it.dep.target.grad_fn in dg.unsized_reshapes for it in group.items):
@@ -326,7 +325,7 @@ def find_groups(
                                                       max_features, owners, sliced, taken):
                 if family is not None:
                     units.extend(family.units)
-                    equations.extend(family.equations)
+                    chains.extend(family.chains)
                 else:
                     excluded.append(ExcludedGroup(producer, labels, str(why), why.code))
             continue
@@ -339,7 +338,7 @@ def find_groups(
                                   taken)
             if traced and all(f is not None for f, _, _ in traced):
                 units.extend(u for f, _, _ in traced for u in f.units)
-                equations.extend(e for f, _, _ in traced for e in f.equations)
+                chains.extend(c for f, _, _ in traced for c in f.chains)
             else:
                 excluded.append(exc_group)
         else:
@@ -361,5 +360,4 @@ def find_groups(
             UserWarning,
             stacklevel=2,
         )
-    chains = count_chains({u.name: u.n_channels for u in units}, equations)
     return PruningGraph(tuple(units), tuple(excluded), tuple(chains))

@@ -5,7 +5,7 @@ modules and cost-model multiplicities from the label maps."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -16,7 +16,7 @@ from orprune.network._graph_rules import _following_norm
 from orprune.network.label_maps import LabelTrace, NotFollowed, _Ties
 from orprune.network.units import Consumer, PrunableUnit
 
-__all__ = ["build_unit", "tied_unit"]
+__all__ = ["build_unit", "class_lookup", "tied_unit"]
 
 
 def tied_unit(trace: LabelTrace) -> tuple[PrunableUnit, dict[Any, float]]:
@@ -26,13 +26,17 @@ def tied_unit(trace: LabelTrace) -> tuple[PrunableUnit, dict[Any, float]]:
     decision_of = _decisions(ties, trace.root_labels)
     n = len(decision_of)
 
-    def decide(m: np.ndarray, where: str) -> np.ndarray:
-        classes = ties.classes(m).tolist()
-        if any(c >= 0 and c not in decision_of for c in classes):
-            raise NotFollowed(f"{where} carries channels not tied to the root's")
-        return np.array([decision_of.get(c, -1) for c in classes], dtype=np.int64)
+    return build_unit(trace, trace.names[trace.root], n, n_root // n,
+                      lambda m, where: class_lookup(ties, decision_of, m, where))
 
-    return build_unit(trace, trace.names[trace.root], n, n_root // n, decide)
+
+def class_lookup(ties: _Ties, table: Mapping[int, int], m: np.ndarray, where: str) -> np.ndarray:
+    """``table[class]`` of each channel of the label map ``m`` (-1 where ``m`` has none of the unit's channels);
+    raises :class:`NotFollowed` for a channel whose class ``table`` lacks (not tied to the root's channels)."""
+    classes = ties.classes(m).tolist()
+    if any(c >= 0 and c not in table for c in classes):
+        raise NotFollowed(f"{where} carries channels not tied to the root's")
+    return np.array([table.get(c, -1) for c in classes], dtype=np.int64)
 
 
 def build_unit(trace: LabelTrace, name: str, n: int, tie: int,
