@@ -165,10 +165,14 @@ def keep_options(n_channels: int, max_options: int, min_channels: int, round_to:
     low = min(min_channels, n_channels)
     counts = np.arange(low, n_channels + 1)
     counts = counts[(counts % round_to == 0) | (counts == n_channels)]  # the full width is always there
-    if counts.size <= max_options:
-        return counts
-    picks = np.unique(np.round(np.linspace(0, counts.size - 1, max_options)).astype(int))
-    return counts[picks]
+    return counts[_spread(counts.size, max_options)]
+
+
+def _spread(size: int, most: int) -> np.ndarray:
+    """At most ``most`` indices of ``range(size)``, evenly spread, the first and the last always among them."""
+    if size <= most:
+        return np.arange(size)
+    return np.unique(np.round(np.linspace(0, size - 1, most)).astype(int))
 
 
 def check_fraction(value: float | None, name: str) -> float | None:
@@ -293,13 +297,13 @@ def unit_options(graph: PruningGraph, max_options: int, min_channels: int, round
     chain's counts at the steps where every unit of the chain keeps ``min_channels`` (or its width), at most
     ``max_options`` of them (``round_to`` does not apply: the balance fixes the counts)."""
     chained: dict[str, np.ndarray] = {}
+    width = graph.n_channels
     for chain in graph.chains:
         steps = max(len(o) for o in chain.values())
         counts = {u: np.asarray(o if len(o) == steps else o * steps) for u, o in chain.items()}
-        ok = [t for t in range(steps)
-              if all(counts[u][t] >= min(min_channels, graph[u].n_channels) for u in chain) or t == steps - 1]
-        if len(ok) > max_options:
-            ok = sorted({ok[i] for i in np.round(np.linspace(0, len(ok) - 1, max_options)).astype(int)})
+        ok = np.array([t for t in range(steps)
+                       if all(counts[u][t] >= min(min_channels, width[u]) for u in chain) or t == steps - 1])
+        ok = ok[_spread(ok.size, max_options)]
         for u, options in chain.items():
             chained[u] = counts[u][ok] if len(options) > 1 else np.asarray(options)
     return [chained[u.name] if u.name in chained else keep_options(u.n_channels, max_options, min_channels, round_to)
