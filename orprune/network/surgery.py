@@ -9,8 +9,8 @@ ignored) and bias. Two realisations give the same function:
   ones only (``formulations/channel_norms.md``);
 * :func:`apply_pruning` takes that masked copy and removes the dropped channels through
   torch-pruning's dependency groups (the producer's filters, BatchNorm entries, depthwise filters and
-  the consumers' input slices), leaving a smaller plain ``nn.Module``. Units through a ``chunk``
-  (``PrunableUnit.traced``) are sliced by orprune's own index maps instead, and the result is checked
+  the consumers' input slices), leaving a smaller plain ``nn.Module``. Units through a ``chunk`` or a
+  channel shuffle (``PrunableUnit.traced``) are sliced by orprune's own index maps instead, and the result is checked
   against the masked copy on ``example_inputs``.
 
 A bias for a consumer that has none is folded into the running mean of the BatchNorm that alone
@@ -277,7 +277,8 @@ def apply_pruning(
     dropped = {name: d for name, d in dropped.items() if d.size}
     traced = [(graph[name], d) for name, d in dropped.items() if graph[name].traced]
     reference = _outputs(masked_copy(model, graph, plan), example_inputs) if traced else None
-    slice_traced(pruned, traced)  # through a chunk: orprune's maps first, then torch-pruning's groups re-traced
+    # through a chunk / shuffle: orprune's maps first, then torch-pruning's groups re-traced
+    slice_traced(pruned, traced)
     plain = [(graph[name], d) for name, d in dropped.items() if not graph[name].traced]
     if plain:
         dg, _ = build_dependency_graph(pruned, example_inputs)
@@ -287,13 +288,13 @@ def apply_pruning(
         outputs = _outputs(pruned, example_inputs)
     except Exception as exc:  # a coupling torch-pruning missed: fail here, not in the user's hands
         raise RuntimeError(f"the pruned model no longer runs on `example_inputs`: {exc}") from exc
-    if reference is not None:  # a chunk-traced unit: the pruned model must compute what the masked one does
+    if reference is not None:  # a traced unit: the pruned model must compute what the masked one does
         scale = max((float(r.abs().max()) for r in reference if r.numel()), default=0.0)
         worst = max((float((o - r).abs().max()) for o, r in zip(outputs, reference) if r.numel()), default=0.0)
         if len(outputs) != len(reference) or worst > 1e-3 * max(scale, 1.0):
             raise RuntimeError(f"the pruned model differs from the masked model by {worst:.3g} (of {scale:.3g}) "
-                               "on `example_inputs`: a chunk is not followed correctly; leave its producer out "
-                               "(`ignored_layers`).")
+                               "on `example_inputs`: a chunk or shuffle is not followed correctly; leave its "
+                               "producer out (`ignored_layers`).")
     return pruned
 
 

@@ -249,7 +249,7 @@ def se_importance(
         unit = graph[name]
         owners[name] = producers(work, unit)
         for module_name in owners[name]:
-            if module_name in counts:  # a producer shared by two units (not expected): one block
+            if module_name in counts:  # a producer shared by units (a ShuffleNetV2 stage's convs): one block
                 continue
             module = work.get_submodule(module_name)
             root_labels = _root_labels(unit, module_name)
